@@ -1,0 +1,308 @@
+"""Blockwise fused log-probs in plain PyTorch: the CPU path (and a fallback on any device).
+
+Forward, per block of positions: loop over vocabulary blocks, form the logits tile
+``h @ W[v0:v1].T`` in a preallocated buffer, fold it into a running max / sum-exp (online
+log-sum-exp), pick up the target logit when it falls in the tile, and, with a reference, do the same
+for the reference tile plus the running KL accumulator. Only per-position vectors survive a tile.
+
+Backward recomputes the tiles and applies every upstream gradient in one pass:
+``dL/dz = a * (onehot - p) + b * dKL/dz`` with ``a = dL/dtoken_logps`` and ``b = dL/dtoken_kl``,
+then ``dH += dz @ W``, ``dW += dz^T @ H``, ``db += sum(dz)`` (fp32 accumulation for half inputs).
+Positions whose ``a`` and ``b`` are both zero (ignored positions, zero-weight sequences) are skipped.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .._validate import Prepared
+
+# Tile sizes. A [BLOCK_N, BLOCK_V] fp32 tile is 8 MiB: big enough for efficient GEMMs on CPU, small
+# enough that the few live tiles stay a tiny fraction of what the full logits would take.
+BLOCK_N = 512
+BLOCK_V = 4096
+
+
+class _Tiles:
+    """Preallocated tile buffers, reused across blocks (no allocator churn or page faults per tile)."""
+
+    def __init__(self, count: int, block_n: int, block_v: int, dtype: torch.dtype, device: torch.device):
+        self.bufs = [torch.empty(block_n * block_v, dtype=dtype, device=device) for _ in range(count)]
+
+    def get(self, i: int, rows: int, cols: int) -> torch.Tensor:
+        return self.bufs[i][: rows * cols].view(rows, cols)
+
+
+def _logits_tile(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], temperature: float,
+                 softcap: Optional[float], out: torch.Tensor) -> torch.Tensor:
+    """out = softcap(((h @ w.T) + b) / temperature), in place, in the compute dtype."""
+    dtype = out.dtype
+    torch.mm(h, w.t().to(dtype), out=out)
+    if b is not None:
+        out.add_(b.to(dtype))
+    if temperature != 1.0:
+        out.div_(temperature)
+    if softcap is not None:
+        out.div_(softcap).tanh_().mul_(softcap)
+    return out
+
+
+def _target_logit(z: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """z[i, local[i]] where 0 <= local[i] < z.shape[1], else 0 (targets in other vocab blocks)."""
+    inside = (local >= 0) & (local < z.shape[1])
+    picked = z.gather(1, local.clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    return torch.where(inside, picked, torch.zeros_like(picked))
+
+
+class _OnlineLSE:
+    """Running max and sum-exp of one row block; ``update`` returns exp(z - new_max) and the rescale."""
+
+    def __init__(self, rows: int, dtype: torch.dtype, device: torch.device):
+        self.max = torch.full((rows,), float("-inf"), dtype=dtype, device=device)
+        self.sum = torch.zeros(rows, dtype=dtype, device=device)
+
+    def update(self, z: torch.Tensor, exp_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        new_max = torch.maximum(self.max, z.amax(dim=1))
+        rescale = torch.exp(self.max - new_max)
+        e = torch.sub(z, new_max.unsqueeze(1), out=exp_out).exp_()
+        self.sum.mul_(rescale).add_(e.sum(dim=1))
+        self.max = new_max
+        return e, rescale
+
+    def lse(self) -> torch.Tensor:
+        return self.max + self.sum.log()
+
+
+def _forward(prep: Prepared, rows: torch.Tensor, all_rows: bool):
+    """Per-position (token_logps, lse, ref_token_logps, ref_lse, token_kl) for positions ``rows``."""
+    cd = prep.compute_dtype
+    device = prep.hidden.device
+    n = rows.numel()
+    vocab = prep.vocab_size
+    has_ref = prep.ref_hidden is not None
+    kl = prep.kl
+
+    hidden = prep.hidden if all_rows else prep.hidden.index_select(0, rows)
+    targets = prep.targets if all_rows else prep.targets.index_select(0, rows)
+    ref_hidden = None
+    if has_ref:
+        ref_hidden = prep.ref_hidden if all_rows else prep.ref_hidden.index_select(0, rows)
+
+    token_logps = torch.empty(n, dtype=cd, device=device)
+    lse = torch.empty(n, dtype=cd, device=device)
+    ref_token_logps = torch.empty(n, dtype=cd, device=device) if has_ref else None
+    ref_lse = torch.empty(n, dtype=cd, device=device) if has_ref else None
+    token_kl = torch.empty(n, dtype=cd, device=device) if kl else None
+
+    bn, bv = min(BLOCK_N, max(n, 1)), min(BLOCK_V, vocab)
+    tiles = _Tiles(4 if kl else (3 if has_ref else 2), bn, bv, cd, device)
+    for n0 in range(0, n, bn):
+        n1 = min(n0 + bn, n)
+        rb = n1 - n0
+        h = hidden[n0:n1].to(cd)
+        tgt = targets[n0:n1]
+        pol = _OnlineLSE(rb, cd, device)
+        tz = torch.zeros(rb, dtype=cd, device=device)
+        if has_ref:
+            hr = ref_hidden[n0:n1].to(cd)
+            ref = _OnlineLSE(rb, cd, device)
+            tr = torch.zeros(rb, dtype=cd, device=device)
+        if kl:
+            acc = torch.zeros(rb, dtype=cd, device=device)
+        for v0 in range(0, vocab, bv):
+            v1 = min(v0 + bv, vocab)
+            cols = v1 - v0
+            z = _logits_tile(h, prep.weight[v0:v1], None if prep.bias is None else prep.bias[v0:v1],
+                             prep.temperature, prep.softcap, tiles.get(0, rb, cols))
+            tz += _target_logit(z, tgt - v0)
+            e, rescale = pol.update(z, tiles.get(1, rb, cols))
+            if not has_ref:
+                continue
+            r = _logits_tile(hr, prep.ref_weight[v0:v1],
+                             None if prep.ref_bias is None else prep.ref_bias[v0:v1],
+                             prep.temperature, prep.softcap, tiles.get(2, rb, cols))
+            tr += _target_logit(r, tgt - v0)
+            if kl == "forward":
+                # acc = sum_v exp(z - max) * (z - r), rescaled with the policy's running max.
+                d = torch.sub(z, r, out=tiles.get(3, rb, cols)).mul_(e)
+                acc.mul_(rescale).add_(d.sum(dim=1))
+                ref.update(r, tiles.get(1, rb, cols))
+            elif kl == "reverse":
+                # acc = sum_v exp(r - max_r) * (r - z), rescaled with the reference's running max.
+                d = torch.sub(r, z, out=tiles.get(3, rb, cols))
+                er, rescale_r = ref.update(r, tiles.get(1, rb, cols))
+                acc.mul_(rescale_r).add_(d.mul_(er).sum(dim=1))
+            else:
+                ref.update(r, tiles.get(1, rb, cols))
+        lse_blk = pol.lse()
+        lse[n0:n1] = lse_blk
+        token_logps[n0:n1] = tz - lse_blk
+        if has_ref:
+            ref_lse_blk = ref.lse()
+            ref_lse[n0:n1] = ref_lse_blk
+            ref_token_logps[n0:n1] = tr - ref_lse_blk
+            # KL(p||q) = sum p (z - r) - lse + lse_r ; KL(q||p) = sum q (r - z) - lse_r + lse.
+            if kl == "forward":
+                token_kl[n0:n1] = acc / pol.sum - lse_blk + ref_lse_blk
+            elif kl == "reverse":
+                token_kl[n0:n1] = acc / ref.sum - ref_lse_blk + lse_blk
+    return token_logps, lse, ref_token_logps, ref_lse, token_kl
+
+
+def _scatter_rows(values: Optional[torch.Tensor], rows: torch.Tensor, n: int, all_rows: bool):
+    """Place per-active-row values into a zeroed [n] vector (identity when every row is active)."""
+    if values is None:
+        return None
+    if all_rows:
+        return values
+    out = torch.zeros(n, dtype=values.dtype, device=values.device)
+    return out.index_copy_(0, rows, values)
+
+
+def _backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor], token_kl: Optional[torch.Tensor],
+              grad_logps: torch.Tensor, grad_kl: Optional[torch.Tensor], need: Tuple[bool, bool, bool]):
+    """Gradients (dH, dW, db) from upstream per-position gradients; lse etc. are full [N] vectors."""
+    cd = prep.compute_dtype
+    device = prep.hidden.device
+    vocab, dim = prep.weight.shape
+    need_h, need_w, need_b = need
+    kl = prep.kl
+
+    a = grad_logps.to(cd) * prep.valid
+    b = grad_kl.to(cd) * prep.valid if (kl and grad_kl is not None) else None
+    active = a != 0 if b is None else (a != 0) | (b != 0)
+    rows = active.nonzero().squeeze(1)
+    n = rows.numel()
+
+    d_hidden = torch.zeros(prep.num_positions, dim, dtype=cd, device=device) if need_h else None
+    # Accumulate in fp32 (fp64 for fp64) even when the weight is half precision.
+    d_weight = torch.zeros(vocab, dim, dtype=cd, device=device) if need_w else None
+    d_bias = torch.zeros(vocab, dtype=cd, device=device) if need_b else None
+    if n == 0:
+        return d_hidden, d_weight, d_bias
+
+    hidden = prep.hidden.index_select(0, rows)
+    targets = prep.targets.index_select(0, rows)
+    a, lse = a.index_select(0, rows), lse.index_select(0, rows)
+    use_ref = b is not None
+    if use_ref:
+        b = b.index_select(0, rows)
+        ref_hidden = prep.ref_hidden.index_select(0, rows)
+        ref_lse = ref_lse.index_select(0, rows)
+        if kl == "forward":
+            # dKL(p||q)/dz = p * ((z - lse) - (r - lse_r) - KL) = p * ((z - r) - shift)
+            shift = lse - ref_lse + token_kl.index_select(0, rows)
+
+    bn, bv = min(BLOCK_N, n), min(BLOCK_V, vocab)
+    tiles = _Tiles(3 if use_ref else 2, bn, bv, cd, device)
+    for n0 in range(0, n, bn):
+        n1 = min(n0 + bn, n)
+        rb = n1 - n0
+        h = hidden[n0:n1].to(cd)
+        a_blk = a[n0:n1].unsqueeze(1)
+        lse_blk = lse[n0:n1].unsqueeze(1)
+        tgt = targets[n0:n1]
+        if use_ref:
+            hr = ref_hidden[n0:n1].to(cd)
+            b_blk = b[n0:n1].unsqueeze(1)
+            ref_lse_blk = ref_lse[n0:n1].unsqueeze(1)
+            if kl == "forward":
+                shift_blk = shift[n0:n1].unsqueeze(1)
+        dh_blk = torch.zeros(rb, dim, dtype=cd, device=device) if need_h else None
+        for v0 in range(0, vocab, bv):
+            v1 = min(v0 + bv, vocab)
+            cols = v1 - v0
+            w_blk = prep.weight[v0:v1]
+            z = _logits_tile(h, w_blk, None if prep.bias is None else prep.bias[v0:v1],
+                             prep.temperature, prep.softcap, tiles.get(0, rb, cols))
+            g = torch.sub(z, lse_blk, out=tiles.get(1, rb, cols)).exp_()  # p
+            if not use_ref:
+                g.mul_(a_blk.neg())
+            else:
+                r = _logits_tile(hr, prep.ref_weight[v0:v1],
+                                 None if prep.ref_bias is None else prep.ref_bias[v0:v1],
+                                 prep.temperature, prep.softcap, tiles.get(2, rb, cols))
+                if kl == "forward":
+                    # g = p * (b * ((z - r) - shift) - a)
+                    coef = torch.sub(z, r, out=r).sub_(shift_blk).mul_(b_blk).sub_(a_blk)
+                    g.mul_(coef)
+                else:
+                    # g = (b - a) * p - b * q
+                    q = r.sub_(ref_lse_blk).exp_().mul_(b_blk)
+                    g.mul_(b_blk - a_blk).sub_(q)
+            # The target's onehot: + a at (i, target_i) when the target lies in this block.
+            local = tgt - v0
+            inside = ((local >= 0) & (local < cols)).nonzero().squeeze(1)
+            if inside.numel():
+                g.index_put_((inside, local.index_select(0, inside)), a[n0:n1].index_select(0, inside),
+                             accumulate=True)
+            if prep.softcap is not None:
+                # d(c * tanh(u / c))/du = 1 - (z / c)^2, with z the capped logits.
+                g.mul_(z.div_(prep.softcap).square_().neg_().add_(1.0))
+            if prep.temperature != 1.0:
+                g.div_(prep.temperature)
+            if need_h:
+                dh_blk.addmm_(g, w_blk.to(cd))
+            if need_w:
+                d_weight[v0:v1].addmm_(g.t(), h)
+            if need_b:
+                d_bias[v0:v1] += g.sum(dim=0)
+        if need_h:
+            d_hidden.index_copy_(0, rows[n0:n1], dh_blk)
+    return d_hidden, d_weight, d_bias
+
+
+class _FusedLogprobsFn(torch.autograd.Function):
+    """Autograd glue: forward keeps only per-position vectors; backward recomputes the tiles."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, prep: Prepared):
+        outs = _forward_all(prep)
+        token_logps, lse, ref_token_logps, ref_lse, token_kl = outs
+        ctx.prep = prep
+        ctx.save_for_backward(lse, ref_lse, token_kl)
+        empty = torch.empty(0, dtype=token_logps.dtype, device=token_logps.device)
+        ref_out = ref_token_logps if ref_token_logps is not None else empty
+        kl_out = token_kl if token_kl is not None else empty.clone()
+        ctx.mark_non_differentiable(ref_out)
+        return token_logps, ref_out, kl_out
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_ref, grad_kl):
+        prep: Prepared = ctx.prep
+        lse, ref_lse, token_kl = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                prep.bias is not None and ctx.needs_input_grad[2])
+        if grad_logps is None:
+            grad_logps = torch.zeros_like(lse)
+        d_hidden, d_weight, d_bias = _backward(
+            prep, lse, ref_lse, token_kl, grad_logps, grad_kl if prep.kl else None, need
+        )
+        d_hidden = None if d_hidden is None else d_hidden.to(prep.hidden.dtype)
+        d_weight = None if d_weight is None else d_weight.to(prep.weight.dtype)
+        d_bias = None if d_bias is None else d_bias.to(prep.bias.dtype)
+        return d_hidden, d_weight, d_bias, None
+
+
+def _forward_all(prep: Prepared):
+    """Forward over the valid positions only; ignored positions get 0 (and lse 0, never used)."""
+    n = prep.num_positions
+    all_rows = bool(prep.valid.all()) if n > 0 else True
+    rows = torch.arange(n, device=prep.hidden.device) if all_rows else prep.valid.nonzero().squeeze(1)
+    outs = _forward(prep, rows, all_rows)
+    return tuple(_scatter_rows(o, rows, n, all_rows) for o in outs)
+
+
+def token_stats(prep: Prepared):
+    """Per-position (token_logps, ref_token_logps, token_kl) for ``prep`` (see backends/__init__)."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (prep.hidden, prep.weight, prep.bias)
+    )
+    if not needs_grad:
+        # No graph: nothing is saved for a backward that cannot happen.
+        with torch.no_grad():
+            token_logps, _, ref_token_logps, _, token_kl = _forward_all(prep)
+        return token_logps, ref_token_logps, token_kl
+    token_logps, ref_token_logps, token_kl = _FusedLogprobsFn.apply(prep.hidden, prep.weight, prep.bias, prep)
+    return token_logps, (ref_token_logps if prep.ref_hidden is not None else None), (token_kl if prep.kl else None)

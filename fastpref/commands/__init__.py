@@ -1,0 +1,1 @@
+"""Subcommands of the ``fastpref`` CLI, one module each (see fastpref/cli.py)."""

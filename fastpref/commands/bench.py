@@ -1,0 +1,11 @@
+"""`fastpref bench`: not implemented yet."""
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    print("fastpref bench: not implemented yet")
+    return 1

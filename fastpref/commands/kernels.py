@@ -1,0 +1,11 @@
+"""`fastpref kernels`: not implemented yet."""
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    print("fastpref kernels: not implemented yet")
+    return 1

@@ -1,0 +1,55 @@
+"""Eager ``fused_logprobs``: materializes the full logits, plain autograd. The test oracle."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .._stats import LogprobStats
+from .._validate import Prepared, prepare
+from ..ops import assemble
+
+
+def eager_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 temperature: float, softcap: Optional[float]) -> torch.Tensor:
+    """Full [N, V] logits the usual way: projection in the input dtype, the rest in fp32 (fp64 kept)."""
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.double() if logits.dtype == torch.float64 else logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def eager_token_stats(prep: Prepared):
+    """Per-position (token_logps, ref_token_logps, token_kl) with full logits."""
+    mask = prep.valid
+    safe_targets = torch.where(mask, prep.targets, torch.zeros_like(prep.targets)).unsqueeze(1)
+    logp = torch.log_softmax(eager_logits(prep.hidden, prep.weight, prep.bias, prep.temperature, prep.softcap), -1)
+    token_logps = logp.gather(1, safe_targets).squeeze(1) * mask
+    ref_token_logps = token_kl = None
+    if prep.ref_hidden is not None:
+        with torch.no_grad():
+            logq = torch.log_softmax(
+                eager_logits(prep.ref_hidden, prep.ref_weight, prep.ref_bias, prep.temperature, prep.softcap), -1
+            ).to(logp.dtype)
+        ref_token_logps = logq.gather(1, safe_targets).squeeze(1) * mask
+        if prep.kl == "forward":
+            token_kl = (logp.exp() * (logp - logq)).sum(-1) * mask
+        elif prep.kl == "reverse":
+            token_kl = (logq.exp() * (logq - logp)).sum(-1) * mask
+    return token_logps, ref_token_logps, token_kl
+
+
+def fused_logprobs(hidden, weight, targets, *, bias=None, seq_ids=None, num_seqs=None, ref_hidden=None,
+                   ref_weight=None, ref_bias=None, kl=None, temperature=1.0, softcap=None, ignore_index=-100,
+                   backend="auto") -> LogprobStats:
+    """Eager twin of :func:`fastpref.fused_logprobs` (same signature and outputs; ``backend`` ignored)."""
+    prep = prepare(
+        hidden, weight, targets, bias=bias, seq_ids=seq_ids, num_seqs=num_seqs, ref_hidden=ref_hidden,
+        ref_weight=ref_weight, ref_bias=ref_bias, kl=kl, temperature=temperature, softcap=softcap,
+        ignore_index=ignore_index, backend="torch" if backend == "auto" else backend,
+    )
+    return assemble(prep, *eager_token_stats(prep))
