@@ -1,11 +1,69 @@
-"""`fastpref bench`: not implemented yet."""
+"""``fastpref bench``: memory/throughput suite vs eager PyTorch, Liger-Kernel and Cut Cross-Entropy.
+
+Runs the grid of bench/runner.py (``--quick``: a small CPU grid that finishes in a few minutes) and
+writes ``results.json``, ``results.md`` and PNG plots under ``--out``. ``--n/--d/--v/--dtype`` replace
+the grid by their cartesian product.
+"""
+from __future__ import annotations
+
 import argparse
 
 
+def _int_list(text: str):
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _str_list(text: str):
+    return [x for x in text.split(",") if x]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    from bench.workloads import IMPLEMENTATIONS, WORKLOADS
+
+    parser.add_argument("--quick", action="store_true", help="small CPU grid (fp32, D=256, N<=512), 3 repeats")
+    parser.add_argument("--out", default="bench_results", help="output directory (default: %(default)s)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--losses", type=_str_list, default=list(WORKLOADS),
+                        help=f"comma-separated workloads from {','.join(WORKLOADS)} (default: all)")
+    parser.add_argument("--impls", type=_str_list, default=list(IMPLEMENTATIONS),
+                        help=f"comma-separated implementations from {','.join(IMPLEMENTATIONS)}")
+    parser.add_argument("--n", type=_int_list, help="tokens per row, e.g. 1024,4096 (replaces the grid)")
+    parser.add_argument("--d", type=_int_list, help="hidden sizes (with --n)")
+    parser.add_argument("--v", type=_int_list, help="vocabulary sizes (with --n)")
+    parser.add_argument("--dtype", type=_str_list, help="dtypes fp32,bf16 (with --n)")
+    parser.add_argument("--repeats", type=int, help="timed repeats per implementation (default 3 quick, 5 full)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="no torch.compile: Liger runs compiled=False, CCE (CPU: torch.compile only) is skipped")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--max-logits-gib", type=float, default=None,
+                        help="skip implementations that would materialize more logits than this (default 8)")
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
-    print("fastpref bench: not implemented yet")
-    return 1
+    from bench import runner
+    from bench.workloads import IMPLEMENTATIONS
+
+    bad = [i for i in args.impls if i not in IMPLEMENTATIONS]
+    if bad:
+        raise SystemExit(f"fastpref bench: --impls: unknown {bad}; choose from {IMPLEMENTATIONS}")
+    shapes = None
+    if any(x is not None for x in (args.n, args.d, args.v, args.dtype)):
+        quick = runner.QUICK_SHAPES[0] if args.quick else runner.FULL_SHAPES[0]
+        shapes = runner.shapes_from(args.n or [quick[0]], args.d or [quick[1]], args.v or [quick[2]],
+                                    args.dtype or [quick[3]])
+    cfg = runner.Config(
+        quick=args.quick, out=args.out, device=args.device, workloads=args.losses, impls=args.impls,
+        shapes=shapes, repeats=args.repeats, compile=not args.no_compile, plots=not args.no_plots,
+        seed=args.seed, max_logits_gib=args.max_logits_gib or runner.DEFAULT_MAX_LOGITS_GIB,
+    )
+    try:
+        results = runner.run(cfg)
+    except ValueError as exc:
+        raise SystemExit(f"fastpref bench: {exc}")
+    print(f"fastpref bench: wrote {results['files']['results.json']}, {results['files']['results.md']} "
+          f"and {len(results['files']['plots'])} plots in {cfg.out}")
+    return 0

@@ -1,0 +1,130 @@
+"""The implementations fastpref is compared with: eager PyTorch, Liger-Kernel and Cut Cross-Entropy.
+
+Eager follows the way TRL computes preference losses: the LM head produces the full ``[tokens x V]``
+logits, ``log_softmax`` over the vocabulary, ``gather`` of the target column, a masked sum per
+sequence, and the loss on top; the reference model's log-probs come from a separate no-grad pass that
+runs first (so its logits are freed before the policy's exist).
+
+The small loss heads below (written from LOSSES.md) are shared by the eager peer and by the fastpref
+fallback used when ``fastpref``'s fused modules are not importable, so both see the same formula.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager per-token statistics (materialize the logits)
+
+
+def eager_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(hidden @ weight.T)[target] per position, 0 at ignored positions (fp32 math)."""
+    logits = (hidden @ weight.t()).float()
+    logp = logits.log_softmax(dim=-1)
+    valid = targets != IGNORE_INDEX
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * valid
+
+
+def eager_seq_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed log-probs per sequence for padded ``[S, T, D]`` hidden states."""
+    return eager_token_logps(hidden, weight, targets).sum(dim=-1)
+
+
+def eager_seq_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.Tensor, ref_weight: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sum over positions of the full-vocabulary KL(pi_theta || pi_ref) (SPO's token KL)."""
+    with torch.no_grad():
+        ref_logp = (ref_hidden @ ref_weight.t()).float().log_softmax(dim=-1)
+    logp = (hidden @ weight.t()).float().log_softmax(dim=-1)
+    token_kl = (logp.exp() * (logp - ref_logp)).sum(dim=-1)
+    return (token_kl * (targets != IGNORE_INDEX)).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss heads on per-sequence statistics (LOSSES.md); gradients through the policy log-probs only
+
+
+def dpo_head(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float = 0.1) -> torch.Tensor:
+    """-mean log sigmoid(beta * ((S_w - R_w) - (S_l - R_l)))  (Rafailov et al., 2023)."""
+    return -F.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
+
+
+def var_head(logps: torch.Tensor, rewards: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """VAR, diagonal self-normalized form: w = B * softmax(r / beta) (detached), L = -mean(w * S)."""
+    weights = (rewards.float() / beta).softmax(dim=0).detach() * rewards.numel()
+    return -(weights * logps).mean()
+
+
+def mcpo_negatives(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float, generator: torch.Generator) -> torch.Tensor:
+    """One hard negative per prompt from softmax_i>=1(beta * (S_i - R_i)) (MC kernel, Gumbel-max)."""
+    scores = beta * (logps - ref_logps).detach()[:, 1:].float().cpu()
+    gumbel = -torch.empty_like(scores).exponential_(generator=generator).log()
+    return (scores + gumbel).argmax(dim=1, keepdim=True).to(logps.device) + 1
+
+
+def mcpo_head(logps: torch.Tensor, ref_logps: torch.Tensor, negatives: torch.Tensor, beta: float = 0.01) -> torch.Tensor:
+    """MC-PO: -beta r_0 + LSE_{i in {0} u Z}(beta r_i), r = S - R, averaged over prompts."""
+    r = logps - ref_logps
+    chosen = torch.cat([r[:, :1], r.gather(1, negatives)], dim=1)
+    return (-beta * r[:, 0] + torch.logsumexp(beta * chosen, dim=1)).mean()
+
+
+def spo_head(chosen: torch.Tensor, rejected: torch.Tensor, kl: Optional[torch.Tensor], alpha: float = 0.01,
+             kl_coef: float = 0.01) -> torch.Tensor:
+    """SPO-basic (gamma = 0, mu = 1): mean softplus(alpha (S_l - S_w)) / alpha + kl_coef * mean(KL)."""
+    loss = (F.softplus(alpha * (rejected - chosen)) / alpha).mean()
+    return loss if kl is None else loss + kl_coef * kl.mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Liger-Kernel and Cut Cross-Entropy
+
+
+def liger_dpo(beta: float, compiled: bool):
+    """Liger-Kernel's chunked fused-linear DPO loss (summed log-probs, with a reference model)."""
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    module = LigerFusedLinearDPOLoss(beta=beta, compiled=compiled, use_ref_model=True, average_log_prob=False)
+
+    def run(weight, hidden, targets, ref_hidden, ref_weight):
+        return module(weight, hidden, targets, ref_input=ref_hidden, ref_weight=ref_weight)[0]
+
+    return run
+
+
+def cce_token_logps(device: torch.device):
+    """Per-token log-probs from Cut Cross-Entropy: ``-linear_cross_entropy(..., reduction="none")``.
+
+    On CPU only CCE's ``torch_compile`` implementation runs (its ``cce`` kernels are Triton/CUDA).
+    """
+    from cut_cross_entropy import linear_cross_entropy
+
+    impl = "cce" if device.type == "cuda" else "torch_compile"
+
+    def run(hidden, weight, targets):
+        flat = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                    ignore_index=IGNORE_INDEX, reduction="none", impl=impl)
+        return -flat.view(targets.shape)
+
+    return run, impl
+
+
+def logits_bytes(tokens: int, vocab: int) -> int:
+    """Bytes of one fp32 [tokens x V] logits tensor (what eager allocates several times)."""
+    return 4 * tokens * vocab
+
+
+def gib(num_bytes: float) -> float:
+    return num_bytes / 2**30
+
+
+def mib(num_bytes: float) -> float:
+    return num_bytes / 2**20
+

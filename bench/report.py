@@ -1,0 +1,207 @@
+"""Reports: rich progress bar and table, ``results.json``, ``results.md`` and PNG plots."""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+from .peers import mib
+
+IMPL_ORDER = ("eager", "liger", "cce", "fastpref-torch", "fastpref-triton")
+
+
+class Progress:
+    """A rich progress bar over benchmark rows (a no-op when disabled)."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.enabled = enabled
+        self.total = total
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+
+            self._bar = RichProgress(TextColumn("{task.description:<48}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), transient=False)
+            self._bar.__enter__()
+            self._task = self._bar.add_task("fastpref bench", total=self.total)
+        return self
+
+    def describe(self, text: str) -> None:
+        if self.enabled:
+            self._bar.update(self._task, description=text)
+
+    def advance(self) -> None:
+        if self.enabled:
+            self._bar.advance(self._task)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._bar.update(self._task, description="fastpref bench: done")
+            self._bar.__exit__(*exc)
+        return False
+
+
+def _ratio(x: Optional[float], digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _below(x: Optional[float]) -> str:
+    return "-" if x is None else (f"{x:.0f}x" if x >= 10 else f"{x:.1f}x")
+
+
+def _sorted(rows: List[dict]) -> List[dict]:
+    order = {n: i for i, n in enumerate(IMPL_ORDER)}
+    return sorted(rows, key=lambda r: (r["workload"], r["dtype"], r["dim"], r["vocab"], r["tokens"],
+                                       order.get(r["impl"], 99)))
+
+
+COLUMNS = ["loss", "N", "D", "V", "dtype", "impl", "time ms", "spread", "x eager", "x Liger", "x GEMM floor",
+           "peak MiB", "workspace MiB", "ws below eager", "ws below Liger"]
+
+
+def table_rows(results: dict) -> List[List[str]]:
+    out = []
+    for r in _sorted(results["rows"]):
+        out.append([r["workload"], str(r["tokens"]), str(r["dim"]), str(r["vocab"]), r["dtype"], r["impl"],
+                     f"{1e3 * r['time_s']:.1f}", f"{100 * r['time_spread']:.0f}%", _ratio(r["time_vs_eager"]),
+                     _ratio(r["time_vs_liger"]), _ratio(r["time_vs_floor"]), f"{mib(r['peak_bytes']):.1f}",
+                     f"{mib(r['workspace_bytes']):.1f}", _below(r["workspace_below_eager"]),
+                     _below(r["workspace_below_liger"])])
+    return out
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="fastpref bench: forward+backward, median of interleaved repeats")
+    for c in COLUMNS:
+        table.add_column(c, justify="left" if c in ("loss", "impl", "dtype") else "right")
+    for row in table_rows(results):
+        style = "bold green" if row[5].startswith("fastpref") else None
+        table.add_row(*row, style=style)
+    console = Console(width=max(Console().width, 180))
+    console.print(table)
+    for t in results.get("targets", []):
+        console.print(f"target {t['target']}: {_ratio(t['value'])} -> {'met' if t['met'] else 'MISSED'}")
+    for name, path in results.get("files", {}).items():
+        console.print(f"{name}: {path}")
+
+
+def markdown(results: dict) -> str:
+    meta, cfg = results["meta"], results["config"]
+    lines = [
+        f"### fastpref bench ({cfg['grid']} grid, {meta['device']})",
+        "",
+        f"{meta['started']}; torch {meta['torch']} with {meta['torch_threads']} threads on {meta['cpu_count']} "
+        f"cores; load average {meta.get('load_avg_start')} at start, {meta.get('load_avg_end')} at end "
+        f"(shared machine); {cfg['repeats']} interleaved repeats per row; {meta['elapsed_s']} s in all.",
+        "",
+        "Forward + backward of the whole loss. `time ms`: median; `spread`: (max - min) / median. "
+        "`x eager`, `x Liger`, `x GEMM floor`: time ratios (lower is faster). `peak`: inputs + the step's "
+        "own peak allocation (gradients included); `workspace`: peak minus inputs and gradients; "
+        "`ws below X`: X's workspace / this workspace. Memory is "
+        + ("measured with memray (each implementation in its own tracked region)" if meta["device"] == "cpu"
+           else "torch.cuda.max_memory_allocated") + ".",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" if c in ("loss", "impl", "dtype") else "---:" for c in COLUMNS) + "|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
+    floors = {}
+    for r in results["rows"]:
+        floors[(r["workload"], r["tokens"], r["dim"], r["vocab"], r["dtype"])] = (r["floor_s"], r["floor_gemms"])
+    lines += ["", "GEMM floor per row (same run): the plain products an unfused implementation needs "
+              "(`policy` = H W^T, G W and G^T H; `ref` = H_ref W_ref^T):", ""]
+    for (w, n, d, v, dt), (s, label) in sorted(floors.items()):
+        lines.append(f"- {w} N={n} D={d} V={v} {dt}: {label} = "
+                     + ("not measured (too large)" if s is None else f"{1e3 * s:.1f} ms"))
+    notes = sorted({(r["impl"], r["note"]) for r in results["rows"] if r["note"]})
+    warm = [r for r in results["rows"] if r.get("warmup_s")]
+    if notes or warm or results["skipped"]:
+        lines += ["", "Notes:", ""]
+        lines += [f"- {impl}: {note}" for impl, note in notes]
+        if warm:
+            lines.append("- first-call (torch.compile) warm-up, excluded from the times: "
+                         + ", ".join(f"{r['impl']} {r['workload']} N={r['tokens']} V={r['vocab']}: {r['warmup_s']:.1f} s"
+                                     for r in warm))
+        reasons = defaultdict(set)
+        for s in results["skipped"]:
+            reasons[(s["impl"], s["reason"])].add(s["workload"])
+        lines += [f"- {impl} not run for {', '.join(sorted(ws))}: {why}" for (impl, why), ws in sorted(reasons.items())]
+    if meta["device"] == "cpu":
+        lines.append(f"- memray reports {meta.get('memray_empty_region_bytes', 0)} bytes for an empty tracked region; "
+                     "it slows allocation, so memory and timing runs are separate.")
+    if results.get("targets"):
+        lines += ["", "Targets (DPO with reference, N=4096, D=1024, V=32000, fp32, fastpref torch backend):", ""]
+        lines += [f"- {t['target']}: {_ratio(t['value'])} ({'met' if t['met'] else 'missed'})" for t in results["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def _series(rows: List[dict], x_key: str, fixed_keys: tuple) -> Dict[tuple, Dict[str, List[tuple]]]:
+    """Group rows into plots: for each (workload, fixed values) the (x, row) points of each impl."""
+    groups: Dict[tuple, Dict[str, List[tuple]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        groups[(r["workload"],) + tuple(r[k] for k in fixed_keys)][r["impl"]].append((r[x_key], r))
+    return {k: v for k, v in groups.items() if len({x for pts in v.values() for x, _ in pts}) >= 2}
+
+
+def write_plots(results: dict, out_dir: str) -> List[str]:
+    """memory_vs_V_<loss>.png (workspace and peak) and time_vs_N_<loss>.png (with the GEMM floor)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rows = results["rows"]
+    for key, impls in _series(rows, "vocab", ("tokens", "dim", "dtype")).items():
+        w, n, d, dt = key
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for impl in [i for i in IMPL_ORDER if i in impls]:
+            pts = sorted(impls[impl], key=lambda p: p[0])
+            ax.plot([p[0] for p in pts], [mib(p[1]["peak_bytes"]) for p in pts], marker="o", label=impl)
+        ax.set(xlabel="vocabulary size V", ylabel="peak memory (MiB)", yscale="log",
+               title=f"{w}: peak memory vs V (N={n}, D={d}, {dt})")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        path = os.path.join(out_dir, f"memory_vs_V_{w}_N{n}_D{d}_{dt}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    for key, impls in _series(rows, "tokens", ("vocab", "dim", "dtype")).items():
+        w, v, d, dt = key
+        fig, ax = plt.subplots(figsize=(6, 4))
+        floor = {}
+        for impl in [i for i in IMPL_ORDER if i in impls]:
+            pts = sorted(impls[impl], key=lambda p: p[0])
+            ax.plot([p[0] for p in pts], [1e3 * p[1]["time_s"] for p in pts], marker="o", label=impl)
+            floor.update({p[0]: p[1]["floor_s"] for p in pts if p[1]["floor_s"]})
+        if floor:
+            xs = sorted(floor)
+            ax.plot(xs, [1e3 * floor[x] for x in xs], linestyle="--", color="gray", label="GEMM floor")
+        ax.set(xlabel="tokens N", ylabel="fwd+bwd time (ms)", title=f"{w}: time vs N (V={v}, D={d}, {dt})")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        path = os.path.join(out_dir, f"time_vs_N_{w}_V{v}_D{d}_{dt}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_all(results: dict, out_dir: str, plots: bool = True) -> Dict[str, object]:
+    """Write results.json, results.md and the PNGs; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths: Dict[str, object] = {"results.json": os.path.join(out_dir, "results.json"),
+                                "results.md": os.path.join(out_dir, "results.md")}
+    with open(paths["results.md"], "w") as f:
+        f.write(markdown(results))
+    paths["plots"] = write_plots(results, out_dir) if plots else []
+    with open(paths["results.json"], "w") as f:
+        json.dump({**results, "files": paths}, f, indent=1)
+    return paths

@@ -1,0 +1,245 @@
+"""The benchmark grid and its driver: ``run(config)`` measures every row and writes the reports.
+
+For each shape: build the inputs once, warm up the compiled peers (their compile time is reported as
+``warmup_s``), measure each implementation's memory in its own tracked step (this run is also the
+warm-up of the uncompiled ones), then time all implementations and the GEMM floor interleaved.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import measure, peers, report
+from .workloads import (DPO_BETA, IMPLEMENTATIONS, WORKLOADS, Case, GemmFloor, Impl, Options, build_case, fmt_dtype,
+                        implementations, parse_dtype, release)
+
+Shape = Tuple[int, int, int, str]  # tokens, dim, vocab, dtype
+
+# --quick: under 3 minutes on 2 CPU cores, torch.compile warm-up of Liger and CCE included.
+QUICK_SHAPES: List[Shape] = [(256, 256, 32000, "fp32"), (512, 256, 32000, "fp32"), (256, 256, 128256, "fp32")]
+# The full grid: time vs N at V = 32k (the DPO target row is N=4096, D=1024, V=32000, fp32), memory vs V at
+# N = 1024 (32k, 128k, 256k vocabularies) and bf16 rows.
+FULL_SHAPES: List[Shape] = (
+    [(n, 1024, 32000, "fp32") for n in (1024, 2048, 4096)]
+    + [(1024, 1024, v, "fp32") for v in (128256, 256000)]
+    + [(1024, 1024, v, "bf16") for v in (32000, 128256, 256000)]
+)
+# Implementations that allocate full [tokens x V] logits are skipped above this estimated footprint.
+DEFAULT_MAX_LOGITS_GIB = 8.0
+MATERIALIZING = ("eager", "cce")
+
+
+@dataclass
+class Config:
+    quick: bool = False
+    out: str = "bench_results"
+    device: str = "cpu"
+    workloads: Sequence[str] = WORKLOADS
+    impls: Sequence[str] = IMPLEMENTATIONS
+    shapes: Optional[List[Shape]] = None  # None: the quick or full grid
+    repeats: Optional[int] = None
+    compile: bool = True
+    plots: bool = True
+    seed: int = 0
+    max_logits_gib: float = DEFAULT_MAX_LOGITS_GIB
+    show: bool = True  # rich table and progress bar on the terminal
+
+    def grid(self) -> List[Shape]:
+        return list(self.shapes) if self.shapes else (QUICK_SHAPES if self.quick else FULL_SHAPES)
+
+    def num_repeats(self) -> int:
+        return self.repeats or (3 if self.quick else 5)
+
+
+def shapes_from(tokens: Sequence[int], dims: Sequence[int], vocabs: Sequence[int], dtypes: Sequence[str]) -> List[Shape]:
+    return [(n, d, v, dt) for dt, d, v, n in itertools.product(dtypes, dims, vocabs, tokens)]
+
+
+@dataclass
+class RowResult:
+    rows: List[dict] = field(default_factory=list)
+    skipped: List[dict] = field(default_factory=list)
+
+
+def _warm_up(impl: Impl, case: Case, opts: Options) -> Tuple[Impl, float, str]:
+    """Run a compiled peer once (compilation happens here); fall back to compiled=False for Liger."""
+    start = time.perf_counter()
+    try:
+        measure.fwd_bwd(impl.step)
+        measure.sync(case.device)
+        return impl, time.perf_counter() - start, ""
+    except Exception as exc:  # torch.compile can fail on a machine without a working C++ toolchain
+        reason = f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+        if impl.name != "liger":
+            raise RuntimeError(reason) from exc
+        t = case.tensors
+        run = peers.liger_dpo(DPO_BETA, compiled=False)
+        fallback = Impl("liger", lambda: run(t["weight"], t["hidden"], t["targets"], t["ref_hidden"], t["ref_weight"]),
+                        note=f"compiled=False: {reason}")
+        start = time.perf_counter()
+        measure.fwd_bwd(fallback.step)
+        return fallback, time.perf_counter() - start, reason
+    finally:
+        release(case.params)
+
+
+def measure_shape(workload: str, shape: Shape, cfg: Config, opts: Options, progress=None) -> RowResult:
+    tokens, dim, vocab, dtype_name = shape
+    device = torch.device(cfg.device)
+    case = build_case(workload, tokens, dim, vocab, parse_dtype(dtype_name), device, seed=cfg.seed)
+    out = RowResult()
+    key = dict(workload=workload, tokens=case.tokens, dim=dim, vocab=vocab, dtype=fmt_dtype(case.dtype),
+               device=device.type)
+    impls, skipped = implementations(case, opts)
+    logits_gib = peers.gib(peers.logits_bytes(case.tokens, vocab))
+    # Eager holds ~4 logits-sized tensors at its peak (logits, log-softmax, their grads); the floor 2.
+    too_big = 4 * logits_gib > cfg.max_logits_gib
+    if too_big:
+        for impl in [i for i in impls if i.name in MATERIALIZING]:
+            skipped[impl.name] = f"would materialize ~{4 * logits_gib:.1f} GiB of logits (> --max-logits-gib)"
+        impls = [i for i in impls if i.name not in MATERIALIZING]
+    for name, why in skipped.items():
+        out.skipped.append({**key, "impl": name, "reason": why})
+
+    warmup: Dict[str, float] = {}
+    for i, impl in enumerate(impls):
+        if impl.compiled:
+            if progress:
+                progress(f"{workload} N={case.tokens} V={vocab}: compiling {impl.name}")
+            impls[i], warmup[impl.name], _ = _warm_up(impl, case, opts)
+
+    tracked: Dict[str, int] = {}
+    grads: Dict[str, int] = {}
+    for impl in impls:
+        if progress:
+            progress(f"{workload} N={case.tokens} V={vocab}: memory {impl.name}")
+        release(case.params)
+        tracked[impl.name] = measure.peak_step_bytes(lambda: measure.fwd_bwd(impl.step), device)
+        grads[impl.name] = sum(p.grad.numel() * p.grad.element_size() for p in case.params if p.grad is not None)
+        release(case.params)
+
+    steps = {impl.name: (lambda s=impl.step: measure.fwd_bwd(s)) for impl in impls}
+    floor = None
+    if 2 * logits_gib <= cfg.max_logits_gib:
+        floor = GemmFloor(case)
+        floor.step()
+        steps["gemm-floor"] = floor.step
+    if progress:
+        progress(f"{workload} N={case.tokens} V={vocab}: timing")
+    timings = measure.time_interleaved(steps, cfg.num_repeats(), device, before_each=lambda: release(case.params))
+    release(case.params)
+    floor_s = timings["gemm-floor"].median if floor is not None else None
+    del floor
+
+    inputs = case.input_bytes()
+    for impl in impls:
+        tm = timings[impl.name]
+        out.rows.append({
+            **key, "impl": impl.name, "time_s": tm.median, "time_spread": tm.spread, "times_s": tm.times_s,
+            "warmup_s": warmup.get(impl.name), "input_bytes": inputs, "grad_bytes": grads[impl.name],
+            "tracked_bytes": tracked[impl.name], "peak_bytes": inputs + tracked[impl.name],
+            "workspace_bytes": tracked[impl.name] - grads[impl.name], "floor_s": floor_s,
+            "floor_gemms": case.floor_label(), "note": impl.note,
+        })
+    add_ratios(out.rows)
+    return out
+
+
+def add_ratios(rows: List[dict]) -> None:
+    """Ratios to eager and Liger of the same shape (time: t / t_peer; workspace: ws_peer / ws = 'x below')."""
+    by_name = {r["impl"]: r for r in rows}
+    for r in rows:
+        for peer in ("eager", "liger"):
+            p = by_name.get(peer)
+            r[f"time_vs_{peer}"] = r["time_s"] / p["time_s"] if p else None
+            r[f"workspace_below_{peer}"] = (p["workspace_bytes"] / max(r["workspace_bytes"], 1)) if p else None
+        r["time_vs_floor"] = r["time_s"] / r["floor_s"] if r["floor_s"] else None
+
+
+# The issue's targets (CPU, fp32, same run) for DPO with reference at N=4096, D=1024, V=32000.
+TARGET_SHAPE = dict(workload="dpo", tokens=4096, dim=1024, vocab=32000, dtype="fp32")
+
+
+def evaluate_targets(rows: List[dict]) -> List[dict]:
+    """Check the fastpref-torch row of the target shape, when this run has it."""
+    sel = {r["impl"]: r for r in rows if all(r[k] == v for k, v in TARGET_SHAPE.items()) and r["device"] == "cpu"}
+    fp = sel.get("fastpref-torch")
+    if fp is None:
+        return []
+    checks = []
+
+    def add(what, value, limit, ok):
+        checks.append({"target": what, "value": value, "limit": limit, "met": None if value is None else ok})
+
+    eager, liger = sel.get("eager"), sel.get("liger")
+    add("time / eager <= 1.0", fp["time_vs_eager"], 1.0, eager and fp["time_vs_eager"] <= 1.0)
+    add("time / liger <= 0.85 (>= 15% faster)", fp["time_vs_liger"], 0.85, liger and fp["time_vs_liger"] <= 0.85)
+    add("workspace >= 10x below liger", fp["workspace_below_liger"], 10.0, liger and fp["workspace_below_liger"] >= 10)
+    add("workspace >= 40x below eager", fp["workspace_below_eager"], 40.0, eager and fp["workspace_below_eager"] >= 40)
+    add("time / GEMM floor <= 1.35", fp["time_vs_floor"], 1.35, fp["time_vs_floor"] is not None and fp["time_vs_floor"] <= 1.35)
+    return checks
+
+
+def environment(cfg: Config) -> dict:
+    info = {
+        "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": cfg.device,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_avg_start"] = [round(x, 2) for x in os.getloadavg()]
+    if cfg.device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    for pkg in ("liger_kernel", "cut_cross_entropy", "memray", "triton"):
+        try:
+            from importlib.metadata import version
+
+            info[pkg] = version(pkg.replace("_", "-"))
+        except Exception:
+            info[pkg] = None
+    return info
+
+
+def run(cfg: Config) -> dict:
+    """Measure the grid, write results.json / results.md / PNGs under ``cfg.out``, return the results."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' requested but CUDA is not available")
+    for w in cfg.workloads:
+        if w not in WORKLOADS:
+            raise ValueError(f"--losses: unknown workload {w!r}; choose from {WORKLOADS}")
+    opts = Options(compile=cfg.compile, impls=tuple(cfg.impls))
+    started = time.perf_counter()
+    env = environment(cfg)
+    if cfg.device == "cpu":
+        env["memray_empty_region_bytes"] = measure.memray_overhead_bytes()
+    rows: List[dict] = []
+    skipped: List[dict] = []
+    jobs = [(w, s) for s in cfg.grid() for w in cfg.workloads]
+    with report.Progress(len(jobs), enabled=cfg.show) as bar:
+        for workload, shape in jobs:
+            res = measure_shape(workload, shape, cfg, opts, progress=bar.describe)
+            rows += res.rows
+            skipped += res.skipped
+            bar.advance()
+    if hasattr(os, "getloadavg"):
+        env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    env["elapsed_s"] = round(time.perf_counter() - started, 1)
+    results = {
+        "meta": env,
+        "config": {"grid": "custom" if cfg.shapes else ("quick" if cfg.quick else "full"), "quick": cfg.quick, "repeats": cfg.num_repeats(), "compile": cfg.compile,
+                   "workloads": list(cfg.workloads), "impls": list(cfg.impls),
+                   "shapes": [list(s) for s in cfg.grid()], "max_logits_gib": cfg.max_logits_gib},
+        "rows": rows, "skipped": skipped, "targets": evaluate_targets(rows),
+    }
+    paths = report.write_all(results, cfg.out, plots=cfg.plots)
+    results["files"] = paths
+    if cfg.show:
+        report.print_table(results)
+    return results

@@ -1,0 +1,307 @@
+"""Benchmark workloads: inputs for one shape, and one fwd+bwd callable per implementation.
+
+Every workload uses the padded layout ``[S, T, D]`` with every position valid, ``T = N // S``, so the
+reported token count is ``S * T`` (at most ``N``). Workloads and their sequence layouts (API.md §3):
+
+- ``logprobs``: the bare op, per-token log-probs of 8 sequences; loss = sum of token log-probs.
+- ``dpo``: 4 chosen + 4 rejected sequences, policy and reference hidden states (separate frozen
+  reference LM head), beta = 0.1.
+- ``var``: B = 8 responses with scalar rewards (diagonal, self-normalized VAR), beta = 1.
+- ``mcpo``: B = 2 prompts x (1 preferred + K = 4 candidates), reference hidden states, one sampled
+  hard negative per prompt, beta = 0.01.
+- ``spo``: 2 chosen + 2 rejected sequences plus 4 online samples whose full-vocabulary token
+  KL(pi_theta || pi_ref) enters the loss (alpha = 0.01, KL coefficient 0.01).
+
+The GEMM floor of a workload is the plain matrix products an unfused implementation needs for the
+same shapes: ``H W^T`` (logits), ``G W`` (dH) and ``G^T H`` (dW) over the policy tokens, plus
+``H_ref W_ref^T`` over the tokens that need reference logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import peers
+
+WORKLOADS = ("logprobs", "dpo", "var", "mcpo", "spo")
+IMPLEMENTATIONS = ("eager", "liger", "cce", "fastpref-torch", "fastpref-triton")
+
+SEQS = {"logprobs": 8, "dpo": 8, "var": 8, "mcpo": 10, "spo": 8}
+MCPO_K = 4
+DPO_BETA, VAR_BETA, MCPO_BETA, SPO_ALPHA, SPO_KL_COEF = 0.1, 1.0, 0.01, 0.01, 0.01
+NEGATIVE_SEED = 1234
+
+
+@dataclass
+class Case:
+    """Inputs of one benchmark row; ``params`` are the tensors that receive gradients."""
+
+    workload: str
+    tokens: int
+    dim: int
+    vocab: int
+    dtype: torch.dtype
+    device: torch.device
+    tensors: Dict[str, torch.Tensor]
+    params: List[torch.Tensor]
+    # The GEMM floor as (rows, kind): "policy" = logits + dH + dW products, "ref" = reference logits only.
+    floor: List[Tuple[int, str]] = field(default_factory=list)
+
+    def input_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def grad_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params)
+
+    def floor_label(self) -> str:
+        return " + ".join(f"{kind}[{rows} tok]" for rows, kind in self.floor)
+
+
+@dataclass
+class Impl:
+    """A ready-to-run implementation: ``step()`` returns the scalar loss (caller runs backward)."""
+
+    name: str
+    step: Callable[[], torch.Tensor]
+    note: str = ""
+    compiled: bool = False
+
+
+@dataclass
+class Options:
+    """What the runner allows: ``compile=False`` builds Liger uncompiled and leaves CCE out."""
+
+    compile: bool = True
+    impls: Tuple[str, ...] = IMPLEMENTATIONS
+
+
+def build_case(workload: str, tokens: int, dim: int, vocab: int, dtype: torch.dtype, device: torch.device,
+               seed: int = 0) -> Case:
+    """Random inputs for one row; weights are scaled so that logits have unit-order spread."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
+    seqs = SEQS[workload]
+    length = max(tokens // seqs, 1)
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, grad=False):
+        t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+        return t.requires_grad_(grad)
+
+    def ids(*shape):
+        return torch.randint(0, vocab, shape, generator=g).to(device)
+
+    wscale = dim ** -0.5
+    t: Dict[str, torch.Tensor] = {"weight": rnd(vocab, dim, scale=wscale, grad=True)}
+    n = seqs * length
+    if workload == "spo":
+        half = seqs // 2
+        t.update(hidden=rnd(half, length, dim, grad=True), targets=ids(half, length),
+                 kl_hidden=rnd(half, length, dim, grad=True), kl_ref_hidden=rnd(half, length, dim),
+                 kl_targets=ids(half, length), ref_weight=rnd(vocab, dim, scale=wscale))
+        floor = [(n, "policy"), (half * length, "ref")]
+        params = [t["weight"], t["hidden"], t["kl_hidden"]]
+    else:
+        t.update(hidden=rnd(seqs, length, dim, grad=True), targets=ids(seqs, length))
+        floor = [(n, "policy")]
+        if workload in ("dpo", "mcpo"):
+            t.update(ref_hidden=rnd(seqs, length, dim), ref_weight=rnd(vocab, dim, scale=wscale))
+            floor.append((n, "ref"))
+        if workload == "var":
+            t["rewards"] = torch.randn(seqs, generator=g).to(device)
+        params = [t["weight"], t["hidden"]]
+    return Case(workload, n, dim, vocab, dtype, device, t, params, floor)
+
+
+# ----------------------------------------------------------------------------------------------
+# eager (TRL-style)
+
+
+def _eager(case: Case) -> Callable[[], torch.Tensor]:
+    t = case.tensors
+    w = case.workload
+
+    def ref_logps() -> torch.Tensor:
+        with torch.no_grad():
+            return peers.eager_seq_logps(t["ref_hidden"], t["ref_weight"], t["targets"])
+
+    def step() -> torch.Tensor:
+        if w == "logprobs":
+            return peers.eager_token_logps(t["hidden"], t["weight"], t["targets"]).sum()
+        if w == "dpo":
+            ref = ref_logps()
+            pol = peers.eager_seq_logps(t["hidden"], t["weight"], t["targets"])
+            half = pol.shape[0] // 2
+            return peers.dpo_head(pol[:half], pol[half:], ref[:half], ref[half:], DPO_BETA)
+        if w == "var":
+            return peers.var_head(peers.eager_seq_logps(t["hidden"], t["weight"], t["targets"]), t["rewards"], VAR_BETA)
+        if w == "mcpo":
+            ref = ref_logps().view(-1, MCPO_K + 1)
+            pol = peers.eager_seq_logps(t["hidden"], t["weight"], t["targets"]).view(-1, MCPO_K + 1)
+            neg = peers.mcpo_negatives(pol, ref, MCPO_BETA, torch.Generator().manual_seed(NEGATIVE_SEED))
+            return peers.mcpo_head(pol, ref, neg, MCPO_BETA)
+        # spo
+        kl = peers.eager_seq_kl(t["kl_hidden"], t["kl_ref_hidden"], t["weight"], t["ref_weight"], t["kl_targets"])
+        pol = peers.eager_seq_logps(t["hidden"], t["weight"], t["targets"])
+        half = pol.shape[0] // 2
+        return peers.spo_head(pol[:half], pol[half:], kl, SPO_ALPHA, SPO_KL_COEF)
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# fastpref: the fused modules (API.md §3) when present, else fused_logprobs + the same loss heads
+
+_MODULES = {"dpo": "FusedDPOLoss", "var": "FusedVARLoss", "mcpo": "FusedMCPOLoss", "spo": "FusedSPOLoss"}
+_MODULE_KWARGS = {"dpo": {"beta": DPO_BETA}, "var": {"beta": VAR_BETA}, "mcpo": {"beta": MCPO_BETA},
+                  "spo": {"alpha": SPO_ALPHA, "kl_coef": SPO_KL_COEF}}
+
+
+def _fastpref_module(workload: str, backend: str):
+    """Instantiate ``fastpref.Fused<X>Loss`` for ``backend``; None (and why) when it cannot be."""
+    import fastpref
+
+    cls = getattr(fastpref, _MODULES.get(workload, ""), None)
+    if cls is None:
+        return None, f"fastpref.{_MODULES.get(workload)} not available: fused_logprobs + bench loss head"
+    kwargs = dict(_MODULE_KWARGS[workload])
+    try:
+        return cls(**kwargs, backend=backend), ""
+    except TypeError:
+        return cls(**kwargs), "module has no backend= option: default dispatch"
+
+
+def _fastpref(case: Case, backend: str) -> Tuple[Callable[[], torch.Tensor], str]:
+    import fastpref
+
+    t = case.tensors
+    w = case.workload
+
+    def stats(hidden, targets, **kw):
+        return fastpref.fused_logprobs(hidden, t["weight"], targets, backend=backend, **kw)
+
+    if w == "logprobs":
+        return (lambda: stats(t["hidden"], t["targets"]).token_logps.sum()), ""
+
+    module, note = _fastpref_module(w, backend)
+    if module is not None:
+        if w == "dpo":
+            call = lambda: module(t["weight"], t["hidden"], t["targets"], ref_hidden=t["ref_hidden"],  # noqa: E731
+                                  ref_weight=t["ref_weight"])
+        elif w == "var":
+            call = lambda: module(t["weight"], t["hidden"], t["targets"], rewards=t["rewards"])  # noqa: E731
+        elif w == "mcpo":
+            call = lambda: module(t["weight"], t["hidden"], t["targets"], ref_hidden=t["ref_hidden"],  # noqa: E731
+                                  ref_weight=t["ref_weight"])
+        else:
+            call = lambda: module(t["weight"], t["hidden"], t["targets"], ref_weight=t["ref_weight"],  # noqa: E731
+                                  kl_hidden=t["kl_hidden"], kl_ref_hidden=t["kl_ref_hidden"],
+                                  kl_targets=t["kl_targets"])
+        return (lambda: call().loss), note
+
+    def step() -> torch.Tensor:
+        if w == "dpo":
+            s = stats(t["hidden"], t["targets"], ref_hidden=t["ref_hidden"], ref_weight=t["ref_weight"])
+            half = s.logps.shape[0] // 2
+            return peers.dpo_head(s.logps[:half], s.logps[half:], s.ref_logps[:half], s.ref_logps[half:], DPO_BETA)
+        if w == "var":
+            return peers.var_head(stats(t["hidden"], t["targets"]).logps, t["rewards"], VAR_BETA)
+        if w == "mcpo":
+            s = stats(t["hidden"], t["targets"], ref_hidden=t["ref_hidden"], ref_weight=t["ref_weight"])
+            pol, ref = s.logps.view(-1, MCPO_K + 1), s.ref_logps.view(-1, MCPO_K + 1)
+            neg = peers.mcpo_negatives(pol, ref, MCPO_BETA, torch.Generator().manual_seed(NEGATIVE_SEED))
+            return peers.mcpo_head(pol, ref, neg, MCPO_BETA)
+        kl = stats(t["kl_hidden"], t["kl_targets"], ref_hidden=t["kl_ref_hidden"], ref_weight=t["ref_weight"],
+                   kl="forward").kl
+        pol = stats(t["hidden"], t["targets"]).logps
+        half = pol.shape[0] // 2
+        return peers.spo_head(pol[:half], pol[half:], kl, SPO_ALPHA, SPO_KL_COEF)
+
+    return step, note
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def implementations(case: Case, opts: Options) -> Tuple[List[Impl], Dict[str, str]]:
+    """The implementations that run for ``case`` and, for the others, why not."""
+    t = case.tensors
+    cuda = case.device.type == "cuda"
+    ready: List[Impl] = []
+    skipped: Dict[str, str] = {}
+    for name in opts.impls:
+        if name == "eager":
+            ready.append(Impl(name, _eager(case)))
+        elif name == "liger":
+            if case.workload != "dpo":
+                skipped[name] = "no Liger chunked loss for this workload"
+                continue
+            run = peers.liger_dpo(DPO_BETA, compiled=opts.compile)
+            ready.append(Impl(name, lambda run=run: run(t["weight"], t["hidden"], t["targets"], t["ref_hidden"],
+                                                         t["ref_weight"]),
+                              note="" if opts.compile else "compiled=False (--no-compile)", compiled=opts.compile))
+        elif name == "cce":
+            if case.workload != "logprobs":
+                skipped[name] = "CCE computes per-token log-probs only"
+                continue
+            if not opts.compile and not cuda:
+                skipped[name] = "CCE on CPU is torch.compile only (--no-compile)"
+                continue
+            run, impl = peers.cce_token_logps(case.device)
+            ready.append(Impl(name, lambda run=run: run(t["hidden"], t["weight"], t["targets"]).sum(),
+                              note=f"impl={impl}", compiled=impl == "torch_compile"))
+        elif name == "fastpref-torch":
+            step, note = _fastpref(case, "torch")
+            ready.append(Impl(name, step, note=note))
+        elif name == "fastpref-triton":
+            if not cuda:
+                skipped[name] = "needs CUDA"
+                continue
+            step, note = _fastpref(case, "triton")
+            ready.append(Impl(name, step, note=note))
+        else:
+            raise ValueError(f"unknown implementation {name!r}; choose from {IMPLEMENTATIONS}")
+    return ready, skipped
+
+
+class GemmFloor:
+    """The plain matrix products of ``case`` with preallocated outputs (the unfused lower bound)."""
+
+    def __init__(self, case: Case, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        d, v, dt, dev = case.dim, case.vocab, case.dtype, case.device
+        rows = max(r for r, _ in case.floor)
+        self.h = torch.randn(rows, d, generator=g).to(dev, dt)
+        self.w = torch.randn(v, d, generator=g).to(dev, dt)
+        self.grad_logits = torch.randn(rows, v, generator=g).to(dev, dt)
+        self.logits = torch.empty(rows, v, device=dev, dtype=dt)
+        self.dh = torch.empty(rows, d, device=dev, dtype=dt)
+        self.dw = torch.empty(v, d, device=dev, dtype=dt)
+        self.plan = case.floor
+
+    def step(self) -> None:
+        for rows, kind in self.plan:
+            torch.mm(self.h[:rows], self.w.t(), out=self.logits[:rows])
+            if kind == "policy":
+                torch.mm(self.grad_logits[:rows], self.w, out=self.dh[:rows])
+                torch.mm(self.grad_logits[:rows].t(), self.h[:rows], out=self.dw)
+
+
+def fmt_dtype(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "").replace("float32", "fp32").replace("bfloat16", "bf16")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp64": torch.float64, "float64": torch.float64}
+    if name not in table:
+        raise ValueError(f"dtype must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def release(tensors: Optional[List[torch.Tensor]]) -> None:
+    """Drop accumulated gradients (so each measured step allocates its own)."""
+    for p in tensors or []:
+        p.grad = None
