@@ -50,6 +50,7 @@ class Config:
     seed: int = 0
     max_logits_gib: float = DEFAULT_MAX_LOGITS_GIB
     show: bool = True  # rich table and progress bar on the terminal
+    threads: Optional[int] = None  # torch.set_num_threads; None keeps torch's default
 
     def grid(self) -> List[Shape]:
         return list(self.shapes) if self.shapes else (QUICK_SHAPES if self.quick else FULL_SHAPES)
@@ -215,6 +216,8 @@ def run(cfg: Config) -> dict:
         if w not in WORKLOADS:
             raise ValueError(f"--losses: unknown workload {w!r}; choose from {WORKLOADS}")
     opts = Options(compile=cfg.compile, impls=tuple(cfg.impls))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
     env = environment(cfg)
     if cfg.device == "cpu":

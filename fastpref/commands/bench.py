@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--max-logits-gib", type=float, default=None,
                         help="skip implementations that would materialize more logits than this (default 8)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice; 1 is steadier on a busy machine)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = runner.Config(
         quick=args.quick, out=args.out, device=args.device, workloads=args.losses, impls=args.impls,
         shapes=shapes, repeats=args.repeats, compile=not args.no_compile, plots=not args.no_plots,
-        seed=args.seed, max_logits_gib=args.max_logits_gib or runner.DEFAULT_MAX_LOGITS_GIB,
+        seed=args.seed, threads=args.threads, max_logits_gib=args.max_logits_gib or runner.DEFAULT_MAX_LOGITS_GIB,
     )
     try:
         results = runner.run(cfg)
