@@ -131,6 +131,17 @@ def gather_across_ranks(values: Tensor) -> Tensor:
     return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
+def global_mean(local_mean: Tensor, count: int) -> Tensor:
+    """Mean over all ranks of per-rank means of ``count`` items each (identity when not distributed)."""
+    local_mean = local_mean.detach()
+    if not _is_distributed() or torch.distributed.get_world_size() == 1:
+        return local_mean
+    total = torch.cat([local_mean.reshape(-1).double() * count,
+                       torch.tensor([float(count)], dtype=torch.float64, device=local_mean.device)])
+    torch.distributed.all_reduce(total)
+    return (total[:-1] / total[-1]).to(local_mean.dtype).reshape(local_mean.shape)
+
+
 def _check_positive(name: str, value: float) -> float:
     try:
         v = float(value)
@@ -498,7 +509,9 @@ class FusedKTOLoss(FusedLossBase):
         if z0 is not None:
             if kl_hidden is not None:
                 raise ValueError("FusedKTOLoss: pass either z0 or the mismatched pairs (kl_hidden, ...), not both")
-            z0 = torch.as_tensor(z0).detach().to(dtype=like.dtype, device=like.device)
+            # A Python float goes straight to the statistics' dtype (no float32 round trip).
+            z0 = torch.as_tensor(z0, dtype=like.dtype if not isinstance(z0, torch.Tensor) else None)
+            z0 = z0.detach().to(dtype=like.dtype, device=like.device)
             if z0.numel() != 1 or not bool(torch.isfinite(z0).all()):
                 raise ValueError(f"z0 must be a finite scalar, got {z0}")
             return z0.reshape(())
@@ -836,7 +849,8 @@ class FusedSPOLoss(FusedLossBase):
     pass computes their token KL(pi_theta || pi_ref) with gradient through ``kl_hidden``, ``weight`` and
     ``bias``. The reference head is ``ref_weight``/``ref_bias`` (default: the policy head, detached).
     Without ``kl_hidden`` the loss is the preference term only. ``weight_baseline`` (call keyword)
-    overrides the batch estimate E_batch (e.g. a globally all-reduced one).
+    overrides the batch estimate E_batch; when torch.distributed is initialized and it is not given, E is
+    the mean over all ranks (LOSSES.md §5 recommends the global batch).
     """
 
     reference = "none"
@@ -872,16 +886,22 @@ class FusedSPOLoss(FusedLossBase):
                      kl_seq_ids: Optional[Tensor] = None, kl_num_seqs: Optional[int] = None,
                      best: Optional[Tensor] = None, weight_baseline: Optional[Tensor] = None) -> Tuple[Tensor, Metrics]:
         kl = self.online_kl(batch, kl_hidden, kl_ref_hidden, kl_targets, kl_seq_ids, kl_num_seqs)
-        common = dict(alpha=self.alpha, gamma=self.gamma, kl=kl, kl_coef=self.kl_coef,
-                      weight_baseline=weight_baseline)
         if self.mode == "pairs":
             if best is not None:
                 raise ValueError("best is for mode='best_of_n'")
             _check_pairwise(batch.num_seqs)
-            chosen, rejected = _split_pairs(batch.logps)
-            return losses.spo(chosen, rejected, **common)
-        b = _check_grouped(batch.num_seqs, self.group_size)
-        logps = batch.logps.view(b, self.group_size)
+            logps = torch.stack(_split_pairs(batch.logps), dim=1)
+        else:
+            logps = batch.logps.view(_check_grouped(batch.num_seqs, self.group_size), self.group_size)
+        if weight_baseline is None and _is_distributed():
+            # Eq. 12's E over the global batch (LOSSES.md §5): all-reduce this rank's estimate.
+            local = losses.spo_weight_baseline(logps, gamma=self.gamma, ranked=self.mode == "ranked")
+            weight_baseline = global_mean(local, logps.shape[0])
+        common = dict(alpha=self.alpha, gamma=self.gamma, kl=kl, kl_coef=self.kl_coef,
+                      weight_baseline=weight_baseline)
+        if self.mode == "pairs":
+            return losses.spo(logps[:, 0], logps[:, 1], **common)
+        b = logps.shape[0]
         if self.mode == "ranked":
             if best is not None:
                 raise ValueError("best is for mode='best_of_n'; mode='ranked' takes columns in rank order")
