@@ -29,7 +29,6 @@ Hyper-parameters are constructor arguments; ``temperature``, ``softcap``, ``igno
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -38,6 +37,7 @@ from torch import nn
 
 from . import losses
 from ._stats import LogprobStats
+from ._validate import _check_scalar
 from .ops import fused_logprobs as _fused_logprobs
 
 Tensor = torch.Tensor
@@ -140,16 +140,6 @@ def global_mean(local_mean: Tensor, count: int) -> Tensor:
                        torch.tensor([float(count)], dtype=torch.float64, device=local_mean.device)])
     torch.distributed.all_reduce(total)
     return (total[:-1] / total[-1]).to(local_mean.dtype).reshape(local_mean.shape)
-
-
-def _check_positive(name: str, value: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return v
 
 
 def _check_group_size(name: str, value, minimum: int) -> int:
@@ -549,7 +539,8 @@ class FusedKTOLoss(FusedLossBase):
 
 
 class FusedVARLoss(FusedLossBase):
-    r"""VAR, variational alignment with re-weighting (the VAR paper, Eqs. 9-10 and Alg. 1), fused.
+    r"""VAR, variational alignment with re-weighting, fused: Du, Li, Cheng et al., "RLHF in an SFT Way: From
+    Optimal Solution to Reward-Weighted Alignment" (Eqs. 9-10, Alg. 1).
 
     B prompts with one response each (S = B). With rewards r_ij = r(x_i, y_j) and cross-pair reference
     log-probs L_ij = log pi_ref(y_j | x_i):
@@ -566,7 +557,7 @@ class FusedVARLoss(FusedLossBase):
 
     def __init__(self, beta: float, normalize: str = "self", policy_reduction: str = "sum", **options) -> None:
         super().__init__(**options)
-        self.beta = _check_positive("beta", beta)
+        self.beta = _check_scalar("beta", beta, allow_none=False)
         self.normalize, self.policy_reduction = normalize, policy_reduction
 
     def ref_logps_shapes(self, num_seqs: int) -> List[Tuple[int, ...]]:
@@ -675,7 +666,8 @@ def var_cross_pair_ref_logps(
 
 
 class FusedAlphaDPOLoss(_PairwiseLoss):
-    r"""alpha-DPO (Wu et al. 2024, "alpha-DPO: Adaptive Reward Margin", arXiv:2410.10148), fused.
+    r"""alpha-DPO, fused: Wu et al. 2024, "alpha-DPO: Adaptive Reward Margin is What Direct Preference
+    Optimization Needs" (arXiv:2410.10148, Eqs. 9-12; public code junkangwu/alpha-DPO).
 
     Length-averaged statistics S/n, R/n. The margin signal M = (S̄_w - S̄_l) - (R̄_w - R̄_l) is z-scored with
     running statistics: ``M* = (M - mu) / sigma``, ``m = sg(beta (gamma_beta_ratio + alpha M*))``,
@@ -753,8 +745,8 @@ class FusedAlphaDPOLoss(_PairwiseLoss):
 
 
 class FusedMCPOLoss(FusedLossBase):
-    r"""MC-PO, Monte-Carlo preference optimization with an MC-kernel hard negative (the MC-PO paper, Eq. 7,
-    Alg. 1), fused.
+    r"""MC-PO, preference optimization with an MC-kernel hard negative, fused: Chen et al., "Preference
+    Optimization via Contrastive Divergence: Your Reward Model is Secretly an NLL Estimator" (Eq. 7, Alg. 1).
 
     Grouped layout S = B * G, G = K + 1, column 0 the preferred response. With r_i = S_i - R_i:
     negatives Z are drawn from softmax_i(beta r_i) (no grad; ``include_positive=False`` excludes y_0),
@@ -835,8 +827,9 @@ class FusedMCPOLoss(FusedLossBase):
 
 
 class FusedSPOLoss(FusedLossBase):
-    r"""SPO, soft preference optimization (the SPO paper, Eqs. 5, 8-15, Alg. 1), fused; reference-free
-    preference term plus a full-vocabulary KL regularizer on online samples.
+    r"""SPO, fused: "Soft Preference Optimization: Aligning Language Models to Expert Distributions"
+    (Eqs. 5, 8-15, Alg. 1): a reference-free preference term plus a full-vocabulary KL regularizer on
+    online samples.
 
     ``loss = mean_pairs[(mu / alpha) softplus(alpha (S_l - S_w))] + kl_coef * mean_s K_s`` with
     ``mu = sg(2 sigma(exp(gamma logaddexp(S_w, S_l)) - E_batch[...]))`` (gamma = 0: mu = 1) and
