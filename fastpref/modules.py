@@ -253,7 +253,7 @@ class FusedLossBase(nn.Module):
         if self.reference == "required" and ref_hidden is None and ref_logps is None:
             raise ValueError(f"{name} needs the reference model: pass ref_hidden (and optionally ref_weight/"
                              "ref_bias) or precomputed per-sequence ref_logps")
-        if ref_logps is not None and (ref_weight is not None or ref_bias is not None):
+        if ref_logps is not None and (ref_weight is not None or ref_bias is not None) and not self.uses_ref_head():
             raise ValueError(f"{name}: ref_weight/ref_bias apply to ref_hidden; they make no sense with ref_logps")
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -272,7 +272,8 @@ class FusedLossBase(nn.Module):
                              ref_bias=ref_bias)
 
     def uses_ref_head(self) -> bool:
-        """True when ``ref_weight``/``ref_bias`` serve an extra pass (SPO's online samples)."""
+        """True when ``ref_weight``/``ref_bias`` also serve an extra pass (SPO's online samples, KTO's
+        mismatched pairs), so they are accepted alongside precomputed ``ref_logps``."""
         return False
 
     def extra_logprobs(self, batch: SequenceBatch, hidden: Tensor, targets: Tensor, *, seq_ids: Optional[Tensor],
@@ -489,6 +490,9 @@ class FusedKTOLoss(FusedLossBase):
                  **options) -> None:
         super().__init__(**options)
         self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
+
+    def uses_ref_head(self) -> bool:
+        return True  # the mismatched pairs' kl_ref_hidden reads ref_weight/ref_bias
 
     def reference_point(self, batch: SequenceBatch, *, z0=None, kl_hidden: Optional[Tensor] = None,
                         kl_targets: Optional[Tensor] = None, kl_ref_hidden: Optional[Tensor] = None,
