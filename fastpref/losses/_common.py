@@ -20,8 +20,13 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def logsigmoid(x: Tensor) -> Tensor:
-    """log σ(x) written as −softplus(−x): finite for any finite x."""
-    return -F.softplus(-x)
+    """log σ(x) = −softplus(−x), stable for any finite x.
+
+    Uses torch's fused log_sigmoid (min(x, 0) − log1p(e^{−|x|}), gradient σ(−x)) rather than
+    ``-F.softplus(-x)``: softplus switches to the identity above its threshold of 20, an absolute
+    error of e^{−20} ≈ 2e-9 in value and gradient at margins where the loss is still training.
+    """
+    return F.logsigmoid(x)
 
 
 def log1mexp(a: Tensor) -> Tensor:
