@@ -333,6 +333,20 @@ def test_hand_derived_gradients():
     torch.testing.assert_close(gw, -sig(alpha * (sl - sw)).detach() / b, **TOL)
     torch.testing.assert_close(gl, sig(alpha * (sl - sw)).detach() / b, **TOL)
 
+    beta, lam = 0.3, 2.0  # DPOP: c_w = βσ(−u)(1 + λ·1[S_w < R_w]), c_l = −βσ(−u)
+    rw_mixed = torch.where(torch.arange(b) % 2 == 0, sw.detach() + 1.0, sw.detach() - 1.0)  # both branches
+    u = (beta * ((sw - rw_mixed) - (sl - rl) - lam * torch.relu(rw_mixed - sw))).detach()
+    gw, gl = torch.autograd.grad(L.dpop(sw, sl, rw_mixed, rl, beta=beta, dpop_lambda=lam)[0], [sw, sl])
+    torch.testing.assert_close(gw, -beta * sig(-u) * (1 + lam * (sw < rw_mixed).double()) / b, **TOL)
+    torch.testing.assert_close(gl, beta * sig(-u) / b, **TOL)
+
+    beta, z0 = 0.1, 0.7  # KTO: desirable c = λ_D β σ(x)σ(−x), undesirable −λ_U β σ(x')σ(−x')
+    labels = torch.tensor([True, False, True, False, False])
+    (g,) = torch.autograd.grad(L.kto(sw, rw, labels, z0=z0, beta=beta, undesirable_weight=1.5)[0], [sw])
+    x = (beta * (sw - rw - z0)).detach()
+    c = torch.where(labels, 1.0 * beta * sig(x) * sig(-x), -1.5 * beta * sig(-x) * sig(x))
+    torch.testing.assert_close(g, -c / b, **TOL)
+
     s = uniform((3, 5), -30, -5, 4).requires_grad_(True)  # MC-PO: c_0 = β(1 − p_0), c_j = −βp_j
     r = uniform((3, 5), -30, -5, 5)
     neg = torch.tensor([[1, 3], [4, 2], [2, 1]])
@@ -345,6 +359,29 @@ def test_hand_derived_gradients():
         want[i, 0] = -beta * (1 - p[0]) / 3
         want[i, cols[1:]] = beta * p[1:] / 3
     torch.testing.assert_close(g, want, **TOL)
+
+
+def test_no_gradient_reaches_constant_statistics():
+    """Reference log-probs, lengths, rewards and batch statistics are constants (LOSSES.md §0)."""
+    d = {k: v.detach().clone().requires_grad_(True) for k, v in batch().items()}
+    sw, sl, rw, rl, nw, nl = (d[k] for k in ("sw", "sl", "rw", "rl", "nw", "nl"))
+    consts = [rw, rl, nw, nl]
+    s3, r3 = uniform((6, 3), -20, -5, 0).requires_grad_(True), uniform((6, 3), -20, -5, 1).requires_grad_(True)
+    rew = uniform((6, 6), -1, 1, 2).requires_grad_(True)
+    ref66 = uniform((6, 6), -9, -2, 3).requires_grad_(True)
+    stat = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    outs = [
+        (L.dpo(sw, sl, rw, rl), consts), (L.ipo(sw, sl, rw, rl, nw, nl), consts),
+        (L.simpo(sw, sl, nw, nl), consts), (L.dpop(sw, sl, rw, rl), consts), (L.orpo(sw, sl, nw, nl), consts),
+        (L.cpo(sw, sl, nw), consts), (L.kto(sw, rw, sw > -30, z0=stat), consts + [stat]),
+        (L.var(sw, rew, beta=1.0, ref_logps=ref66, lengths=nw, policy_reduction="mean"), [rew, ref66, nw]),
+        (L.alpha_dpo(sw, sl, rw, rl, nw, nl, margin_mean=stat, margin_std=stat + 1), consts + [stat]),
+        (L.mcpo(s3, r3, negatives=torch.ones(6, 1, dtype=torch.int64)), [r3]),
+        (L.spo(sw, sl, gamma=0.5, weight_baseline=stat), [stat]),
+    ]
+    for (loss, _), wrt in outs:
+        for g in torch.autograd.grad(loss, wrt, allow_unused=True):
+            assert g is None or not bool(g.any())
 
 
 # ---------------------------------------------------------------- cross-checks between heads

@@ -107,11 +107,12 @@ def floats(shape: Sequence[Optional[int]], **named: Optional[Tensor]) -> Tuple[T
     return tuple(None if v is None else v.to(dtype) for v in named.values())
 
 
-def check_lengths(**named: Optional[Tensor]) -> None:
-    """Lengths must be strictly positive: a zero length would silently divide to inf/NaN."""
+def check_lengths(**named: Tensor) -> Tuple[Tensor, ...]:
+    """Lengths are constants and must be strictly positive (a zero would silently divide to inf/NaN)."""
     for name, t in named.items():
-        if t is not None and bool((t <= 0).any()):
+        if bool((t <= 0).any()):
             raise ValueError(f"{name} must be > 0 everywhere (a sequence with no response tokens?)")
+    return tuple(t.detach() for t in named.values())
 
 
 def pair_metrics(chosen_logps: Tensor, rejected_logps: Tensor, chosen_rewards: Optional[Tensor] = None,

@@ -56,7 +56,7 @@ def ipo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, 
                                     rejected_lengths=rejected_lengths if length_normalize else None)
     rw, rl = rw.detach(), rl.detach()
     if length_normalize:
-        check_lengths(chosen_lengths=nw, rejected_lengths=nl)
+        nw, nl = check_lengths(chosen_lengths=nw, rejected_lengths=nl)
         sw_, sl_, rw_, rl_ = sw / nw, sl / nl, rw / nw, rl / nl
     else:
         sw_, sl_, rw_, rl_ = sw, sl, rw, rl
@@ -78,7 +78,7 @@ def simpo(chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, 
     sft_weight = check_finite("sft_weight", sft_weight)
     sw, sl, nw, nl = floats((None,), chosen_logps=chosen_logps, rejected_logps=rejected_logps,
                             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
-    check_lengths(chosen_lengths=nw, rejected_lengths=nl)
+    nw, nl = check_lengths(chosen_lengths=nw, rejected_lengths=nl)
     aw, al = sw / nw, sl / nl
     loss = (-logsigmoid(beta * (aw - al) - gamma) - sft_weight * aw).mean()
     return loss, pair_metrics(sw, sl, beta * aw, beta * al)
@@ -131,7 +131,7 @@ def orpo(chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, r
     lam = check_positive("orpo_lambda", orpo_lambda, allow_zero=True)
     sw, sl, nw, nl = floats((None,), chosen_logps=chosen_logps, rejected_logps=rejected_logps,
                             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
-    check_lengths(chosen_lengths=nw, rejected_lengths=nl)
+    nw, nl = check_lengths(chosen_lengths=nw, rejected_lengths=nl)
     aw = torch.clamp(sw / nw, max=ORPO_MAX_MEAN_LOGP)
     al = torch.clamp(sl / nl, max=ORPO_MAX_MEAN_LOGP)
     d = (aw - log1mexp(aw)) - (al - log1mexp(al))
@@ -154,7 +154,7 @@ def cpo(chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, *,
     lam = check_positive("nll_weight", nll_weight, allow_zero=True)
     sw, sl, nw = floats((None,), chosen_logps=chosen_logps, rejected_logps=rejected_logps,
                         chosen_lengths=chosen_lengths)
-    check_lengths(chosen_lengths=nw)
+    (nw,) = check_lengths(chosen_lengths=nw)
     nll = -sw.sum() / nw.sum()
     loss = -logsigmoid(beta * (sw - sl)).mean() + lam * nll
     metrics = pair_metrics(sw, sl, beta * sw, beta * sl)
