@@ -700,6 +700,8 @@ def test_validation_errors_name_the_argument():
         L.kto(sw, rw, torch.ones(6), z0=0.0)
     with pytest.raises(TypeError, match="negatives"):
         L.mcpo(s3, s3, negatives=torch.ones(6, 1))
+    with pytest.raises(TypeError, match="kl"):
+        L.spo(sw, sl, kl=[0.1, 0.2])
     with pytest.raises(TypeError, match="beta"):
         L.dpo(sw, sl, rw, rl, beta="high")
 

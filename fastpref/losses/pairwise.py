@@ -45,7 +45,7 @@ def ipo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, 
     ℓ = (h̄ − 1/(2τ))², where h̄ is h built from length-averaged S̄, R̄ (TRL / α-DPO code;
     ``length_normalize=False`` uses the sums, as in the IPO paper).
     Gradient: g_w = 2(h̄ − 1/(2τ))/n_w, g_l = −2(h̄ − 1/(2τ))/n_l (n = 1 without normalization).
-    Default: τ = 0.1.
+    Default: τ = 0.1. Metrics: rewards S̄ − R̄ (S − R without normalization), no β in IPO.
     """
     tau = check_positive("tau", tau)
     if length_normalize and (chosen_lengths is None or rejected_lengths is None):
@@ -91,6 +91,7 @@ def slic(chosen_logps: Tensor, rejected_logps: Tensor, *, delta: float = 1.0, re
     ℓ = max(0, δ − (S_w − S_l)) − λ·S_ref, with S_ref the log-prob of the SFT target (default y_w).
     Subgradient: g_w = −1[δ > S_w − S_l], g_l = +1[δ > S_w − S_l], g_ref = −λ.
     Defaults: δ = 1, λ = 0.1 (neither is given in the provided material; see LOSSES.md §6).
+    Metrics: the calibration "rewards" are the summed log-probs S themselves.
     """
     delta = check_finite("delta", delta)
     reg_weight = check_finite("reg_weight", reg_weight)
