@@ -210,14 +210,17 @@ def _select_sequences(hidden: Tensor, targets: Tensor, seq_ids: Optional[Tensor]
 class FusedLossBase(nn.Module):
     """Shared machinery of the fused loss modules (see the module docstring for the call shape).
 
-    Subclasses set :attr:`reference` and implement :meth:`compute_loss`; the eager twins in
+    Subclasses set :attr:`reference_mode` and implement :meth:`compute_loss`; the eager twins in
     ``fastpref.reference`` override only :attr:`fused_logprobs`.
     """
 
     #: The per-sequence log-prob op (the fused one here; ``fastpref.reference`` swaps in the eager one).
     fused_logprobs: Callable[..., LogprobStats] = staticmethod(_fused_logprobs)
     #: "required": needs ``ref_hidden`` or ``ref_logps``; "optional": may use them; "none": rejects them.
-    reference: str = "required"
+    reference_mode: str = "required"
+    #: True when ``ref_weight``/``ref_bias`` also serve an extra pass (SPO's online samples, KTO's
+    #: mismatched pairs), so they are accepted without ``ref_hidden``.
+    extra_pass_reads_ref_head: bool = False
 
     def __init__(self, *, temperature: float = 1.0, softcap: Optional[float] = None, ignore_index: int = -100,
                  backend: str = "auto") -> None:
@@ -242,19 +245,7 @@ class FusedLossBase(nn.Module):
                      ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor],
                      ref_logps: Optional[Tensor], seq_ids: Optional[Tensor], num_seqs: Optional[int]) -> SequenceBatch:
         """One fused pass: policy statistics, plus reference log-probs when ``ref_hidden`` is given."""
-        name = type(self).__name__
-        if self.reference == "none":
-            if ref_hidden is not None or ref_logps is not None:
-                raise ValueError(f"{name} uses no reference model: ref_hidden and ref_logps must be None")
-            if (ref_weight is not None or ref_bias is not None) and not self.uses_ref_head():
-                raise ValueError(f"{name} uses no reference model: ref_weight and ref_bias must be None")
-        if ref_hidden is not None and ref_logps is not None:
-            raise ValueError(f"{name}: pass either ref_hidden (computed here) or ref_logps (precomputed), not both")
-        if self.reference == "required" and ref_hidden is None and ref_logps is None:
-            raise ValueError(f"{name} needs the reference model: pass ref_hidden (and optionally ref_weight/"
-                             "ref_bias) or precomputed per-sequence ref_logps")
-        if ref_logps is not None and (ref_weight is not None or ref_bias is not None) and not self.uses_ref_head():
-            raise ValueError(f"{name}: ref_weight/ref_bias apply to ref_hidden; they make no sense with ref_logps")
+        self._check_reference_args(ref_hidden, ref_weight, ref_bias, ref_logps)
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
         stats = self.fused_logprobs(
@@ -271,10 +262,18 @@ class FusedLossBase(nn.Module):
         return SequenceBatch(stats=stats, ref_logps=ref, weight=weight, bias=bias, ref_weight=ref_weight,
                              ref_bias=ref_bias)
 
-    def uses_ref_head(self) -> bool:
-        """True when ``ref_weight``/``ref_bias`` also serve an extra pass (SPO's online samples, KTO's
-        mismatched pairs), so they are accepted alongside precomputed ``ref_logps``."""
-        return False
+    def _check_reference_args(self, ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor],
+                              ref_bias: Optional[Tensor], ref_logps: Optional[Tensor]) -> None:
+        name = type(self).__name__
+        if ref_hidden is not None and ref_logps is not None:
+            raise ValueError(f"{name}: pass either ref_hidden (computed here) or ref_logps (precomputed), not both")
+        if self.reference_mode == "none" and (ref_hidden is not None or ref_logps is not None):
+            raise ValueError(f"{name} uses no reference model: ref_hidden and ref_logps must be None")
+        if self.reference_mode == "required" and ref_hidden is None and ref_logps is None:
+            raise ValueError(f"{name} needs the reference model: pass ref_hidden (and optionally ref_weight/"
+                             "ref_bias) or precomputed per-sequence ref_logps")
+        if (ref_weight is not None or ref_bias is not None) and ref_hidden is None and not self.extra_pass_reads_ref_head:
+            raise ValueError(f"{name}: ref_weight/ref_bias are the reference head for ref_hidden, which was not given")
 
     def extra_logprobs(self, batch: SequenceBatch, hidden: Tensor, targets: Tensor, *, seq_ids: Optional[Tensor],
                        num_seqs: Optional[int], ref_hidden: Optional[Tensor] = None, kl: Optional[str] = None,
@@ -378,7 +377,7 @@ class FusedSimPOLoss(_PairwiseLoss):
     is 0.1 (ours 2.0, the SimPO config); with ``compute_nll_loss=False`` and the same beta/gamma the two agree.
     """
 
-    reference = "none"
+    reference_mode = "none"
 
     def __init__(self, beta: float = 2.0, gamma: float = 0.5, sft_weight: float = 0.0, **options) -> None:
         super().__init__(**options)
@@ -396,7 +395,7 @@ class FusedSLiCLoss(_PairwiseLoss):
     the chosen response unless ``sft_logps`` [S/2] (differentiable) is passed to the call.
     """
 
-    reference = "none"
+    reference_mode = "none"
 
     def __init__(self, delta: float = 1.0, reg_weight: float = 0.1, **options) -> None:
         super().__init__(**options)
@@ -434,7 +433,7 @@ class FusedORPOLoss(_PairwiseLoss):
     log1mexp with a clamp where Liger uses plain ``log1p(-exp(a))``.
     """
 
-    reference = "none"
+    reference_mode = "none"
 
     def __init__(self, orpo_lambda: float = 0.1, **options) -> None:
         super().__init__(**options)
@@ -454,7 +453,7 @@ class FusedCPOLoss(_PairwiseLoss):
     ``alpha`` = our ``nll_weight`` = 1, ``label_smoothing=0``).
     """
 
-    reference = "none"
+    reference_mode = "none"
 
     def __init__(self, beta: float = 0.1, nll_weight: float = 1.0, **options) -> None:
         super().__init__(**options)
@@ -491,8 +490,7 @@ class FusedKTOLoss(FusedLossBase):
         super().__init__(**options)
         self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
 
-    def uses_ref_head(self) -> bool:
-        return True  # the mismatched pairs' kl_ref_hidden reads ref_weight/ref_bias
+    extra_pass_reads_ref_head = True  # the mismatched pairs' kl_ref_hidden
 
     def reference_point(self, batch: SequenceBatch, *, z0=None, kl_hidden: Optional[Tensor] = None,
                         kl_targets: Optional[Tensor] = None, kl_ref_hidden: Optional[Tensor] = None,
@@ -557,7 +555,7 @@ class FusedVARLoss(FusedLossBase):
     ``beta`` has no default (the paper reports none).
     """
 
-    reference = "optional"
+    reference_mode = "optional"
 
     def __init__(self, beta: float, normalize: str = "self", policy_reduction: str = "sum", **options) -> None:
         super().__init__(**options)
@@ -788,7 +786,9 @@ class FusedMCPOLoss(FusedLossBase):
         generator = generator if generator is not None else self.generator
         options = dict(bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
                        ref_logps=ref_logps, seq_ids=seq_ids, num_seqs=num_seqs)
-        if not self.grad_pass_on_selected_only:
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (weight, hidden, bias))
+        if not (self.grad_pass_on_selected_only and needs_grad):  # one pass: eager twin, or no grad needed
             batch = self.run_logprobs(weight, hidden, targets, **options)
             return self._loss(batch, batch.logps, g, generator)
         # Pass 1, no grad: the current policy's (and reference's) log-probs of all K + 1 sequences.
@@ -850,7 +850,8 @@ class FusedSPOLoss(FusedLossBase):
     the mean over all ranks (LOSSES.md §5 recommends the global batch).
     """
 
-    reference = "none"
+    reference_mode = "none"
+    extra_pass_reads_ref_head = True  # the online samples' kl_ref_hidden
     modes = ("pairs", "best_of_n", "ranked")
 
     def __init__(self, alpha: float = 0.01, gamma: float = 0.0, kl_coef: float = 0.01, mode: str = "pairs",
@@ -862,9 +863,6 @@ class FusedSPOLoss(FusedLossBase):
             raise ValueError(f"mode={mode!r} needs group_size (n responses per prompt)")
         self.alpha, self.gamma, self.kl_coef, self.mode = alpha, gamma, kl_coef, mode
         self.group_size = None if group_size is None else _check_group_size("group_size", group_size, 2)
-
-    def uses_ref_head(self) -> bool:
-        return True
 
     def online_kl(self, batch: SequenceBatch, kl_hidden: Optional[Tensor], kl_ref_hidden: Optional[Tensor],
                   kl_targets: Optional[Tensor], kl_seq_ids: Optional[Tensor], kl_num_seqs: Optional[int]) -> Optional[Tensor]:

@@ -51,6 +51,16 @@ def test_module_matches_eager_reference(name, dtype, tol, packed):
     assert torch.isfinite(fused[0])
 
 
+@pytest.mark.parametrize("name", ["FusedDPOLoss", "FusedKTOLoss", "FusedMCPOLoss", "FusedSPOLoss"])
+def test_without_bias(name):
+    case = make_case(name, torch.float64, packed=True, seed=9)
+    case.call.pop("bias")
+    case.grad_inputs = [t for t in case.grad_inputs if t is not case.bias]
+    fused = run_case(getattr(fastpref, name)(**case.ctor), case)
+    eager = run_case(getattr(reference, name)(**case.ctor), case)
+    assert max(_errors(fused, eager)) < 1e-10
+
+
 @pytest.mark.parametrize("name", [n for n in REF_USING if n != "FusedSPOLoss"])
 def test_precomputed_ref_logps_equal_ref_hidden(name):
     """ref_logps from the same reference give the same loss/grads as ref_hidden in the fused pass."""
@@ -236,6 +246,27 @@ def test_mcpo_backward_touches_only_selected_sequences(monkeypatch, packed):
     fused = run_case(fastpref.FusedMCPOLoss(**ctor), case)
     eager = run_case(reference.FusedMCPOLoss(**ctor), case)
     assert max(_errors(fused, eager)) < 1e-10
+
+
+def test_mcpo_without_grad_is_one_pass(monkeypatch):
+    calls = []
+    original = fastpref.FusedMCPOLoss.fused_logprobs
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("ref_hidden") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fastpref.FusedMCPOLoss, "fused_logprobs", staticmethod(counting))
+    case = make_case("FusedMCPOLoss", torch.float64, seed=13)
+    module = fastpref.FusedMCPOLoss(**case.ctor)
+    trained = module(case.weight, case.main.hidden, case.main.targets, **case.kwargs())
+    assert calls == [True, False]  # no-grad pass with the reference, grad pass over the selected only
+    calls.clear()
+    with torch.no_grad():
+        evaluated = module(case.weight, case.main.hidden, case.main.targets, **case.kwargs())
+    assert calls == [True]
+    torch.testing.assert_close(evaluated.loss, trained.loss.detach(), rtol=1e-12, atol=0)
+    assert torch.equal(evaluated.metrics["negatives"], trained.metrics["negatives"])
 
 
 def test_mcpo_sampling_is_seeded_and_uses_the_generator():
