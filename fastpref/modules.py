@@ -905,7 +905,7 @@ class FusedSPOLoss(FusedLossBase):
             raise ValueError("mode='best_of_n' needs best: [B] int64 index of the best response in each group")
         if not isinstance(best, torch.Tensor) or best.dtype.is_floating_point or tuple(best.shape) != (b,):
             raise ValueError(f"best must be an integer tensor of shape ({b},)")
-        return losses.spo_best_of_n(logps, best.to(logps.device), **common)
+        return losses.spo_best_of_n(logps, best.to(device=logps.device, dtype=torch.int64), **common)
 
 
 def _register_self_checks() -> None:
