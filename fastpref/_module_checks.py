@@ -79,9 +79,7 @@ def make_sequences(gen: torch.Generator, num: int, *, dtype: torch.dtype, packed
         seq_ids = seq_ids[torch.randperm(n, generator=gen)]  # interleaved positions
         hidden = torch.randn(n, dim, generator=gen, dtype=torch.float64)
         targets = torch.randint(0, vocab, (n,), generator=gen)
-        targets[0] = -100  # one ignored position inside some sequence
-        if bool((targets[seq_ids == seq_ids[0]] != -100).sum() == 0):
-            targets[0] = 1
+        targets[0] = -100  # one ignored position inside a sequence (every sequence has >= 2 positions)
     else:
         seq_ids = None
         hidden = torch.randn(num, max_len, dim, generator=gen, dtype=torch.float64)

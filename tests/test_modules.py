@@ -416,6 +416,13 @@ def test_alpha_dpo_eval_freezes_statistics():
     module.train()
     module(weight, seq.hidden, seq.targets, ref_logps=ref)
     assert int(module.num_updates) == 3
+    # Before any update, eval z-scores with the batch's own statistics and stores nothing.
+    fresh = fastpref.FusedAlphaDPOLoss().eval()
+    out = fresh(weight, seq.hidden, seq.targets, ref_logps=ref)
+    m = torch.tensor(_hand_margins(weight, seq, ref), dtype=torch.float64)
+    assert float(out.metrics["margin_mean"]) == pytest.approx(float(m.mean()), rel=1e-12)
+    assert float(out.metrics["margin_std"]) == pytest.approx(float(m.std()), rel=1e-12)
+    assert int(fresh.num_updates) == 0 and float(fresh.margin_mean) == 0.0
 
 
 def test_alpha_dpo_needs_two_pairs():

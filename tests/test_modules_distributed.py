@@ -5,6 +5,7 @@ alpha-DPO's running margin statistics, KTO's z0 and SPO's weight baseline are gl
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -52,6 +53,8 @@ def _run(pairs, mism_rows):
 
 
 def _worker(rank: int, store: str, result_dir: str) -> None:
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no dependence on hostname resolution
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         torch.set_num_threads(1)
