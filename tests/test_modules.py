@@ -185,7 +185,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="group_size"):
         fastpref.FusedMCPOLoss()(w, h, t, ref_logps=torch.zeros(6))
     with pytest.raises(ValueError, match="grouped"):
-        fastpref.FusedMCPOLoss(group_size=4)(w, h, t, ref_logps=torch.zeros(6))
+        fastpref.FusedMCPOLoss(group_size=4)(w, h, t, ref_logps=torch.zeros(6))  # 6 = B * 4 has no B
     with pytest.raises(ValueError, match="rewards"):
         fastpref.FusedVARLoss(beta=1.0)(w, h, t)
     with pytest.raises(ValueError, match="beta"):
@@ -213,11 +213,12 @@ def _count_backward_positions(monkeypatch):
     return seen
 
 
+@pytest.mark.parametrize("num_negatives,include_positive", [(1, False), (2, False), (2, True)])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_mcpo_backward_touches_only_selected_sequences(monkeypatch, packed):
+def test_mcpo_backward_touches_only_selected_sequences(monkeypatch, packed, num_negatives, include_positive):
     seen = _count_backward_positions(monkeypatch)
     case = make_case("FusedMCPOLoss", torch.float64, packed=packed, seed=13)
-    ctor = dict(case.ctor, num_negatives=1)
+    ctor = dict(case.ctor, num_negatives=num_negatives, include_positive=include_positive)
     out = fastpref.FusedMCPOLoss(**ctor)(case.weight, case.main.hidden, case.main.targets, **case.kwargs())
     out.loss.backward()
     b, g = 2, ctor["group_size"]
@@ -235,7 +236,9 @@ def test_mcpo_backward_touches_only_selected_sequences(monkeypatch, packed):
     valid = targets != -100
     # One backward call, and it saw only the selected sequences' positions.
     assert len(seen) == 1
-    assert seen[0]["seq_count"] == int(selected.sum()) == 2 * b
+    assert seen[0]["seq_count"] == int(selected.sum()) < b * g
+    if not include_positive:
+        assert int(selected.sum()) == (1 + num_negatives) * b
     assert seen[0]["positions"] == int(selected_positions.sum())
     assert seen[0]["active"] == int((selected_positions & valid).sum())
     # Unselected hidden rows get exactly zero gradient; selected valid ones do not.
@@ -271,14 +274,14 @@ def test_mcpo_without_grad_is_one_pass(monkeypatch):
 
 def test_mcpo_sampling_is_seeded_and_uses_the_generator():
     case = make_case("FusedMCPOLoss", torch.float64, seed=17)
-    ctor = dict(case.ctor, group_size=3, beta=0.01)
+    ctor = dict(case.ctor, beta=0.01)
     call = {k: v for k, v in case.call.items()}
     draws = []
     for seed in (0, 0, 1, 2, 3, 4, 5):
         module = fastpref.FusedMCPOLoss(**ctor, generator=torch.Generator().manual_seed(seed))
         out = module(case.weight, case.main.hidden, case.main.targets, **call)
         draws.append(out.metrics["negatives"])
-        assert bool(((out.metrics["negatives"] >= 1) & (out.metrics["negatives"] <= 2)).all())
+        assert bool(((out.metrics["negatives"] >= 1) & (out.metrics["negatives"] <= 3)).all())
     assert torch.equal(draws[0], draws[1])
     assert any(not torch.equal(draws[0], d) for d in draws[2:])  # beta small: weights near uniform
 
@@ -288,7 +291,7 @@ def test_mcpo_loss_equals_head_on_full_statistics():
     out = fastpref.FusedMCPOLoss(**case.ctor)(case.weight, case.main.hidden, case.main.targets, **case.kwargs())
     pol = reference.fused_logprobs(case.main.hidden, case.weight, case.main.targets, bias=case.bias)
     ref = reference.fused_logprobs(case.main.ref_hidden, case.call["ref_weight"], case.main.targets)
-    expected, _ = losses.mcpo(pol.logps.view(2, 3), ref.logps.view(2, 3), beta=case.ctor["beta"],
+    expected, _ = losses.mcpo(pol.logps.view(2, 4), ref.logps.view(2, 4), beta=case.ctor["beta"],
                               negatives=out.metrics["negatives"])
     torch.testing.assert_close(out.loss, expected, rtol=1e-12, atol=0)
 
