@@ -530,3 +530,34 @@ def test_fastpref_check_has_a_row_per_module():
     assert len(rows) == 12
     assert {r[0].split("/")[0] for r in rows} == {n[len("Fused"):-len("Loss")] for n in MODULE_NAMES}
     assert all(err < 1e-10 for _, err in rows)
+
+
+# ------------------------------------------------------------------------------------------- drop-in use
+
+
+def test_drop_in_training_loop_lowers_the_loss():
+    """A trainer's view: hidden states from a backbone, the nn.Linear head's parameters, .backward(), a step."""
+    gen = torch.Generator().manual_seed(61)
+    vocab, dim = 300, 32
+    backbone = torch.nn.Embedding(vocab, dim)
+    head = torch.nn.Linear(dim, vocab)
+    with torch.no_grad():
+        backbone.weight.copy_(torch.randn(vocab, dim, generator=gen))
+        head.weight.mul_(3.0)
+    ids = torch.randint(0, vocab, (6, 7), generator=gen)
+    targets = torch.roll(ids, -1, dims=1)
+    targets[:, -1] = -100
+    ref_logps = fastpref.fused_logprobs(backbone(ids).detach(), head.weight.detach(), targets,
+                                        bias=head.bias.detach()).logps
+    loss_fn = fastpref.FusedDPOLoss(beta=0.5)
+    opt = torch.optim.Adam(list(backbone.parameters()) + list(head.parameters()), lr=1e-2)
+    history = []
+    for _ in range(15):
+        opt.zero_grad()
+        out = loss_fn(head.weight, backbone(ids), targets, bias=head.bias, ref_logps=ref_logps)
+        out.loss.backward()
+        opt.step()
+        history.append(out.loss.item())
+    assert history[0] == pytest.approx(math.log(2), rel=1e-5)  # policy == reference at step 0
+    assert history[-1] < 0.5 * history[0]
+    assert float(out.metrics["reward_accuracy"].mean()) == 1.0
