@@ -185,24 +185,6 @@ def _check_grouped(num_seqs: int, group_size: int) -> int:
     return num_seqs // group_size
 
 
-def _select_sequences(hidden: Tensor, targets: Tensor, seq_ids: Optional[Tensor], keep: Tensor):
-    """The rows (padded) or positions (packed) of the sequences where ``keep`` is True, renumbered.
-
-    Returns ``(hidden, targets, seq_ids, num_seqs, index)`` of the subset; ``index`` lists the kept
-    sequences in order. ``hidden`` is gathered with ``index_select`` so gradients flow back to the
-    kept rows only.
-    """
-    index = keep.nonzero().squeeze(1)
-    if seq_ids is None:
-        return hidden.index_select(0, index), targets.index_select(0, index), None, index.numel(), index
-    seq_ids = seq_ids.long()
-    positions = keep[seq_ids].nonzero().squeeze(1)
-    renumber = torch.cumsum(keep.long(), 0) - 1
-    sub_ids = renumber[seq_ids.index_select(0, positions)]
-    return (hidden.index_select(0, positions), targets.index_select(0, positions), sub_ids, index.numel(),
-            index)
-
-
 # ---------------------------------------------------------------------------------------------------
 # base class
 
@@ -754,16 +736,17 @@ class FusedMCPOLoss(FusedLossBase):
     negatives Z are drawn from softmax_i(beta r_i) (no grad; ``include_positive=False`` excludes y_0),
     ``loss = mean_b[-beta r_0 + LSE_{i in {0} u Z}(beta r_i)]``.
 
-    The work is split as the paper describes: a no-grad fused pass over all K + 1 sequences (policy and
-    reference), sampling with :func:`fastpref.losses.mcpo_sample_negatives`, then a gradient pass over the
-    rows (padded) or positions (packed) of the preferred and sampled sequences only, so unselected
-    candidates cost no backward work. Options: ``group_size`` (G = K + 1; also a call keyword),
-    ``num_negatives`` (M), ``generator`` (a ``torch.Generator`` for the sampling; also a call keyword).
-    Needs the reference (``ref_hidden`` or ``ref_logps`` [S]).
-    """
+    One fused forward over all K + 1 sequences (policy and reference) gives the statistics; the MC
+    kernel samples from their detached values (:func:`fastpref.losses.mcpo_sample_negatives`), and the
+    loss reads only the preferred and sampled columns. Unselected sequences therefore get an upstream
+    gradient of exactly zero, and the fused backward skips zero-gradient positions: they cost no
+    backward work. (This does the paper's no-grad pass and the gradient pass in one forward; a separate
+    no-grad pass would recompute the selected sequences' forward.)
 
-    #: Gradient pass over the selected sequences only (the eager reference sets False: one full pass).
-    grad_pass_on_selected_only: bool = True
+    Options: ``group_size`` (G = K + 1; also a call keyword), ``num_negatives`` (M), ``include_positive``,
+    ``generator`` (a ``torch.Generator`` on the statistics' device, seeding the sampling; also a call
+    keyword). Needs the reference (``ref_hidden`` or ``ref_logps`` [S]). Metrics include ``negatives``.
+    """
 
     def __init__(self, beta: float = 0.01, group_size: Optional[int] = None, num_negatives: int = 1,
                  include_positive: bool = False, generator: Optional[torch.Generator] = None, **options) -> None:
@@ -772,58 +755,19 @@ class FusedMCPOLoss(FusedLossBase):
         self.group_size = None if group_size is None else _check_group_size("group_size", group_size, 2)
         self.generator = generator
 
-    def forward(self, weight: Tensor, hidden: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
-                ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
-                ref_bias: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None,
-                seq_ids: Optional[Tensor] = None, num_seqs: Optional[int] = None,
-                group_size: Optional[int] = None, generator: Optional[torch.Generator] = None) -> LossOutput:
-        """Loss of one batch of B groups of K + 1 sequences (see the class docstring)."""
+    def compute_loss(self, batch: SequenceBatch, group_size: Optional[int] = None,
+                     generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Metrics]:
         g = group_size if group_size is not None else self.group_size
         if g is None:
             raise ValueError("FusedMCPOLoss needs group_size (K + 1 sequences per prompt), in the constructor or "
                              "the call")
         g = _check_group_size("group_size", g, 2)
-        generator = generator if generator is not None else self.generator
-        options = dict(bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
-                       ref_logps=ref_logps, seq_ids=seq_ids, num_seqs=num_seqs)
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (weight, hidden, bias))
-        if not (self.grad_pass_on_selected_only and needs_grad):  # one pass: eager twin, or no grad needed
-            batch = self.run_logprobs(weight, hidden, targets, **options)
-            return self._loss(batch, batch.logps, g, generator)
-        # Pass 1, no grad: the current policy's (and reference's) log-probs of all K + 1 sequences.
-        with torch.no_grad():
-            scout = self.run_logprobs(weight.detach(), hidden.detach(), targets,
-                                      **dict(options, bias=None if bias is None else bias.detach()))
-        b = _check_grouped(scout.num_seqs, g)
-        negatives = self._sample(scout, b, g, generator)
-        keep = torch.zeros(b, g, dtype=torch.bool, device=negatives.device)
-        keep[:, 0] = True
-        keep.scatter_(1, negatives, True)
-        keep = keep.reshape(-1).to(scout.logps.device)
-        # Pass 2, with grad: only the preferred and sampled sequences.
-        sub_hidden, sub_targets, sub_ids, sub_num, index = _select_sequences(
-            hidden, targets, None if seq_ids is None else seq_ids.to(keep.device), keep)
-        sub = self.fused_logprobs(sub_hidden, weight, sub_targets, bias=bias, seq_ids=sub_ids, num_seqs=sub_num,
-                                  **self.logprob_options())
-        logps = torch.index_put(scout.logps, (index,), sub.logps)
-        return self._loss(scout, logps, g, generator, negatives=negatives)
-
-    def _sample(self, batch: SequenceBatch, b: int, g: int, generator: Optional[torch.Generator]) -> Tensor:
-        return losses.mcpo_sample_negatives(
-            batch.logps.detach().view(b, g), batch.ref_logps.view(b, g), beta=self.beta,
-            num_negatives=self.num_negatives, generator=generator, include_positive=self.include_positive)
-
-    def _loss(self, batch: SequenceBatch, logps: Tensor, g: int, generator: Optional[torch.Generator],
-              negatives: Optional[Tensor] = None) -> LossOutput:
         b = _check_grouped(batch.num_seqs, g)
-        if negatives is None:
-            negatives = self._sample(batch, b, g, generator)
-        loss, metrics = losses.mcpo(logps.view(b, g), batch.ref_logps.view(b, g), beta=self.beta,
-                                    negatives=negatives)
-        metrics.setdefault("negatives", negatives)
-        metrics.setdefault("logps", logps.detach())
-        return self.finish(batch, loss, metrics)
+        logps, ref_logps = batch.logps.view(b, g), batch.ref_logps.view(b, g)
+        negatives = losses.mcpo_sample_negatives(
+            logps.detach(), ref_logps, beta=self.beta, num_negatives=self.num_negatives,
+            generator=generator if generator is not None else self.generator, include_positive=self.include_positive)
+        return losses.mcpo(logps, ref_logps, beta=self.beta, negatives=negatives)
 
 
 # ---------------------------------------------------------------------------------------------------
