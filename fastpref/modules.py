@@ -467,12 +467,12 @@ class FusedKTOLoss(FusedLossBase):
     at 0, and takes ``(_input, lin_weight)`` in that order.
     """
 
+    extra_pass_reads_ref_head = True  # the mismatched pairs' kl_ref_hidden
+
     def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
                  **options) -> None:
         super().__init__(**options)
         self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
-
-    extra_pass_reads_ref_head = True  # the mismatched pairs' kl_ref_hidden
 
     def reference_point(self, batch: SequenceBatch, *, z0=None, kl_hidden: Optional[Tensor] = None,
                         kl_targets: Optional[Tensor] = None, kl_ref_hidden: Optional[Tensor] = None,

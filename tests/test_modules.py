@@ -464,6 +464,11 @@ def test_kto_reference_point_from_mismatched_pairs():
     call = {k: v for k, v in case.call.items() if not k.startswith("kl_")}
     direct = fastpref.FusedKTOLoss(**case.ctor)(case.weight, case.main.hidden, case.main.targets, z0=z0, **call)
     torch.testing.assert_close(direct.loss, out.loss, rtol=1e-12, atol=0)
+    # Precomputed reference log-probs of the mismatched pairs give the same z0.
+    with_logps = dict(case.call, kl_ref_logps=mism.ref_logps)
+    with_logps.pop("kl_ref_hidden")
+    precomputed = fastpref.FusedKTOLoss(**case.ctor)(case.weight, case.main.hidden, case.main.targets, **with_logps)
+    assert float(precomputed.metrics["z0"]) == pytest.approx(z0, rel=1e-12, abs=1e-14)
     # A positive z0 changes the loss (the test above is not vacuous).
     shifted = fastpref.FusedKTOLoss(**case.ctor)(case.weight, case.main.hidden, case.main.targets, z0=z0 + 3.0,
                                                  **call)
