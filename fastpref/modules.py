@@ -701,7 +701,8 @@ class FusedAlphaDPOLoss(_PairwiseLoss):
         """The (mean, std) used for z-scoring now: bias-corrected EMA unless ``bias_correction=False``."""
         if not self.bias_correction:
             return self.margin_mean, self.margin_std
-        correction = 1.0 - self.momentum ** int(self.num_updates.item())
+        # On device (no host sync per step): 1 - momentum^k.
+        correction = 1.0 - self.momentum ** self.num_updates.to(self.margin_mean.dtype)
         return self.margin_mean / correction, self.margin_std / correction
 
     def compute_loss(self, batch: SequenceBatch) -> Tuple[Tensor, Metrics]:
