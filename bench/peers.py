@@ -5,8 +5,8 @@ logits, ``log_softmax`` over the vocabulary, ``gather`` of the target column, a 
 sequence, and the loss on top; the reference model's log-probs come from a separate no-grad pass that
 runs first (so its logits are freed before the policy's exist).
 
-The small loss heads below (written from LOSSES.md) are shared by the eager peer and by the fastpref
-fallback used when ``fastpref``'s fused modules are not importable, so both see the same formula.
+The small loss heads below are written from LOSSES.md for the eager peer (independently of
+``fastpref.losses``, so the comparison also cross-checks the formulas).
 """
 from __future__ import annotations
 
@@ -60,13 +60,6 @@ def var_head(logps: torch.Tensor, rewards: torch.Tensor, beta: float = 1.0) -> t
     """VAR, diagonal self-normalized form: w = B * softmax(r / beta) (detached), L = -mean(w * S)."""
     weights = (rewards.float() / beta).softmax(dim=0).detach() * rewards.numel()
     return -(weights * logps).mean()
-
-
-def mcpo_negatives(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float, generator: torch.Generator) -> torch.Tensor:
-    """One hard negative per prompt from softmax_i>=1(beta * (S_i - R_i)) (MC kernel, Gumbel-max)."""
-    scores = beta * (logps - ref_logps).detach()[:, 1:].float().cpu()
-    gumbel = -torch.empty_like(scores).exponential_(generator=generator).log()
-    return (scores + gumbel).argmax(dim=1, keepdim=True).to(logps.device) + 1
 
 
 def mcpo_head(logps: torch.Tensor, ref_logps: torch.Tensor, negatives: torch.Tensor, beta: float = 0.01) -> torch.Tensor:

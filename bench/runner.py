@@ -216,8 +216,16 @@ def run(cfg: Config) -> dict:
         if w not in WORKLOADS:
             raise ValueError(f"--losses: unknown workload {w!r}; choose from {WORKLOADS}")
     opts = Options(compile=cfg.compile, impls=tuple(cfg.impls))
+    threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, opts)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(cfg: Config, opts: Options) -> dict:
     started = time.perf_counter()
     env = environment(cfg)
     if cfg.device == "cpu":

@@ -23,6 +23,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from fastpref.losses import mcpo_sample_negatives
+
 from . import peers
 
 WORKLOADS = ("logprobs", "dpo", "var", "mcpo", "spo")
@@ -140,7 +142,8 @@ def _eager(case: Case) -> Callable[[], torch.Tensor]:
         if w == "mcpo":
             ref = ref_logps().view(-1, MCPO_K + 1)
             pol = peers.eager_seq_logps(t["hidden"], t["weight"], t["targets"]).view(-1, MCPO_K + 1)
-            neg = peers.mcpo_negatives(pol, ref, MCPO_BETA, torch.Generator().manual_seed(NEGATIVE_SEED))
+            # fastpref's sampler with the same seed as the fused module: both back-propagate the same negatives.
+            neg = mcpo_sample_negatives(pol, ref, beta=MCPO_BETA, generator=torch.Generator().manual_seed(NEGATIVE_SEED))
             return peers.mcpo_head(pol, ref, neg, MCPO_BETA)
         # spo
         kl = peers.eager_seq_kl(t["kl_hidden"], t["kl_ref_hidden"], t["weight"], t["ref_weight"], t["kl_targets"])
@@ -152,74 +155,37 @@ def _eager(case: Case) -> Callable[[], torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------
-# fastpref: the fused modules (API.md §3) when present, else fused_logprobs + the same loss heads
+# fastpref: the fused modules of API.md §3 (the bare op for ``logprobs``)
 
 _MODULES = {"dpo": "FusedDPOLoss", "var": "FusedVARLoss", "mcpo": "FusedMCPOLoss", "spo": "FusedSPOLoss"}
-_MODULE_KWARGS = {"dpo": {"beta": DPO_BETA}, "var": {"beta": VAR_BETA}, "mcpo": {"beta": MCPO_BETA},
-                  "spo": {"alpha": SPO_ALPHA, "kl_coef": SPO_KL_COEF}}
 
 
-def _fastpref_module(workload: str, backend: str):
-    """Instantiate ``fastpref.Fused<X>Loss`` for ``backend``; None (and why) when it cannot be."""
-    import fastpref
-
-    cls = getattr(fastpref, _MODULES.get(workload, ""), None)
-    if cls is None:
-        return None, f"fastpref.{_MODULES.get(workload)} not available: fused_logprobs + bench loss head"
-    kwargs = dict(_MODULE_KWARGS[workload])
-    try:
-        return cls(**kwargs, backend=backend), ""
-    except TypeError:
-        return cls(**kwargs), "module has no backend= option: default dispatch"
-
-
-def _fastpref(case: Case, backend: str) -> Tuple[Callable[[], torch.Tensor], str]:
+def _fastpref(case: Case, backend: str) -> Callable[[], torch.Tensor]:
     import fastpref
 
     t = case.tensors
     w = case.workload
-
-    def stats(hidden, targets, **kw):
-        return fastpref.fused_logprobs(hidden, t["weight"], targets, backend=backend, **kw)
-
     if w == "logprobs":
-        return (lambda: stats(t["hidden"], t["targets"]).token_logps.sum()), ""
+        return lambda: fastpref.fused_logprobs(t["hidden"], t["weight"], t["targets"], backend=backend).token_logps.sum()
 
-    module, note = _fastpref_module(w, backend)
-    if module is not None:
-        if w == "dpo":
-            call = lambda: module(t["weight"], t["hidden"], t["targets"], ref_hidden=t["ref_hidden"],  # noqa: E731
-                                  ref_weight=t["ref_weight"])
-        elif w == "var":
-            call = lambda: module(t["weight"], t["hidden"], t["targets"], rewards=t["rewards"])  # noqa: E731
-        elif w == "mcpo":
-            call = lambda: module(t["weight"], t["hidden"], t["targets"], ref_hidden=t["ref_hidden"],  # noqa: E731
-                                  ref_weight=t["ref_weight"])
-        else:
-            call = lambda: module(t["weight"], t["hidden"], t["targets"], ref_weight=t["ref_weight"],  # noqa: E731
-                                  kl_hidden=t["kl_hidden"], kl_ref_hidden=t["kl_ref_hidden"],
-                                  kl_targets=t["kl_targets"])
-        return (lambda: call().loss), note
-
-    def step() -> torch.Tensor:
-        if w == "dpo":
-            s = stats(t["hidden"], t["targets"], ref_hidden=t["ref_hidden"], ref_weight=t["ref_weight"])
-            half = s.logps.shape[0] // 2
-            return peers.dpo_head(s.logps[:half], s.logps[half:], s.ref_logps[:half], s.ref_logps[half:], DPO_BETA)
-        if w == "var":
-            return peers.var_head(stats(t["hidden"], t["targets"]).logps, t["rewards"], VAR_BETA)
-        if w == "mcpo":
-            s = stats(t["hidden"], t["targets"], ref_hidden=t["ref_hidden"], ref_weight=t["ref_weight"])
-            pol, ref = s.logps.view(-1, MCPO_K + 1), s.ref_logps.view(-1, MCPO_K + 1)
-            neg = peers.mcpo_negatives(pol, ref, MCPO_BETA, torch.Generator().manual_seed(NEGATIVE_SEED))
-            return peers.mcpo_head(pol, ref, neg, MCPO_BETA)
-        kl = stats(t["kl_hidden"], t["kl_targets"], ref_hidden=t["kl_ref_hidden"], ref_weight=t["ref_weight"],
-                   kl="forward").kl
-        pol = stats(t["hidden"], t["targets"]).logps
-        half = pol.shape[0] // 2
-        return peers.spo_head(pol[:half], pol[half:], kl, SPO_ALPHA, SPO_KL_COEF)
-
-    return step, note
+    kwargs = {"dpo": dict(beta=DPO_BETA), "var": dict(beta=VAR_BETA),
+              "mcpo": dict(beta=MCPO_BETA, group_size=MCPO_K + 1), "spo": dict(alpha=SPO_ALPHA, kl_coef=SPO_KL_COEF)}[w]
+    module = getattr(fastpref, _MODULES[w])(**kwargs, backend=backend)
+    if w == "var":
+        return lambda: module(t["weight"], t["hidden"], t["targets"], rewards=t["rewards"]).loss
+    if w == "spo":
+        return lambda: module(t["weight"], t["hidden"], t["targets"], ref_weight=t["ref_weight"],
+                              kl_hidden=t["kl_hidden"], kl_ref_hidden=t["kl_ref_hidden"],
+                              kl_targets=t["kl_targets"]).loss
+    if w == "mcpo":
+        # Same negatives every step (a fresh generator per call), as the eager peer does.
+        def step() -> torch.Tensor:
+            module.generator = torch.Generator().manual_seed(NEGATIVE_SEED)
+            return module(t["weight"], t["hidden"], t["targets"], ref_hidden=t["ref_hidden"],
+                          ref_weight=t["ref_weight"]).loss
+        return step
+    return lambda: module(t["weight"], t["hidden"], t["targets"], ref_hidden=t["ref_hidden"],
+                          ref_weight=t["ref_weight"]).loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,14 +219,12 @@ def implementations(case: Case, opts: Options) -> Tuple[List[Impl], Dict[str, st
             ready.append(Impl(name, lambda run=run: run(t["hidden"], t["weight"], t["targets"]).sum(),
                               note=f"impl={impl}", compiled=impl == "torch_compile"))
         elif name == "fastpref-torch":
-            step, note = _fastpref(case, "torch")
-            ready.append(Impl(name, step, note=note))
+            ready.append(Impl(name, _fastpref(case, "torch")))
         elif name == "fastpref-triton":
             if not cuda:
                 skipped[name] = "needs CUDA"
                 continue
-            step, note = _fastpref(case, "triton")
-            ready.append(Impl(name, step, note=note))
+            ready.append(Impl(name, _fastpref(case, "triton")))
         else:
             raise ValueError(f"unknown implementation {name!r}; choose from {IMPLEMENTATIONS}")
     return ready, skipped

@@ -7,6 +7,8 @@ import pytest
 from bench import runner
 from fastpref.cli import build_parser
 
+WORKLOADS = ["logprobs", "dpo", "spo"]  # the runner's smoke grid (the parity test below covers all five)
+
 
 def test_cli_exposes_the_documented_options():
     args = build_parser().parse_args(["bench", "--quick", "--out", "x", "--device", "cpu", "--losses", "dpo,var",
@@ -27,7 +29,7 @@ def tiny_results(tmp_path_factory):
     # Two vocabularies so the memory-vs-V plot exists; no torch.compile (Liger uncompiled, CCE skipped).
     cfg = runner.Config(out=str(out), shapes=[(256, 16, 8192, "fp32"), (256, 16, 16384, "fp32")],
                         impls=["eager", "liger", "cce", "fastpref-torch"], compile=False, repeats=2,
-                        show=False, workloads=list(runner.WORKLOADS))
+                        show=False, workloads=WORKLOADS, threads=1)
     return runner.run(cfg), out
 
 
@@ -45,7 +47,7 @@ def test_rows_carry_times_memory_and_ratios(tiny_results):
     results, _ = tiny_results
     rows = results["rows"]
     impls = {(r["workload"], r["impl"]) for r in rows}
-    for w in runner.WORKLOADS:
+    for w in WORKLOADS:
         assert (w, "eager") in impls and (w, "fastpref-torch") in impls
     assert ("dpo", "liger") in impls and ("var", "liger") not in impls
     # CCE on CPU is torch.compile only, so --no-compile must leave it out, and say so.
@@ -80,3 +82,17 @@ def test_targets_are_checked_on_the_target_row():
     runner.add_ratios(rows)
     checks = {c["target"]: c["met"] for c in runner.evaluate_targets(rows)}
     assert not checks["time / eager <= 1.0"] and not checks["time / GEMM floor <= 1.35"]
+
+
+@pytest.mark.parametrize("workload", ["logprobs", "dpo", "var", "spo", "mcpo"])
+def test_implementations_compute_the_same_loss(workload):
+    """The peers and fastpref benchmark the same quantity (same loss to fp32 accuracy)."""
+    import torch
+
+    from bench.workloads import Options, build_case, implementations
+
+    case = build_case(workload, 128, 16, 3000, torch.float32, torch.device("cpu"), seed=3)
+    ready, _ = implementations(case, Options(compile=False, impls=("eager", "liger", "fastpref-torch")))
+    losses = {impl.name: impl.step().item() for impl in ready}
+    for name, value in losses.items():
+        assert value == pytest.approx(losses["eager"], rel=1e-4, abs=1e-4), (name, losses)
