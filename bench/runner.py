@@ -39,7 +39,7 @@ MATERIALIZING = ("eager", "cce")
 @dataclass
 class Config:
     quick: bool = False
-    out: str = "bench_results"
+    out: str = "bench/out"
     device: str = "cpu"
     workloads: Sequence[str] = WORKLOADS
     impls: Sequence[str] = IMPLEMENTATIONS
@@ -137,16 +137,18 @@ def measure_shape(workload: str, shape: Shape, cfg: Config, opts: Options, progr
     timings = measure.time_interleaved(steps, cfg.num_repeats(), device, before_each=lambda: release(case.params))
     release(case.params)
     floor_s = timings["gemm-floor"].median if floor is not None else None
+    floor_min_s = min(timings["gemm-floor"].times_s) if floor is not None else None
     del floor
 
     inputs = case.input_bytes()
     for impl in impls:
         tm = timings[impl.name]
         out.rows.append({
-            **key, "impl": impl.name, "time_s": tm.median, "time_spread": tm.spread, "times_s": tm.times_s,
+            **key, "impl": impl.name, "time_s": tm.median, "time_min_s": min(tm.times_s), "time_spread": tm.spread,
+            "times_s": tm.times_s,
             "warmup_s": warmup.get(impl.name), "input_bytes": inputs, "grad_bytes": grads[impl.name],
             "tracked_bytes": tracked[impl.name], "peak_bytes": inputs + tracked[impl.name],
-            "workspace_bytes": tracked[impl.name] - grads[impl.name], "floor_s": floor_s,
+            "workspace_bytes": tracked[impl.name] - grads[impl.name], "floor_s": floor_s, "floor_min_s": floor_min_s,
             "floor_gemms": case.floor_label(), "note": impl.note,
         })
     add_ratios(out.rows)
@@ -160,8 +162,10 @@ def add_ratios(rows: List[dict]) -> None:
         for peer in ("eager", "liger"):
             p = by_name.get(peer)
             r[f"time_vs_{peer}"] = r["time_s"] / p["time_s"] if p else None
+            r[f"best_time_vs_{peer}"] = r["time_min_s"] / p["time_min_s"] if p else None
             r[f"workspace_below_{peer}"] = (p["workspace_bytes"] / max(r["workspace_bytes"], 1)) if p else None
         r["time_vs_floor"] = r["time_s"] / r["floor_s"] if r["floor_s"] else None
+        r["best_time_vs_floor"] = r["time_min_s"] / r["floor_min_s"] if r.get("floor_min_s") else None
 
 
 # The issue's targets (CPU, fp32, same run) for DPO with reference at N=4096, D=1024, V=32000.
@@ -169,22 +173,24 @@ TARGET_SHAPE = dict(workload="dpo", tokens=4096, dim=1024, vocab=32000, dtype="f
 
 
 def evaluate_targets(rows: List[dict]) -> List[dict]:
-    """Check the fastpref-torch row of the target shape, when this run has it."""
+    """Check the fastpref-torch row of the target shape, when this run has it: time ratios from the
+    medians and, because a shared machine only ever adds time, from the best of the repeats too."""
     sel = {r["impl"]: r for r in rows if all(r[k] == v for k, v in TARGET_SHAPE.items()) and r["device"] == "cpu"}
     fp = sel.get("fastpref-torch")
     if fp is None:
         return []
     checks = []
 
-    def add(what, value, limit, ok):
-        checks.append({"target": what, "value": value, "limit": limit, "met": None if value is None else ok})
+    def add(what, value, limit, at_most):
+        met = None if value is None else (value <= limit if at_most else value >= limit)
+        checks.append({"target": what, "value": value, "limit": limit, "met": met})
 
-    eager, liger = sel.get("eager"), sel.get("liger")
-    add("time / eager <= 1.0", fp["time_vs_eager"], 1.0, eager and fp["time_vs_eager"] <= 1.0)
-    add("time / liger <= 0.85 (>= 15% faster)", fp["time_vs_liger"], 0.85, liger and fp["time_vs_liger"] <= 0.85)
-    add("workspace >= 10x below liger", fp["workspace_below_liger"], 10.0, liger and fp["workspace_below_liger"] >= 10)
-    add("workspace >= 40x below eager", fp["workspace_below_eager"], 40.0, eager and fp["workspace_below_eager"] >= 40)
-    add("time / GEMM floor <= 1.35", fp["time_vs_floor"], 1.35, fp["time_vs_floor"] is not None and fp["time_vs_floor"] <= 1.35)
+    for prefix, label in (("", "median"), ("best_", "best")):
+        add(f"time / eager <= 1.0 ({label})", fp[f"{prefix}time_vs_eager"], 1.0, True)
+        add(f"time / liger <= 0.85, i.e. >= 15% faster ({label})", fp[f"{prefix}time_vs_liger"], 0.85, True)
+        add(f"time / GEMM floor <= 1.35 ({label})", fp[f"{prefix}time_vs_floor"], 1.35, True)
+    add("workspace >= 10x below liger", fp["workspace_below_liger"], 10.0, False)
+    add("workspace >= 40x below eager", fp["workspace_below_eager"], 40.0, False)
     return checks
 
 
