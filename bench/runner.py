@@ -23,7 +23,7 @@ from .workloads import (DPO_BETA, IMPLEMENTATIONS, WORKLOADS, Case, GemmFloor, I
 Shape = Tuple[int, int, int, str]  # tokens, dim, vocab, dtype
 
 # --quick: under 3 minutes on 2 CPU cores, torch.compile warm-up of Liger and CCE included.
-QUICK_SHAPES: List[Shape] = [(256, 256, 32000, "fp32"), (512, 256, 32000, "fp32"), (256, 256, 128256, "fp32")]
+QUICK_SHAPES: List[Shape] = [(256, 128, 32000, "fp32"), (512, 128, 32000, "fp32"), (256, 128, 128256, "fp32")]
 # The full grid: time vs N at V = 32k (the DPO target row is N=4096, D=1024, V=32000, fp32), memory vs V at
 # N = 1024 (32k, 128k, 256k vocabularies) and bf16 rows.
 FULL_SHAPES: List[Shape] = (

@@ -23,7 +23,7 @@ def _str_list(text: str):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bench.workloads import IMPLEMENTATIONS, WORKLOADS
 
-    parser.add_argument("--quick", action="store_true", help="small CPU grid (fp32, D=256, N<=512), 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="small CPU grid (fp32, D=128, N<=512), 3 repeats")
     parser.add_argument("--out", default="bench/out", help="output directory (default: %(default)s)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--losses", type=_str_list, default=list(WORKLOADS),
