@@ -1,4 +1,5 @@
 """fastpref: fused preference-optimization losses that never materialize the logits."""
+from . import losses
 from ._stats import LogprobStats
 from .ops import fused_logprobs
 
