@@ -9,6 +9,15 @@ transformers = pytest.importorskip("transformers")
 
 from fastpref.integrations import transformers as hf  # noqa: E402
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 V, D = 300, 32
 
 
@@ -244,3 +253,49 @@ def test_fsdp_detection_and_fsdp1_grad_guard():
     with pytest.raises(RuntimeError, match="FSDP1"):
         with hf.gather_lm_head(model):
             pass
+
+
+def test_enable_hidden_forward_routes_through_the_model_forward():
+    model = _tiny("llama", False)
+    ids, mask, labels = _batch()
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))  # stands for DDP/FSDP2 root hooks
+    direct = hf.lm_head_inputs(model, ids, mask, labels).logprobs().logps
+    assert calls == []  # the plain helper calls the backbone only
+    hf.enable_hidden_forward(model)
+    routed = hf.lm_head_inputs(model, ids, mask, labels).logprobs().logps
+    assert calls == [1]
+    torch.testing.assert_close(routed, direct, rtol=0, atol=0)
+    # without the flag the model's own forward (with logits) is unchanged
+    assert model(input_ids=ids, attention_mask=mask).logits.shape == (3, 10, V)
+
+
+def test_fsdp2_sharded_head_is_gathered_and_gets_gradients():
+    """Real FSDP2 (fully_shard) on a one-process gloo group: the head weight is a DTensor, gathered with the
+    autograd-aware full_tensor(); the gradient reaching the shard equals the unsharded model's."""
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    plain = _tiny("llama", False, dtype=torch.float32)
+    ids, mask, labels = _batch()
+    hf.lm_head_inputs(plain, ids, mask, labels).logprobs().logps.sum().backward()
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sharded = _tiny("llama", False, dtype=torch.float32)
+        mesh = init_device_mesh("cpu", (1,))
+        for unit in (sharded.model, sharded.lm_head, sharded):
+            fully_shard(unit, mesh=mesh)
+        assert hf.sharding_kind(sharded.lm_head.weight) == "fsdp2"
+        hf.enable_hidden_forward(sharded)
+        with hf.gather_lm_head(sharded) as (weight, bias):
+            assert hf.sharding_kind(weight) is None and weight.shape == (V, D)
+            stats = hf.lm_head_inputs(sharded, ids, mask, labels, weight=weight, bias=bias).logprobs()
+        stats.logps.sum().backward()
+        grad = sharded.lm_head.weight.grad.to_local()
+        torch.testing.assert_close(grad, plain.lm_head.weight.grad, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()

@@ -13,6 +13,15 @@ from trl import DPOTrainer  # noqa: E402
 from fastpref.integrations.trl import FastPrefDPOTrainer  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()

@@ -5,6 +5,8 @@
 - :mod:`fastpref.integrations.trl`: ``FastPrefDPOTrainer``, a TRL ``DPOTrainer`` whose loss is a fastpref
   fused loss (needs ``trl``; import it explicitly).
 """
-from .transformers import LMHeadInputs, gather_lm_head, head_inputs, lm_head_inputs, logit_transform, shift_labels
+from .transformers import (LMHeadInputs, enable_hidden_forward, gather_lm_head, head_inputs, lm_head_inputs,
+                           logit_transform, shift_labels)
 
-__all__ = ["LMHeadInputs", "gather_lm_head", "head_inputs", "lm_head_inputs", "logit_transform", "shift_labels"]
+__all__ = ["LMHeadInputs", "enable_hidden_forward", "gather_lm_head", "head_inputs", "lm_head_inputs",
+           "logit_transform", "shift_labels"]

@@ -22,6 +22,8 @@ weight/bias and that elementwise map. This module extracts them:
 from __future__ import annotations
 
 import contextlib
+import functools
+import types
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
@@ -94,6 +96,32 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
     raise TypeError(
         f"model ({type(model).__name__}) has no backbone (base_model / get_decoder()): expected a *ForCausalLM model"
     )
+
+
+def enable_hidden_forward(model: torch.nn.Module) -> torch.nn.Module:
+    """Let ``model(..., fastpref_hidden=True)`` return the backbone's output (final hidden states, no logits).
+
+    Calling the backbone directly skips whatever hooks sit on the model's own forward: DDP's, or FSDP2's root
+    unit, which unshards the parameters it owns (e.g. the embeddings) only around ``model.forward``. After this
+    call, :func:`lm_head_inputs` (and ``FastPrefDPOTrainer``) go through ``model(...)`` -- so through every
+    wrapper -- and only the head is skipped. Without the flag the model's forward runs unchanged (generation,
+    other trainers' paths). Patches the inner ``transformers`` model in place and returns ``model``.
+    """
+    inner = _unwrap(model)
+    if getattr(inner, "_fastpref_hidden_forward", False):
+        return model
+    previous = inner.forward
+
+    @functools.wraps(type(inner).forward)  # generate() validates its kwargs against this signature
+    def forward(self, *args, fastpref_hidden: bool = False, **kwargs):
+        if not fastpref_hidden:
+            return previous(*args, **kwargs)
+        kwargs["use_cache"] = False
+        return backbone(self)(*args, **kwargs)
+
+    inner.forward = types.MethodType(forward, inner)
+    inner._fastpref_hidden_forward = True
+    return model
 
 
 def head_parameters(model: torch.nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -222,9 +250,10 @@ def lm_head_inputs(
     positions where ``labels[t + 1] != ignore_index`` -- without the ``[B, T, V]`` logits.
 
     Args:
-        model: a ``transformers`` ``*ForCausalLM`` (possibly inside DDP / DeepSpeed / PEFT wrappers; note that
-            calling the backbone directly skips the wrapper's own forward, see ``FastPrefDPOTrainer`` for the
-            wrapper-friendly route).
+        model: a ``transformers`` ``*ForCausalLM``, possibly inside DDP / DeepSpeed / PEFT wrappers. The backbone
+            is called directly unless :func:`enable_hidden_forward` was applied, in which case the call goes
+            through ``model(...)`` and its wrappers (needed for DDP, and for FSDP2 unless the backbone is its
+            own ``fully_shard`` unit).
         input_ids: ``[B, T]`` token ids (or pass ``inputs_embeds`` in ``backbone_kwargs``).
         attention_mask: ``[B, T]``; padding positions are not scored when ``labels`` is None.
         labels: ``[B, T]`` unshifted labels, ``ignore_index`` where nothing is scored; defaults to
@@ -241,7 +270,10 @@ def lm_head_inputs(
             raise ValueError("labels is required when input_ids is not given (inputs_embeds)")
         labels = _default_labels(input_ids, attention_mask, ignore_index)
     backbone_kwargs.setdefault("use_cache", False)
-    outputs = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs)
+    if getattr(_unwrap(model), "_fastpref_hidden_forward", False):  # through the wrappers' forward
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, fastpref_hidden=True, **backbone_kwargs)
+    else:
+        outputs = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs)
     hidden_states = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
     return head_inputs(model, hidden_states, labels, logits_to_keep=logits_to_keep, ignore_index=ignore_index,
                        weight=weight, bias=bias)

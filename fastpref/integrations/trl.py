@@ -55,7 +55,6 @@ own loss options; they raise). Under DeepSpeed ZeRO-3 the head is gathered for t
 from __future__ import annotations
 
 import contextlib
-import functools
 import types
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -63,7 +62,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from trl import DPOTrainer
 
-from .transformers import backbone, gather_lm_head, head_inputs, logit_transform, shift_labels
+from .transformers import (backbone, enable_hidden_forward, gather_lm_head, head_inputs, logit_transform,
+                           shift_labels)
 
 PAIRWISE = {
     "dpo": "FusedDPOLoss", "ipo": "FusedIPOLoss", "simpo": "FusedSimPOLoss", "slic": "FusedSLiCLoss",
@@ -79,24 +79,6 @@ TRL_METRIC_NAMES = {
     "chosen_logps": "logps/chosen", "rejected_logps": "logps/rejected",
 }
 REWARD_COLUMNS = ("chosen_reward", "rejected_reward")
-
-
-def _install_hidden_forward(model: torch.nn.Module) -> None:
-    """Let ``model(..., fastpref_hidden=True)`` return the backbone output (final hidden states, no logits).
-
-    Going through ``model.forward`` rather than calling the backbone directly keeps wrappers (DDP, accelerate)
-    in the loop. Without the flag the previous forward runs unchanged (generation, TRL's own paths).
-    """
-    previous = model.forward
-
-    @functools.wraps(type(model).forward)  # generate() validates kwargs against the signature
-    def forward(self, *args, fastpref_hidden: bool = False, **kwargs):
-        if not fastpref_hidden:
-            return previous(*args, **kwargs)
-        kwargs["use_cache"] = False
-        return backbone(self)(*args, **kwargs)
-
-    model.forward = types.MethodType(forward, model)
 
 
 def _pad_rows(rows: List[torch.Tensor], value: int, width: Optional[int] = None) -> torch.Tensor:
@@ -208,7 +190,7 @@ class FastPrefDPOTrainer(DPOTrainer):
         if fastpref_loss in ("mcpo", "spo") and self.ref_model is None and not _is_peft(self.model):
             raise ValueError(f"fastpref_loss={fastpref_loss!r} needs ref_model (its reference log-probs cannot be "
                              "precomputed by TRL): pass ref_model and precompute_ref_log_probs=False")
-        _install_hidden_forward(_base_hf_model(self.model))
+        enable_hidden_forward(_base_hf_model(self.model))
         self.data_collator = FastPrefCollator(
             base=self.data_collator, pad_token_id=self._tokenizer.pad_token_id,
             reward_columns=REWARD_COLUMNS if fastpref_loss == "var" else (),
