@@ -1,4 +1,4 @@
-"""Offline tiny model, tokenizer and preference data for the TRL integration tests (no downloads)."""
+"""Offline tiny model, tokenizer and preference data for the integration tests (no downloads)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: a second intra-op thread only adds synchronisation (and stalls on a busy machine).
+    Autouse in every test module that imports it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 WORDS = [f"w{i}" for i in range(40)]
 SPECIALS = ["<pad>", "<unk>", "</s>"]

@@ -7,16 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from _trl_fixtures import one_thread  # noqa: E402,F401  (autouse)
 from fastpref.integrations import transformers as hf  # noqa: E402
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 V, D = 300, 32
 

@@ -7,19 +7,10 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
-from _trl_fixtures import dpo_config, preference_rows, tiny_llama, tiny_tokenizer  # noqa: E402
+from _trl_fixtures import dpo_config, one_thread, preference_rows, tiny_llama, tiny_tokenizer  # noqa: E402,F401
 from trl import DPOTrainer  # noqa: E402
 
 from fastpref.integrations.trl import FastPrefDPOTrainer  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
