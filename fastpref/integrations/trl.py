@@ -187,7 +187,8 @@ class FastPrefDPOTrainer(DPOTrainer):
         if self._needs_reference and not self.precompute_ref_logps and self.ref_model is None \
                 and not _is_peft(self.model):
             raise ValueError(f"fastpref_loss={fastpref_loss!r} needs a reference model")
-        if fastpref_loss in ("mcpo", "spo") and self.ref_model is None and not _is_peft(self.model):
+        needs_ref_model = fastpref_loss == "mcpo" or (fastpref_loss == "spo" and self.fastpref_loss_fn.kl_coef > 0)
+        if needs_ref_model and self.ref_model is None and not _is_peft(self.model):
             raise ValueError(f"fastpref_loss={fastpref_loss!r} needs ref_model (its reference log-probs cannot be "
                              "precomputed by TRL): pass ref_model and precompute_ref_log_probs=False")
         enable_hidden_forward(_base_hf_model(self.model))
@@ -201,7 +202,7 @@ class FastPrefDPOTrainer(DPOTrainer):
     def _check_config(self, args: Any, train_dataset: Any) -> None:
         if args is None:
             return
-        if args.loss_type != ["sigmoid"] and list(args.loss_type) != ["sigmoid"]:
+        if list(args.loss_type) != ["sigmoid"]:
             raise ValueError("FastPrefDPOTrainer ignores DPOConfig.loss_type: choose the loss with fastpref_loss "
                              f"(got loss_type={args.loss_type})")
         for option, default in (("ld_alpha", None), ("use_weighting", False), ("f_divergence_type", "reverse_kl")):
@@ -247,15 +248,19 @@ class FastPrefDPOTrainer(DPOTrainer):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if self.fastpref_loss != "mcpo" or "candidate_ids" in dataset.column_names:
             return dataset
-        tokenizer = self._tokenizer
-        eos = tokenizer.eos_token
+        from trl.data_utils import _tokenize
+
+        eos = self._tokenizer.eos_token
 
         def tokenize_candidates(example):
             prompt_ids = example["prompt_ids"]
             out = []
             for text in example["candidates"]:
+                if not isinstance(text, str):
+                    raise TypeError("mcpo: 'candidates' must hold plain-text responses (conversational candidates "
+                                    "are not supported)")
                 text = text if text.endswith(eos) else text + eos
-                ids = tokenizer(example["prompt"] + text, add_special_tokens=False)["input_ids"]
+                ids = list(_tokenize(processing_class, example["prompt"] + text)["input_ids"])  # as TRL does
                 if ids[: len(prompt_ids)] != list(prompt_ids):
                     raise ValueError("mcpo: a candidate's tokenization changes the prompt's tokens; end the prompt "
                                      "on a token boundary")
@@ -415,7 +420,9 @@ class FastPrefDPOTrainer(DPOTrainer):
     # -- logging --------------------------------------------------------------------------------------
 
     def _log_metrics(self, mode: str, metrics: Dict[str, torch.Tensor], inputs: Dict[str, Any], num_main: int) -> None:
-        gather = self.accelerator.gather_for_metrics
+        # gather, not gather_for_metrics: the latter trims the last eval batch to the dataset's remainder, counted
+        # in examples, while these tensors hold one value per sequence (2 or K + 1 per example)
+        gather = self.accelerator.gather
         store = self._metrics[mode]
         metrics = dict(metrics)
         layout_pairwise = self.fastpref_loss in PAIRWISE or self.fastpref_loss == "spo"
