@@ -20,8 +20,13 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def logsigmoid(x: Tensor) -> Tensor:
-    """log σ(x) written as −softplus(−x): finite for any finite x."""
-    return -F.softplus(-x)
+    """log σ(x) = −softplus(−x), stable for any finite x.
+
+    Uses torch's fused log_sigmoid (min(x, 0) − log1p(e^{−|x|}), gradient σ(−x)) rather than
+    ``-F.softplus(-x)``: softplus switches to the identity above its threshold of 20, an absolute
+    error of e^{−20} ≈ 2e-9 in value and gradient at margins where the loss is still training.
+    """
+    return F.logsigmoid(x)
 
 
 def log1mexp(a: Tensor) -> Tensor:
@@ -84,7 +89,7 @@ def floats(shape: Sequence[Optional[int]], **named: Optional[Tensor]) -> Tuple[T
     for name, t in present.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOATS and (t.is_complex() or t.dtype == torch.bool):
+        if t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"{name} must be a real float tensor, got {t.dtype}")
         if t.dim() != len(sizes):
             raise ValueError(f"{name} must have {len(sizes)} dim(s), got shape {tuple(t.shape)}")
@@ -102,11 +107,12 @@ def floats(shape: Sequence[Optional[int]], **named: Optional[Tensor]) -> Tuple[T
     return tuple(None if v is None else v.to(dtype) for v in named.values())
 
 
-def check_lengths(**named: Optional[Tensor]) -> None:
-    """Lengths must be strictly positive: a zero length would silently divide to inf/NaN."""
+def check_lengths(**named: Tensor) -> Tuple[Tensor, ...]:
+    """Lengths are constants and must be strictly positive (a zero would silently divide to inf/NaN)."""
     for name, t in named.items():
-        if t is not None and bool((t <= 0).any()):
+        if bool((t <= 0).any()):
             raise ValueError(f"{name} must be > 0 everywhere (a sequence with no response tokens?)")
+    return tuple(t.detach() for t in named.values())
 
 
 def pair_metrics(chosen_logps: Tensor, rejected_logps: Tensor, chosen_rewards: Optional[Tensor] = None,

@@ -22,7 +22,10 @@ def alpha_dpo_margin(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_lo
     sw, sl, rw, rl, nw, nl = floats((None,), chosen_logps=chosen_logps, rejected_logps=rejected_logps,
                                     ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
                                     chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
-    check_lengths(chosen_lengths=nw, rejected_lengths=nl)
+    return _margin(sw, sl, rw, rl, *check_lengths(chosen_lengths=nw, rejected_lengths=nl))
+
+
+def _margin(sw: Tensor, sl: Tensor, rw: Tensor, rl: Tensor, nw: Tensor, nl: Tensor) -> Tensor:
     return ((sw / nw - sl / nl) - (rw / nw - rl / nl)).detach()
 
 
@@ -56,11 +59,12 @@ def alpha_dpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Te
     sw, sl, rw, rl, nw, nl = floats((None,), chosen_logps=chosen_logps, rejected_logps=rejected_logps,
                                     ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
                                     chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    nw, nl = check_lengths(chosen_lengths=nw, rejected_lengths=nl)
     mean = as_tensor_stat("margin_mean", margin_mean, sw.dtype, sw.device)
     std = as_tensor_stat("margin_std", margin_std, sw.dtype, sw.device)
     if not bool(torch.isfinite(mean) & torch.isfinite(std)):
         raise ValueError(f"margin_mean and margin_std must be finite, got {float(mean)}, {float(std)}")
-    margin = alpha_dpo_margin(sw, sl, rw, rl, nw, nl)
+    margin = _margin(sw, sl, rw, rl, nw, nl)
     m = beta * (gamma_r + alpha * (margin - mean) / torch.clamp(std, min=MIN_MARGIN_STD))
     x = beta * (sw / nw - sl / nl) - m
     loss = (-(1 - eps) * logsigmoid(x) - eps * logsigmoid(-x)).mean()

@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 import torch
 
-from ._common import LossOutput, Tensor, check_positive, floats
+from ._common import LossOutput, Tensor, check_positive, floats, pair_metrics
 
 # Below this α the α = 0 form (Eq. 11) replaces (1/α)·LSE, whose value grows like log(n)/α.
 ALPHA_ZERO = 1e-6
@@ -59,24 +59,20 @@ def _listwise_term(s: Tensor, winner: Tensor, alpha: float) -> Tensor:
     return torch.logsumexp(alpha * d, dim=1) / alpha
 
 
-def _kl_term(kl: Optional[Tensor], kl_coef: float, dtype: torch.dtype):
-    if kl is None:
-        return 0.0, {}
-    (k,) = floats((None,), kl=kl)
-    k = k.to(dtype)
-    return kl_coef * k.mean(), {"kl": k.detach()}
-
-
 def _spo_listwise(s: Tensor, winners: Tensor, terms: int, alpha, gamma, kl, kl_coef, weight_baseline) -> LossOutput:
+    """Σ_{k < terms} μ_k·term_k (term_k over columns k.., winner column ``winners[:, k]``) + kl_coef·mean(kl)."""
     alpha = check_positive("alpha", alpha, allow_zero=True)
     gamma = check_positive("gamma", gamma, allow_zero=True)
     kl_coef = check_positive("kl_coef", kl_coef, allow_zero=True)
+    (kl,) = floats((None,), kl=kl)
     if kl is not None and kl.dtype == torch.float64:
         s = s.to(torch.float64)
     mu = _weights(s, gamma, weight_baseline, terms)  # [B, terms]
     pref = sum(mu[:, k] * _listwise_term(s[:, k:], winners[:, k] - k, alpha) for k in range(terms))
-    kl_loss, kl_metrics = _kl_term(kl, kl_coef, s.dtype)
-    return pref.mean() + kl_loss, {"logps": s.detach(), "weights": mu.detach(), **kl_metrics}
+    if kl is None:
+        return pref.mean(), {"logps": s.detach(), "weights": mu.detach()}
+    kl = kl.to(s.dtype)
+    return pref.mean() + kl_coef * kl.mean(), {"logps": s.detach(), "weights": mu.detach(), "kl": kl.detach()}
 
 
 def spo(chosen_logps: Tensor, rejected_logps: Tensor, *, alpha: float = 0.01, gamma: float = 0.0,
@@ -96,13 +92,16 @@ def spo(chosen_logps: Tensor, rejected_logps: Tensor, *, alpha: float = 0.01, ga
     (here ``kl_coef``) is swept in the experiments, so it is exposed (LOSSES.md §5).
     Gradient (ŝ = σ(α(S_l − S_w))): g_w = −μŝ, g_l = +μŝ (α = 0: ∓μ/2); the KL gradient is kl_coef/B_on
     per online sequence. Defaults: α = 0.01, kl_coef = 0.01 (best in the paper's Table 7), γ = 0.
-    Metrics: ``chosen_logps``, ``rejected_logps``, ``weights`` μ [B], ``kl`` [B_on] when given.
+    Metrics: ``chosen_logps``, ``rejected_logps``, ``weights`` μ [B], ``kl`` [B_on] when given, and
+    ``reward_margin`` S_w − S_l / ``reward_accuracy`` 1[S_w > S_l] (the model's preference, Eq. 6, has
+    the summed log-probs as its rewards; these are also reported as ``chosen_rewards``/``rejected_rewards``).
     """
     sw, sl = floats((None,), chosen_logps=chosen_logps, rejected_logps=rejected_logps)
     s = torch.stack([sw, sl], dim=1)
     winners = torch.zeros(s.shape[0], 1, dtype=torch.int64, device=s.device)  # y_w is column 0
     loss, m = _spo_listwise(s, winners, 1, alpha, gamma, kl, kl_coef, weight_baseline)
-    metrics = {"chosen_logps": sw.detach(), "rejected_logps": sl.detach(), "weights": m.pop("weights")[:, 0]}
+    metrics = pair_metrics(sw, sl, sw, sl)  # SPO's preference P(y_w ≻ y_l) = σ(S_w − S_l) (Eq. 6)
+    metrics["weights"] = m.pop("weights")[:, 0]
     m.pop("logps")
     return loss, {**metrics, **m}
 

@@ -73,7 +73,7 @@ def var(logps: Tensor, rewards: Tensor, *, beta: float, ref_logps: Optional[Tens
     ref = None if ref is None else ref.detach().to(dtype)
     summed = s
     if n is not None:
-        check_lengths(lengths=n)
+        (n,) = check_lengths(lengths=n)
         s = s / n.to(dtype)
 
     lw = _var_log_weights(rew, ref, beta)
