@@ -242,7 +242,7 @@ class FastPrefDPOTrainer(DPOTrainer):
         fn = self.fastpref_loss_fn
         if self.fastpref_loss == "var":
             return getattr(fn, "normalize", "self") != "self"
-        return getattr(fn, "reference", "required") == "required"
+        return fn.reference_mode == "required"
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
