@@ -48,9 +48,11 @@ metrics under their fastpref names (``weights``, ``kl``, ``margin``, ``nll``, ..
 (``entropy``, ``logits/*``, ``mean_token_accuracy``) need the logits, so they are not logged.
 
 Not supported: KTO (unpaired data; use TRL's KTOTrainer), vision datasets, TRL's ``ld_alpha``,
-``use_weighting``, ``f_divergence_type`` other than ``reverse_kl`` and several ``loss_type`` (these are TRL's
-own loss options; they raise). Under DeepSpeed ZeRO-3 the head is gathered for the forward only; see
-:func:`fastpref.integrations.transformers.gather_lm_head`.
+``use_weighting``, ``f_divergence_type`` other than ``reverse_kl`` and ``loss_type`` other than the default
+(these are TRL's own loss options; choose the loss with ``fastpref_loss``; they raise), DeepSpeed ZeRO-3 (raises: the fused backward recomputes from the head weight,
+which ZeRO-3 re-partitions before ``Trainer`` calls backward; see
+:func:`fastpref.integrations.transformers.gather_lm_head`). DDP and FSDP2 go through the model's own forward
+(:func:`~fastpref.integrations.transformers.enable_hidden_forward`); neither is exercised by the tests here.
 """
 from __future__ import annotations
 
@@ -180,6 +182,14 @@ class FastPrefDPOTrainer(DPOTrainer):
         train_dataset = kwargs.get("train_dataset", args[4] if len(args) > 4 else None)
         self._check_config(args_, train_dataset)
         super().__init__(*args, **kwargs)
+        if self._is_vision_dataset:
+            raise NotImplementedError("FastPrefDPOTrainer does not support vision datasets (the backbone call takes "
+                                      "text inputs only)")
+        if self.is_deepspeed_enabled and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
+            # The fused backward recomputes logit tiles from the head weight, which ZeRO-3 re-partitions as soon as
+            # gather_lm_head's context closes, i.e. before Trainer calls backward. Fail here, not mid-step.
+            raise NotImplementedError("FastPrefDPOTrainer does not support DeepSpeed ZeRO-3 yet (the fused backward "
+                                      "needs the gathered LM head); use ZeRO-1/2, DDP or FSDP2")
 
         self.fastpref_loss_fn = self._build_loss(dict(fastpref_loss_kwargs or {}), fastpref_eager)
         self.fastpref_loss_fn.to(self.accelerator.device)
