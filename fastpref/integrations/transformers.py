@@ -187,7 +187,8 @@ def _keep(hidden: torch.Tensor, targets: torch.Tensor, logits_to_keep: LogitsToK
     keep = logits_to_keep.to(hidden.device)
     if keep.dtype == torch.bool:
         if tuple(keep.shape) != tuple(targets.shape):
-            raise ValueError(f"a boolean logits_to_keep must have shape {tuple(targets.shape)}, got {tuple(keep.shape)}")
+            raise ValueError(f"a boolean logits_to_keep must have shape {tuple(targets.shape)}, "
+                             f"got {tuple(keep.shape)}")
         rows = torch.arange(targets.shape[0], device=hidden.device).unsqueeze(1).expand_as(keep)
         return hidden[keep], targets[keep], rows[keep], targets.shape[0]
     if keep.dim() == 1:

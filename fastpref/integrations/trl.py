@@ -49,8 +49,9 @@ metrics under their fastpref names (``weights``, ``kl``, ``margin``, ``nll``, ..
 
 Not supported: KTO (unpaired data; use TRL's KTOTrainer), vision datasets, TRL's ``ld_alpha``,
 ``use_weighting``, ``f_divergence_type`` other than ``reverse_kl`` and ``loss_type`` other than the default
-(these are TRL's own loss options; choose the loss with ``fastpref_loss``; they raise), DeepSpeed ZeRO-3 (raises: the fused backward recomputes from the head weight,
-which ZeRO-3 re-partitions before ``Trainer`` calls backward; see
+(these are TRL's own loss options; choose the loss with ``fastpref_loss``; they raise), DeepSpeed ZeRO-3
+(raises: the fused backward recomputes from the head weight, which ZeRO-3 re-partitions before ``Trainer``
+calls backward; see
 :func:`fastpref.integrations.transformers.gather_lm_head`). DDP and FSDP2 go through the model's own forward
 (:func:`~fastpref.integrations.transformers.enable_hidden_forward`); neither is exercised by the tests here.
 """
