@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -38,6 +38,11 @@ class Prepared:
     softcap: Optional[float]
     ignore_index: int
     backend: str  # resolved: "torch" or "triton"
+    # Vocabulary parallelism: ``weight``/``bias`` hold rows [vocab_offset, vocab_offset + V) of a
+    # vocabulary of ``global_vocab_size`` split across ``vocab_parallel_group``; targets are global ids.
+    vocab_parallel_group: Optional[Any] = None
+    vocab_offset: int = 0
+    global_vocab_size: Optional[int] = None
 
     @property
     def num_positions(self) -> int:
@@ -45,6 +50,7 @@ class Prepared:
 
     @property
     def vocab_size(self) -> int:
+        """This rank's vocabulary size (the whole vocabulary without a vocab-parallel group)."""
         return self.weight.shape[0]
 
     @property
@@ -90,6 +96,7 @@ def prepare(
     softcap: Optional[float] = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    vocab_parallel_group: Optional[Any] = None,
 ) -> Prepared:
     """Validate the arguments of ``fused_logprobs`` and flatten them. See that function's docs."""
     _check_float("hidden", hidden)
@@ -167,12 +174,21 @@ def prepare(
             raise ValueError(f"seq_ids must lie in [0, num_seqs={num_seqs})")
 
     valid = flat_targets != ignore_index
+    vocab_offset, global_vocab = 0, vocab
+    if vocab_parallel_group is not None:
+        if backend == "triton":
+            raise NotImplementedError(
+                "vocab_parallel_group is implemented by the torch backend only; use backend='torch' "
+                "(or 'auto', which picks it when a group is given)"
+            )
+        backend = "torch"
+        vocab_offset, global_vocab = _vocab_slice(vocab, vocab_parallel_group, device)
     if n > 0:
-        bad = valid & ((flat_targets < 0) | (flat_targets >= vocab))
+        bad = valid & ((flat_targets < 0) | (flat_targets >= global_vocab))
         if bool(bad.any()):
             first = int(flat_targets[bad][0].item())
             raise ValueError(
-                f"targets must lie in [0, V={vocab}) or equal ignore_index={ignore_index}; found {first}"
+                f"targets must lie in [0, V={global_vocab}) or equal ignore_index={ignore_index}; found {first}"
             )
 
     if ref_hidden is None:
@@ -238,4 +254,24 @@ def prepare(
         softcap=softcap,
         ignore_index=int(ignore_index),
         backend=backend,
+        vocab_parallel_group=vocab_parallel_group,
+        vocab_offset=vocab_offset,
+        global_vocab_size=global_vocab,
     )
+
+
+def _vocab_slice(local_vocab: int, group: Any, device: torch.device) -> Tuple[int, int]:
+    """(offset of this rank's slice, global V): all-gather the slice sizes, ranks in group order."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("vocab_parallel_group needs an initialized torch.distributed process group")
+    if local_vocab == 0:
+        raise ValueError("vocab_parallel_group: every rank must hold at least one vocabulary row of weight")
+    world = dist.get_world_size(group)
+    sizes = torch.zeros(world, dtype=torch.int64, device=device)
+    mine = torch.tensor([local_vocab], dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(sizes, mine, group=group)
+    rank = dist.get_rank(group)
+    sizes = sizes.tolist()
+    return int(sum(sizes[:rank])), int(sum(sizes))
