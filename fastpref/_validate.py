@@ -269,9 +269,8 @@ def _vocab_slice(local_vocab: int, group: Any, device: torch.device) -> Tuple[in
     if local_vocab == 0:
         raise ValueError("vocab_parallel_group: every rank must hold at least one vocabulary row of weight")
     world = dist.get_world_size(group)
-    sizes = torch.zeros(world, dtype=torch.int64, device=device)
-    mine = torch.tensor([local_vocab], dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(sizes, mine, group=group)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([local_vocab], dtype=torch.int64, device=device), group=group)
+    sizes = [int(s.item()) for s in sizes]
     rank = dist.get_rank(group)
-    sizes = sizes.tolist()
     return int(sum(sizes[:rank])), int(sum(sizes))
