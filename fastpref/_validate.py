@@ -7,6 +7,7 @@ and a sequence id per position. ``prepare`` checks the user's arguments, raises 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
@@ -80,6 +81,26 @@ def _check_scalar(name: str, value, allow_none: bool) -> Optional[float]:
     return v
 
 
+def _check_not_sharded(name: str, t: Optional[torch.Tensor]) -> None:
+    """Reject a head parameter that a data-parallel framework holds sharded outside its module's forward."""
+    if t is None:
+        return
+    if hasattr(t, "ds_id") and t.numel() == 0:
+        raise ValueError(
+            f"{name} is a partitioned DeepSpeed ZeRO-3 parameter (empty outside its module's forward): run the "
+            "loss inside the head module's forward with fastpref.integrations.distributed.forward_through, or "
+            "read it without gradients under fastpref.integrations.distributed.gathered_params"
+        )
+    dtensor = sys.modules.get("torch.distributed.tensor")  # a DTensor exists only once this was imported
+    if dtensor is not None and isinstance(t, dtensor.DTensor):
+        raise TypeError(
+            f"{name} is a sharded DTensor (e.g. an LM head under FSDP2 fully_shard, read outside its forward): "
+            "run the loss inside the head module's forward with fastpref.integrations.distributed.forward_through "
+            "(full_tensor() would skip FSDP's gradient reduce-scatter), or read it without gradients under "
+            "fastpref.integrations.distributed.gathered_params"
+        )
+
+
 def prepare(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -101,6 +122,8 @@ def prepare(
     """Validate the arguments of ``fused_logprobs`` and flatten them. See that function's docs."""
     _check_float("hidden", hidden)
     _check_float("weight", weight)
+    for name, param in (("weight", weight), ("bias", bias), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
+        _check_not_sharded(name, param)
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
