@@ -217,21 +217,65 @@ def _vocab_parallel_errors_worker(rank: int, world: int) -> bool:
     return True
 
 
+def _vocab_parallel_modules_worker(rank: int, world: int) -> int:
+    """The fused modules with ``vocab_parallel_group=``: loss and gradients equal the unsharded module."""
+    group = dist.group.WORLD
+    g = torch.Generator().manual_seed(7)
+    vocab, dim, splits = 23, 6, (9, 14)
+    lo, hi = sum(splits[:rank]), sum(splits[: rank + 1])
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    weight, bias, ref_weight = randn(vocab, dim), randn(vocab), randn(vocab, dim)
+    hidden, ref_hidden = randn(4, 5, dim), randn(4, 5, dim)  # 2 pairs
+    targets = torch.randint(0, vocab, (4, 5), generator=g)
+    targets[:, 0] = -100
+    kl_hidden, kl_ref_hidden = randn(3, 4, dim), randn(3, 4, dim)
+    kl_targets = torch.randint(0, vocab, (3, 4), generator=g)
+    cases = [
+        (fastpref.FusedDPOLoss, dict(beta=0.3, temperature=0.9, softcap=4.0),
+         dict(ref_hidden=ref_hidden, ref_weight="ref_weight")),
+        (fastpref.FusedSPOLoss, dict(alpha=0.5, kl_coef=0.7),
+         dict(kl_hidden=kl_hidden, kl_ref_hidden=kl_ref_hidden, kl_targets=kl_targets)),
+    ]
+    checked = 0
+    for cls, options, call in cases:
+        outs = []
+        for sharded in (False, True):
+            sl = slice(lo, hi) if sharded else slice(None)
+            h = hidden.clone().requires_grad_(True)
+            w, b = weight[sl].clone().requires_grad_(True), bias[sl].clone().requires_grad_(True)
+            kw = {k: (ref_weight[sl] if v == "ref_weight" else v) for k, v in call.items()}
+            loss_fn = cls(**options, vocab_parallel_group=group if sharded else None)
+            out = loss_fn(w, h, targets, bias=b, **kw)
+            outs.append((out.loss, *torch.autograd.grad(out.loss, (h, w, b))))
+        (loss, dh, dw, db), (vp_loss, vp_dh, vp_dw, vp_db) = outs
+        for name, got, want in (("loss", vp_loss, loss), ("dH", vp_dh, dh), ("dW", vp_dw, dw[lo:hi]),
+                                ("db", vp_db, db[lo:hi])):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12,
+                                       msg=lambda m: f"{cls.__name__} {name}: {m}")
+            checked += 1
+    return checked
+
+
 def _vocab_parallel_all(rank: int, world: int) -> dict:
     """One pair of processes for every vocabulary-parallel check (process start-up dominates on CI)."""
     return dict(float64=_vocab_parallel_worker(rank, world, "float64"),
                 float32=_vocab_parallel_worker(rank, world, "float32"),
-                errors=_vocab_parallel_errors_worker(rank, world))
+                errors=_vocab_parallel_errors_worker(rank, world),
+                modules=_vocab_parallel_modules_worker(rank, world))
 
 
 def test_vocab_parallel_matches_unsharded(tmp_path):
     """Two-process vocabulary parallel: logps, ref logps, KL (forward/reverse), dH, dW and db of every
     slice equal the unsharded head (fp64 to 1e-12, fp32 to 1e-5), over unequal slices, bias, a separate
     or shared reference head, temperature, softcap, ignored positions, padded and packed layouts;
-    plus the error paths (target beyond the global vocabulary, triton backend, eager reference)."""
+    the fused modules (DPO with a reference head, SPO with its online-sample KL) with the group; and
+    the error paths (target beyond the global vocabulary, triton backend, eager reference)."""
     results = run_distributed(_vocab_parallel_all, tmp_path=tmp_path)
     # every field and gradient of every case was compared, in both dtypes
-    assert results == [dict(float64=36, float32=36, errors=True)] * 2
+    assert results == [dict(float64=36, float32=36, errors=True, modules=8)] * 2
 
 
 def test_vocab_parallel_needs_initialized_group():
@@ -338,6 +382,16 @@ def _ddp_worker(rank: int, world: int) -> dict:
                 in_sync = False
             opt.step()
         seen[f"{mode}/find_unused={find_unused}"] = (equal, in_sync)
+    # find_unused_parameters=True with the head read outside the forward: DDP thinks it unused, then
+    # its gradient arrives; torch raises in backward (loud, not silent).
+    model = _make_model()
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    ids, targets, ref = _local_batch(0, rank, world)
+    try:
+        _head_loss(model, ddp(ids), targets, ref).backward()
+        seen["outside/find_unused=True"] = "no error"
+    except RuntimeError as e:
+        seen["outside/find_unused=True"] = "marked as ready twice" in str(e) or "ready only once" in str(e)
     return seen
 
 
@@ -350,6 +404,7 @@ def test_ddp_head_outside_forward_gets_all_reduced(tmp_path):
         assert seen["through/find_unused=True"] == (True, True)
         # Bypassing the wrapper leaves per-rank gradients: wrong, and the sync check says so.
         assert seen["bypass/find_unused=False"] == (False, False)
+        assert seen["outside/find_unused=True"] is True
 
 
 def _fsdp_worker(rank: int, world: int) -> dict:
@@ -392,13 +447,23 @@ def _fsdp_worker(rank: int, world: int) -> dict:
             torch.testing.assert_close(w, _make_model().lm_head.weight.detach())
             torch.testing.assert_close(b, _make_model().lm_head.bias.detach())
         seen[mode] = True
+    # What forward_through avoids: full_tensor() on a separately sharded head gives the right values
+    # but its backward keeps each rank's own slice of its own gradient (no reduce-scatter).
+    model = _make_model()
+    fully_shard(model.lm_head)
+    fully_shard(model)
+    hidden = model(ids)
+    w, b = model.lm_head.weight.full_tensor(), model.lm_head.bias.full_tensor()
+    fastpref.FusedDPOLoss(beta=0.5)(w, hidden, targets, bias=b, ref_logps=ref).loss.backward()
+    seen["full_tensor head grad correct"] = torch.allclose(model.lm_head.weight.grad.full_tensor(),
+                                                           want["lm_head.weight"])
     return seen
 
 
 def test_fsdp2_fully_shard_head(tmp_path):
     """FSDP2 on CPU/gloo: head in the root group, and a separately sharded head via forward_through."""
     results = run_distributed(_fsdp_worker, tmp_path=tmp_path)
-    assert results == [{"root": True, "head-sharded": True}] * 2
+    assert results == [{"root": True, "head-sharded": True, "full_tensor head grad correct": False}] * 2
 
 
 # --------------------------------------------------------------------------------------------------
