@@ -211,6 +211,21 @@ def test_pairwise_heads_match_eager_fp64(name, seed):
     assert_parity(loss, ref(d), [d["sw"], d["sl"]])
 
 
+@pytest.mark.parametrize("name", sorted(PAIR_CASES))
+def test_pairwise_heads_fp32_match_fp64_eager(name):
+    d = batch(seed=3)
+    d32 = {k: v.detach().float().requires_grad_(k in ("sw", "sl")) for k, v in d.items()}
+    head, ref = PAIR_CASES[name]
+    loss32, _ = head(d32)
+    ref64 = ref(d)
+    assert loss32.dtype == torch.float32
+    torch.testing.assert_close(loss32.double(), ref64, rtol=2e-5, atol=1e-6)
+    got = torch.autograd.grad(loss32, [d32["sw"], d32["sl"]])
+    want = torch.autograd.grad(ref64, [d["sw"], d["sl"]])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=2e-5, atol=1e-6)
+
+
 def test_slic_sft_logps_gets_the_regularizer_gradient():
     d = batch()
     sref = uniform(6, -40, -10, 99).requires_grad_(True)

@@ -89,7 +89,7 @@ def floats(shape: Sequence[Optional[int]], **named: Optional[Tensor]) -> Tuple[T
     for name, t in present.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOATS and (t.is_complex() or t.dtype == torch.bool):
+        if t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"{name} must be a real float tensor, got {t.dtype}")
         if t.dim() != len(sizes):
             raise ValueError(f"{name} must have {len(sizes)} dim(s), got shape {tuple(t.shape)}")

@@ -40,7 +40,7 @@ def dpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, 
 def ipo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
         chosen_lengths: Optional[Tensor] = None, rejected_lengths: Optional[Tensor] = None,
         *, tau: float = 0.1, length_normalize: bool = True) -> LossOutput:
-    """Identity Preference Optimization (Azar et al. 2023, Eq. 17).
+    """Identity Preference Optimization (Azar et al. 2023, "A General Theoretical Paradigm...", empirical IPO).
 
     ℓ = (h̄ − 1/(2τ))², where h̄ is h built from length-averaged S̄, R̄ (TRL / α-DPO code;
     ``length_normalize=False`` uses the sums, as in the IPO paper).
@@ -67,7 +67,7 @@ def ipo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, 
 
 def simpo(chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor,
           *, beta: float = 2.0, gamma: float = 0.5, sft_weight: float = 0.0) -> LossOutput:
-    """Simple Preference Optimization (Meng et al. 2024, Eq. 6), reference-free.
+    """Simple Preference Optimization (Meng et al. 2024; MC-PO paper Table 5), reference-free.
 
     u = β(S̄_w − S̄_l) − γ;  ℓ = −ls(u) − λ_sft·S̄_w.
     Gradient: g_w = −βσ(−u)/n_w − λ_sft/n_w, g_l = +βσ(−u)/n_l.
@@ -86,7 +86,7 @@ def simpo(chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, 
 
 def slic(chosen_logps: Tensor, rejected_logps: Tensor, *, delta: float = 1.0, reg_weight: float = 0.1,
          sft_logps: Optional[Tensor] = None) -> LossOutput:
-    """SLiC-HF calibration loss (Zhao et al. 2023, Eq. 3; survey slides).
+    """SLiC-HF calibration loss (Zhao et al. 2023; formula as in the survey slides).
 
     ℓ = max(0, δ − (S_w − S_l)) − λ·S_ref, with S_ref the log-prob of the SFT target (default y_w).
     Subgradient: g_w = −1[δ > S_w − S_l], g_l = +1[δ > S_w − S_l], g_ref = −λ.
@@ -104,7 +104,7 @@ def slic(chosen_logps: Tensor, rejected_logps: Tensor, *, delta: float = 1.0, re
 
 def dpop(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
          *, beta: float = 0.3, dpop_lambda: float = 50.0) -> LossOutput:
-    """DPO-Positive (Smaug; Pal et al. 2024, Eq. 3): penalty inside the sigmoid, as in the paper.
+    """DPO-Positive (Smaug; Pal et al. 2024): penalty inside the sigmoid, as in the Smaug paper.
 
     u = β(h − λ·relu(R_w − S_w));  ℓ = −ls(u).
     Gradient: g_w = −βσ(−u)(1 + λ·1[S_w < R_w]), g_l = +βσ(−u).
@@ -121,7 +121,7 @@ def dpop(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor,
 
 def orpo(chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor,
          *, orpo_lambda: float = 0.1) -> LossOutput:
-    """Odds-Ratio Preference Optimization (Hong et al. 2024, Eqs. 6-7).
+    """Odds-Ratio Preference Optimization (Hong et al. 2024, Eqs. 6-7 as quoted in the survey slides).
 
     a = min(S̄, −1e-6); lo = a − log(1 − e^a) (log-odds); d = lo_w − lo_l;
     L = NLL − λ·mean(ls(d)), NLL = −Σ S_w / Σ n_w (global token mean over chosen tokens, as in the
@@ -145,11 +145,13 @@ def orpo(chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, r
 
 def cpo(chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, *, beta: float = 0.1,
         nll_weight: float = 1.0) -> LossOutput:
-    """Contrastive Preference Optimization (Xu et al. 2024, Eq. 6): reference-free DPO plus NLL on y_w.
+    """Contrastive Preference Optimization (Xu et al. 2024): reference-free DPO plus NLL on y_w.
 
     L = mean(−ls(β(S_w − S_l))) + λ·NLL, NLL = −Σ S_w / Σ n_w (token mean over chosen tokens).
     Gradient: g_l = βσ(−β(S_w − S_l))/B, g_w = −g_l − λ/Σn_w.
     Defaults: β = 0.1, λ = 1 (TRL ``cpo_alpha``). Rewards: βS. Metric ``nll`` (scalar).
+    The MC-PO paper's Table 5 "CPO" is a SimPO-style variant (length-normalized, with γ); that one is
+    :func:`simpo` with ``sft_weight = λβ``.
     """
     beta = check_positive("beta", beta)
     lam = check_positive("nll_weight", nll_weight, allow_zero=True)
