@@ -207,6 +207,10 @@ def _vocab_parallel_errors_worker(rank: int, world: int) -> bool:
         raise AssertionError("a target >= global V must raise")
     except ValueError as e:
         assert "V=7" in str(e), e
+    from fastpref.integrations.distributed import vocab_range
+
+    ranges = [vocab_range(v, group) for v in (7, 8, 2)]
+    assert ranges == ([(0, 4), (0, 4), (0, 1)] if rank == 0 else [(4, 7), (4, 8), (1, 2)]), ranges
     for call in (lambda: fastpref.fused_logprobs(hidden, weight, targets, backend="triton", vocab_parallel_group=group),
                  lambda: fastpref.reference.fused_logprobs(hidden, weight, targets, vocab_parallel_group=group)):
         try:

@@ -3,7 +3,8 @@
 The fused losses read the LM head directly -- ``loss_fn(model.lm_head.weight, hidden, targets)`` --
 usually *outside* the model's forward, because the model's own forward would build the logits. Every
 data-parallel wrapper ties its gradient synchronisation to its forward, so it matters how that call is
-made. What each wrapper does (all measured on CPU/gloo in ``tests/test_distributed.py``):
+made. What each wrapper does (DDP and FSDP2 cases measured with two CPU/gloo processes in
+``tests/test_distributed.py``; ZeRO-3 from DeepSpeed's design, untested with a real DeepSpeed):
 
 DDP (``DistributedDataParallel``): the gradient all-reduce runs from autograd hooks that the wrapper's
 forward arms.
@@ -29,7 +30,9 @@ FSDP2 (``fully_shard``):
 
 DeepSpeed ZeRO-3: a parameter is partitioned (empty) outside its module's forward; ZeRO-3 gathers it
 in a forward pre-hook and again for backward. ``fused_logprobs`` rejects an empty partitioned
-parameter with a ``ValueError``.
+parameter with a ``ValueError``. A ``GatheredParameters`` context around the loss call gives the
+right values, but the torch backend recomputes logit tiles in backward, so backward would have to run
+inside the context too.
 
 One fix for all of these: run the loss computation *as the forward* of the wrapper (DDP) or of the
 sharded module (FSDP2 / ZeRO-3) with :func:`forward_through`, so the framework's own hooks gather the
@@ -42,9 +45,26 @@ head, keep it for backward and synchronise its gradient::
     loss = forward_through(ddp_model, step, input_ids, targets)    # DDP, any find_unused_parameters
     loss.backward()
 
+For a head sharded on its own (FSDP2 ``fully_shard(model.lm_head)``, ZeRO-3), route the head's part
+through the head module as well::
+
+    def step(input_ids, targets):
+        hidden = model.model(input_ids).last_hidden_state
+        return forward_through(model.lm_head, lambda: loss_fn(model.lm_head.weight, hidden, targets,
+                                                              ref_logps=ref).loss)
+
+    loss = forward_through(model, step, input_ids, targets)
+
 For no-grad reads of a sharded head (a reference model's head, a no-grad scoring pass) use
 :func:`gathered_params`. :func:`assert_replicas_in_sync` checks, while debugging, that parameters or
 gradients are equal on every rank.
+
+Vocabulary parallelism (each rank of a group holds a contiguous slice of the head's rows, see
+``vocab_parallel_group`` in :func:`fastpref.fused_logprobs` and the fused modules)::
+
+    lo, hi = vocab_range(vocab_size, group)                 # this rank's rows of the head
+    head_slice = nn.Parameter(full_weight[lo:hi].clone())   # what this rank keeps
+    stats = fastpref.fused_logprobs(hidden, head_slice, targets, vocab_parallel_group=group)
 """
 from __future__ import annotations
 
@@ -57,6 +77,7 @@ from torch import nn
 
 __all__ = [
     "forward_through",
+    "vocab_range",
     "unwrap_model",
     "sharding_kind",
     "gathered_params",
@@ -104,6 +125,25 @@ def forward_through(module: nn.Module, fn: Callable[..., Any], *args: Any, **kwa
         return module(*args, **kwargs)
     finally:
         vars(inner).pop("forward", None)
+
+
+def vocab_range(vocab_size: int, group: Any = None) -> Tuple[int, int]:
+    """``(start, end)`` rows of a ``vocab_size``-row head kept by this rank of ``group`` (default: world).
+
+    Contiguous, in rank order, sizes differing by at most one (the first ``vocab_size % world`` ranks
+    get one more row): the layout ``vocab_parallel_group`` expects. Any other contiguous split in rank
+    order works too.
+    """
+    import torch.distributed as dist
+
+    if int(vocab_size) != vocab_size or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if vocab_size < world:
+        raise ValueError(f"vocab_size ({vocab_size}) must be at least the group size ({world})")
+    base, extra = divmod(int(vocab_size), world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
 
 
 # --------------------------------------------------------------------------------------------------
