@@ -25,8 +25,9 @@ Sequence layouts (padded ``[S, T, D]`` rows, or packed ``[N, D]`` positions with
 
 Hyper-parameters are constructor arguments; ``temperature``, ``softcap``, ``ignore_index``,
 ``backend`` and ``vocab_parallel_group`` (a vocabulary-sharded LM head, see
-:func:`fastpref.fused_logprobs`) are passed to the fused op. ``fastpref.reference`` has an eager twin of every class here
-(same names and signatures, full logits); the twins differ only in :attr:`FusedLossBase.fused_logprobs`.
+:func:`fastpref.fused_logprobs`) are passed to the fused op. ``fastpref.reference`` has an eager twin
+of every class here (same names and signatures, full logits); the twins differ only in
+:attr:`FusedLossBase.fused_logprobs`.
 """
 from __future__ import annotations
 
