@@ -30,7 +30,7 @@ CTOR: Dict[str, dict] = {
     "FusedCPOLoss": dict(beta=0.2, nll_weight=0.5),
     "FusedVARLoss": dict(beta=1.0),
     "FusedAlphaDPOLoss": dict(beta=2.5, gamma_beta_ratio=0.4, alpha=0.2),
-    "FusedMCPOLoss": dict(beta=0.5, group_size=3, num_negatives=1),
+    "FusedMCPOLoss": dict(beta=0.5, group_size=4, num_negatives=1),
     "FusedSPOLoss": dict(alpha=0.1, gamma=0.01, kl_coef=0.1),
 }
 
@@ -79,9 +79,7 @@ def make_sequences(gen: torch.Generator, num: int, *, dtype: torch.dtype, packed
         seq_ids = seq_ids[torch.randperm(n, generator=gen)]  # interleaved positions
         hidden = torch.randn(n, dim, generator=gen, dtype=torch.float64)
         targets = torch.randint(0, vocab, (n,), generator=gen)
-        targets[0] = -100  # one ignored position inside some sequence
-        if bool((targets[seq_ids == seq_ids[0]] != -100).sum() == 0):
-            targets[0] = 1
+        targets[0] = -100  # one ignored position inside a sequence (every sequence has >= 2 positions)
     else:
         seq_ids = None
         hidden = torch.randn(num, max_len, dim, generator=gen, dtype=torch.float64)
@@ -103,7 +101,7 @@ def make_case(name: str, dtype: torch.dtype = torch.float32, *, packed: bool = F
     bias = (0.1 * torch.randn(vocab, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_()
     ref_weight = (weight.detach().double() + 0.05 * torch.randn(vocab, dim, generator=gen, dtype=torch.float64)).to(dtype)
     seq = dict(dtype=dtype, packed=packed, vocab=vocab, dim=dim)
-    num = {"FusedMCPOLoss": 6, "FusedVARLoss": 4, "FusedKTOLoss": 5}.get(name, 6)
+    num = {"FusedMCPOLoss": 8, "FusedVARLoss": 4, "FusedKTOLoss": 5}.get(name, 6)
     main = make_sequences(gen, num, **seq)
     call: dict = dict(bias=bias, **main.layout())
     if name not in REFERENCE_FREE:

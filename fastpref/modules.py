@@ -31,7 +31,6 @@ of every class here (same names and signatures, full logits); the twins differ o
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -40,6 +39,7 @@ from torch import nn
 
 from . import losses
 from ._stats import LogprobStats
+from ._validate import _check_scalar
 from .ops import fused_logprobs as _fused_logprobs
 
 Tensor = torch.Tensor
@@ -144,16 +144,6 @@ def global_mean(local_mean: Tensor, count: int) -> Tensor:
     return (total[:-1] / total[-1]).to(local_mean.dtype).reshape(local_mean.shape)
 
 
-def _check_positive(name: str, value: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return v
-
-
 def _check_group_size(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -197,24 +187,6 @@ def _check_grouped(num_seqs: int, group_size: int) -> int:
     return num_seqs // group_size
 
 
-def _select_sequences(hidden: Tensor, targets: Tensor, seq_ids: Optional[Tensor], keep: Tensor):
-    """The rows (padded) or positions (packed) of the sequences where ``keep`` is True, renumbered.
-
-    Returns ``(hidden, targets, seq_ids, num_seqs, index)`` of the subset; ``index`` lists the kept
-    sequences in order. ``hidden`` is gathered with ``index_select`` so gradients flow back to the
-    kept rows only.
-    """
-    index = keep.nonzero().squeeze(1)
-    if seq_ids is None:
-        return hidden.index_select(0, index), targets.index_select(0, index), None, index.numel(), index
-    seq_ids = seq_ids.long()
-    positions = keep[seq_ids].nonzero().squeeze(1)
-    renumber = torch.cumsum(keep.long(), 0) - 1
-    sub_ids = renumber[seq_ids.index_select(0, positions)]
-    return (hidden.index_select(0, positions), targets.index_select(0, positions), sub_ids, index.numel(),
-            index)
-
-
 # ---------------------------------------------------------------------------------------------------
 # base class
 
@@ -222,14 +194,17 @@ def _select_sequences(hidden: Tensor, targets: Tensor, seq_ids: Optional[Tensor]
 class FusedLossBase(nn.Module):
     """Shared machinery of the fused loss modules (see the module docstring for the call shape).
 
-    Subclasses set :attr:`reference` and implement :meth:`compute_loss`; the eager twins in
+    Subclasses set :attr:`reference_mode` and implement :meth:`compute_loss`; the eager twins in
     ``fastpref.reference`` override only :attr:`fused_logprobs`.
     """
 
     #: The per-sequence log-prob op (the fused one here; ``fastpref.reference`` swaps in the eager one).
     fused_logprobs: Callable[..., LogprobStats] = staticmethod(_fused_logprobs)
     #: "required": needs ``ref_hidden`` or ``ref_logps``; "optional": may use them; "none": rejects them.
-    reference: str = "required"
+    reference_mode: str = "required"
+    #: True when ``ref_weight``/``ref_bias`` also serve an extra pass (SPO's online samples, KTO's
+    #: mismatched pairs), so they are accepted without ``ref_hidden``.
+    extra_pass_reads_ref_head: bool = False
 
     def __init__(self, *, temperature: float = 1.0, softcap: Optional[float] = None, ignore_index: int = -100,
                  backend: str = "auto", vocab_parallel_group: Optional[object] = None) -> None:
@@ -261,19 +236,7 @@ class FusedLossBase(nn.Module):
                      ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor],
                      ref_logps: Optional[Tensor], seq_ids: Optional[Tensor], num_seqs: Optional[int]) -> SequenceBatch:
         """One fused pass: policy statistics, plus reference log-probs when ``ref_hidden`` is given."""
-        name = type(self).__name__
-        if self.reference == "none":
-            if ref_hidden is not None or ref_logps is not None:
-                raise ValueError(f"{name} uses no reference model: ref_hidden and ref_logps must be None")
-            if (ref_weight is not None or ref_bias is not None) and not self.uses_ref_head():
-                raise ValueError(f"{name} uses no reference model: ref_weight and ref_bias must be None")
-        if ref_hidden is not None and ref_logps is not None:
-            raise ValueError(f"{name}: pass either ref_hidden (computed here) or ref_logps (precomputed), not both")
-        if self.reference == "required" and ref_hidden is None and ref_logps is None:
-            raise ValueError(f"{name} needs the reference model: pass ref_hidden (and optionally ref_weight/"
-                             "ref_bias) or precomputed per-sequence ref_logps")
-        if ref_logps is not None and (ref_weight is not None or ref_bias is not None):
-            raise ValueError(f"{name}: ref_weight/ref_bias apply to ref_hidden; they make no sense with ref_logps")
+        self._check_reference_args(ref_hidden, ref_weight, ref_bias, ref_logps)
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
         stats = self.fused_logprobs(
@@ -290,9 +253,18 @@ class FusedLossBase(nn.Module):
         return SequenceBatch(stats=stats, ref_logps=ref, weight=weight, bias=bias, ref_weight=ref_weight,
                              ref_bias=ref_bias)
 
-    def uses_ref_head(self) -> bool:
-        """True when ``ref_weight``/``ref_bias`` serve an extra pass (SPO's online samples)."""
-        return False
+    def _check_reference_args(self, ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor],
+                              ref_bias: Optional[Tensor], ref_logps: Optional[Tensor]) -> None:
+        name = type(self).__name__
+        if ref_hidden is not None and ref_logps is not None:
+            raise ValueError(f"{name}: pass either ref_hidden (computed here) or ref_logps (precomputed), not both")
+        if self.reference_mode == "none" and (ref_hidden is not None or ref_logps is not None):
+            raise ValueError(f"{name} uses no reference model: ref_hidden and ref_logps must be None")
+        if self.reference_mode == "required" and ref_hidden is None and ref_logps is None:
+            raise ValueError(f"{name} needs the reference model: pass ref_hidden (and optionally ref_weight/"
+                             "ref_bias) or precomputed per-sequence ref_logps")
+        if (ref_weight is not None or ref_bias is not None) and ref_hidden is None and not self.extra_pass_reads_ref_head:
+            raise ValueError(f"{name}: ref_weight/ref_bias are the reference head for ref_hidden, which was not given")
 
     def extra_logprobs(self, batch: SequenceBatch, hidden: Tensor, targets: Tensor, *, seq_ids: Optional[Tensor],
                        num_seqs: Optional[int], ref_hidden: Optional[Tensor] = None, kl: Optional[str] = None,
@@ -396,7 +368,7 @@ class FusedSimPOLoss(_PairwiseLoss):
     is 0.1 (ours 2.0, the SimPO config); with ``compute_nll_loss=False`` and the same beta/gamma the two agree.
     """
 
-    reference = "none"
+    reference_mode = "none"
 
     def __init__(self, beta: float = 2.0, gamma: float = 0.5, sft_weight: float = 0.0, **options) -> None:
         super().__init__(**options)
@@ -414,7 +386,7 @@ class FusedSLiCLoss(_PairwiseLoss):
     the chosen response unless ``sft_logps`` [S/2] (differentiable) is passed to the call.
     """
 
-    reference = "none"
+    reference_mode = "none"
 
     def __init__(self, delta: float = 1.0, reg_weight: float = 0.1, **options) -> None:
         super().__init__(**options)
@@ -452,7 +424,7 @@ class FusedORPOLoss(_PairwiseLoss):
     log1mexp with a clamp where Liger uses plain ``log1p(-exp(a))``.
     """
 
-    reference = "none"
+    reference_mode = "none"
 
     def __init__(self, orpo_lambda: float = 0.1, **options) -> None:
         super().__init__(**options)
@@ -472,7 +444,7 @@ class FusedCPOLoss(_PairwiseLoss):
     ``alpha`` = our ``nll_weight`` = 1, ``label_smoothing=0``).
     """
 
-    reference = "none"
+    reference_mode = "none"
 
     def __init__(self, beta: float = 0.1, nll_weight: float = 1.0, **options) -> None:
         super().__init__(**options)
@@ -503,6 +475,8 @@ class FusedKTOLoss(FusedLossBase):
     its ``kl`` argument is our z0; Liger takes the KL reference point as an input and does not clamp it
     at 0, and takes ``(_input, lin_weight)`` in that order.
     """
+
+    extra_pass_reads_ref_head = True  # the mismatched pairs' kl_ref_hidden
 
     def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
                  **options) -> None:
@@ -558,7 +532,8 @@ class FusedKTOLoss(FusedLossBase):
 
 
 class FusedVARLoss(FusedLossBase):
-    r"""VAR, variational alignment with re-weighting (the VAR paper, Eqs. 9-10 and Alg. 1), fused.
+    r"""VAR, variational alignment with re-weighting, fused: Du, Li, Cheng et al., "RLHF in an SFT Way: From
+    Optimal Solution to Reward-Weighted Alignment" (Eqs. 9-10, Alg. 1).
 
     B prompts with one response each (S = B). With rewards r_ij = r(x_i, y_j) and cross-pair reference
     log-probs L_ij = log pi_ref(y_j | x_i):
@@ -571,11 +546,11 @@ class FusedVARLoss(FusedLossBase):
     ``beta`` has no default (the paper reports none).
     """
 
-    reference = "optional"
+    reference_mode = "optional"
 
     def __init__(self, beta: float, normalize: str = "self", policy_reduction: str = "sum", **options) -> None:
         super().__init__(**options)
-        self.beta = _check_positive("beta", beta)
+        self.beta = _check_scalar("beta", beta, allow_none=False)
         self.normalize, self.policy_reduction = normalize, policy_reduction
 
     def ref_logps_shapes(self, num_seqs: int) -> List[Tuple[int, ...]]:
@@ -684,7 +659,8 @@ def var_cross_pair_ref_logps(
 
 
 class FusedAlphaDPOLoss(_PairwiseLoss):
-    r"""alpha-DPO (Wu et al. 2024, "alpha-DPO: Adaptive Reward Margin", arXiv:2410.10148), fused.
+    r"""alpha-DPO, fused: Wu et al. 2024, "alpha-DPO: Adaptive Reward Margin is What Direct Preference
+    Optimization Needs" (arXiv:2410.10148, Eqs. 9-12; public code junkangwu/alpha-DPO).
 
     Length-averaged statistics S/n, R/n. The margin signal M = (S̄_w - S̄_l) - (R̄_w - R̄_l) is z-scored with
     running statistics: ``M* = (M - mu) / sigma``, ``m = sg(beta (gamma_beta_ratio + alpha M*))``,
@@ -734,7 +710,8 @@ class FusedAlphaDPOLoss(_PairwiseLoss):
         """The (mean, std) used for z-scoring now: bias-corrected EMA unless ``bias_correction=False``."""
         if not self.bias_correction:
             return self.margin_mean, self.margin_std
-        correction = 1.0 - self.momentum ** int(self.num_updates.item())
+        # On device (no host sync per step): 1 - momentum^k.
+        correction = 1.0 - self.momentum ** self.num_updates.to(self.margin_mean.dtype)
         return self.margin_mean / correction, self.margin_std / correction
 
     def compute_loss(self, batch: SequenceBatch) -> Tuple[Tensor, Metrics]:
@@ -762,23 +739,24 @@ class FusedAlphaDPOLoss(_PairwiseLoss):
 
 
 class FusedMCPOLoss(FusedLossBase):
-    r"""MC-PO, Monte-Carlo preference optimization with an MC-kernel hard negative (the MC-PO paper, Eq. 7,
-    Alg. 1), fused.
+    r"""MC-PO, preference optimization with an MC-kernel hard negative, fused: Chen et al., "Preference
+    Optimization via Contrastive Divergence: Your Reward Model is Secretly an NLL Estimator" (Eq. 7, Alg. 1).
 
     Grouped layout S = B * G, G = K + 1, column 0 the preferred response. With r_i = S_i - R_i:
     negatives Z are drawn from softmax_i(beta r_i) (no grad; ``include_positive=False`` excludes y_0),
     ``loss = mean_b[-beta r_0 + LSE_{i in {0} u Z}(beta r_i)]``.
 
-    The work is split as the paper describes: a no-grad fused pass over all K + 1 sequences (policy and
-    reference), sampling with :func:`fastpref.losses.mcpo_sample_negatives`, then a gradient pass over the
-    rows (padded) or positions (packed) of the preferred and sampled sequences only, so unselected
-    candidates cost no backward work. Options: ``group_size`` (G = K + 1; also a call keyword),
-    ``num_negatives`` (M), ``generator`` (a ``torch.Generator`` for the sampling; also a call keyword).
-    Needs the reference (``ref_hidden`` or ``ref_logps`` [S]).
-    """
+    One fused forward over all K + 1 sequences (policy and reference) gives the statistics; the MC
+    kernel samples from their detached values (:func:`fastpref.losses.mcpo_sample_negatives`), and the
+    loss reads only the preferred and sampled columns. Unselected sequences therefore get an upstream
+    gradient of exactly zero, and the fused backward skips zero-gradient positions: they cost no
+    backward work. (This does the paper's no-grad pass and the gradient pass in one forward; a separate
+    no-grad pass would recompute the selected sequences' forward.)
 
-    #: Gradient pass over the selected sequences only (the eager reference sets False: one full pass).
-    grad_pass_on_selected_only: bool = True
+    Options: ``group_size`` (G = K + 1; also a call keyword), ``num_negatives`` (M), ``include_positive``,
+    ``generator`` (a ``torch.Generator`` on the statistics' device, seeding the sampling; also a call
+    keyword). Needs the reference (``ref_hidden`` or ``ref_logps`` [S]). Metrics include ``negatives``.
+    """
 
     def __init__(self, beta: float = 0.01, group_size: Optional[int] = None, num_negatives: int = 1,
                  include_positive: bool = False, generator: Optional[torch.Generator] = None, **options) -> None:
@@ -787,56 +765,19 @@ class FusedMCPOLoss(FusedLossBase):
         self.group_size = None if group_size is None else _check_group_size("group_size", group_size, 2)
         self.generator = generator
 
-    def forward(self, weight: Tensor, hidden: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
-                ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
-                ref_bias: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None,
-                seq_ids: Optional[Tensor] = None, num_seqs: Optional[int] = None,
-                group_size: Optional[int] = None, generator: Optional[torch.Generator] = None) -> LossOutput:
-        """Loss of one batch of B groups of K + 1 sequences (see the class docstring)."""
+    def compute_loss(self, batch: SequenceBatch, group_size: Optional[int] = None,
+                     generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Metrics]:
         g = group_size if group_size is not None else self.group_size
         if g is None:
             raise ValueError("FusedMCPOLoss needs group_size (K + 1 sequences per prompt), in the constructor or "
                              "the call")
         g = _check_group_size("group_size", g, 2)
-        generator = generator if generator is not None else self.generator
-        options = dict(bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
-                       ref_logps=ref_logps, seq_ids=seq_ids, num_seqs=num_seqs)
-        if not self.grad_pass_on_selected_only:
-            batch = self.run_logprobs(weight, hidden, targets, **options)
-            return self._loss(batch, batch.logps, g, generator)
-        # Pass 1, no grad: the current policy's (and reference's) log-probs of all K + 1 sequences.
-        with torch.no_grad():
-            scout = self.run_logprobs(weight.detach(), hidden.detach(), targets,
-                                      **dict(options, bias=None if bias is None else bias.detach()))
-        b = _check_grouped(scout.num_seqs, g)
-        negatives = self._sample(scout, b, g, generator)
-        keep = torch.zeros(b, g, dtype=torch.bool, device=negatives.device)
-        keep[:, 0] = True
-        keep.scatter_(1, negatives, True)
-        keep = keep.reshape(-1).to(scout.logps.device)
-        # Pass 2, with grad: only the preferred and sampled sequences.
-        sub_hidden, sub_targets, sub_ids, sub_num, index = _select_sequences(
-            hidden, targets, None if seq_ids is None else seq_ids.to(keep.device), keep)
-        sub = self.fused_logprobs(sub_hidden, weight, sub_targets, bias=bias, seq_ids=sub_ids, num_seqs=sub_num,
-                                  **self.logprob_options())
-        logps = torch.index_put(scout.logps, (index,), sub.logps)
-        return self._loss(scout, logps, g, generator, negatives=negatives)
-
-    def _sample(self, batch: SequenceBatch, b: int, g: int, generator: Optional[torch.Generator]) -> Tensor:
-        return losses.mcpo_sample_negatives(
-            batch.logps.detach().view(b, g), batch.ref_logps.view(b, g), beta=self.beta,
-            num_negatives=self.num_negatives, generator=generator, include_positive=self.include_positive)
-
-    def _loss(self, batch: SequenceBatch, logps: Tensor, g: int, generator: Optional[torch.Generator],
-              negatives: Optional[Tensor] = None) -> LossOutput:
         b = _check_grouped(batch.num_seqs, g)
-        if negatives is None:
-            negatives = self._sample(batch, b, g, generator)
-        loss, metrics = losses.mcpo(logps.view(b, g), batch.ref_logps.view(b, g), beta=self.beta,
-                                    negatives=negatives)
-        metrics.setdefault("negatives", negatives)
-        metrics.setdefault("logps", logps.detach())
-        return self.finish(batch, loss, metrics)
+        logps, ref_logps = batch.logps.view(b, g), batch.ref_logps.view(b, g)
+        negatives = losses.mcpo_sample_negatives(
+            logps.detach(), ref_logps, beta=self.beta, num_negatives=self.num_negatives,
+            generator=generator if generator is not None else self.generator, include_positive=self.include_positive)
+        return losses.mcpo(logps, ref_logps, beta=self.beta, negatives=negatives)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -844,8 +785,9 @@ class FusedMCPOLoss(FusedLossBase):
 
 
 class FusedSPOLoss(FusedLossBase):
-    r"""SPO, soft preference optimization (the SPO paper, Eqs. 5, 8-15, Alg. 1), fused; reference-free
-    preference term plus a full-vocabulary KL regularizer on online samples.
+    r"""SPO, fused: "Soft Preference Optimization: Aligning Language Models to Expert Distributions"
+    (Eqs. 5, 8-15, Alg. 1): a reference-free preference term plus a full-vocabulary KL regularizer on
+    online samples.
 
     ``loss = mean_pairs[(mu / alpha) softplus(alpha (S_l - S_w))] + kl_coef * mean_s K_s`` with
     ``mu = sg(2 sigma(exp(gamma logaddexp(S_w, S_l)) - E_batch[...]))`` (gamma = 0: mu = 1) and
@@ -862,7 +804,8 @@ class FusedSPOLoss(FusedLossBase):
     the mean over all ranks (LOSSES.md §5 recommends the global batch).
     """
 
-    reference = "none"
+    reference_mode = "none"
+    extra_pass_reads_ref_head = True  # the online samples' kl_ref_hidden
     modes = ("pairs", "best_of_n", "ranked")
 
     def __init__(self, alpha: float = 0.01, gamma: float = 0.0, kl_coef: float = 0.01, mode: str = "pairs",
@@ -874,9 +817,6 @@ class FusedSPOLoss(FusedLossBase):
             raise ValueError(f"mode={mode!r} needs group_size (n responses per prompt)")
         self.alpha, self.gamma, self.kl_coef, self.mode = alpha, gamma, kl_coef, mode
         self.group_size = None if group_size is None else _check_group_size("group_size", group_size, 2)
-
-    def uses_ref_head(self) -> bool:
-        return True
 
     def online_kl(self, batch: SequenceBatch, kl_hidden: Optional[Tensor], kl_ref_hidden: Optional[Tensor],
                   kl_targets: Optional[Tensor], kl_seq_ids: Optional[Tensor], kl_num_seqs: Optional[int]) -> Optional[Tensor]:
@@ -919,7 +859,7 @@ class FusedSPOLoss(FusedLossBase):
             raise ValueError("mode='best_of_n' needs best: [B] int64 index of the best response in each group")
         if not isinstance(best, torch.Tensor) or best.dtype.is_floating_point or tuple(best.shape) != (b,):
             raise ValueError(f"best must be an integer tensor of shape ({b},)")
-        return losses.spo_best_of_n(logps, best.to(logps.device), **common)
+        return losses.spo_best_of_n(logps, best.to(device=logps.device, dtype=torch.int64), **common)
 
 
 def _register_self_checks() -> None:

@@ -51,14 +51,28 @@ def test_module_matches_eager_reference(name, dtype, tol, packed):
     assert torch.isfinite(fused[0])
 
 
+@pytest.mark.parametrize("name", ["FusedDPOLoss", "FusedKTOLoss", "FusedMCPOLoss", "FusedSPOLoss"])
+def test_without_bias(name):
+    case = make_case(name, torch.float64, packed=True, seed=9)
+    case.call.pop("bias")
+    case.grad_inputs = [t for t in case.grad_inputs if t is not case.bias]
+    fused = run_case(getattr(fastpref, name)(**case.ctor), case)
+    eager = run_case(getattr(reference, name)(**case.ctor), case)
+    assert max(_errors(fused, eager)) < 1e-10
+
+
 @pytest.mark.parametrize("name", [n for n in REF_USING if n != "FusedSPOLoss"])
 def test_precomputed_ref_logps_equal_ref_hidden(name):
     """ref_logps from the same reference give the same loss/grads as ref_hidden in the fused pass."""
-    case = make_case(name, torch.float64, packed=False, seed=5)
+    case = make_case(name, torch.float64, packed=False, seed=47)
     module = getattr(fastpref, name)
     with_hidden = run_case(module(**case.ctor), case)
+    if name == "FusedKTOLoss":
+        assert float(with_hidden[2]["z0"]) > 0  # the mismatched pairs' reference head matters
     ref_stats = fastpref.fused_logprobs(case.main.ref_hidden, case.call["ref_weight"], case.main.targets)
-    call = {k: v for k, v in case.call.items() if k not in ("ref_hidden", "ref_weight")}
+    # KTO keeps ref_weight: its mismatched pairs' kl_ref_hidden still read the reference head.
+    dropped = ("ref_hidden",) if name == "FusedKTOLoss" else ("ref_hidden", "ref_weight")
+    call = {k: v for k, v in case.call.items() if k not in dropped}
     case.call = dict(call, ref_logps=ref_stats.logps.float())  # any float dtype is accepted
     with_logps = run_case(module(**case.ctor), case)
     # The fp32-rounded ref log-probs move the loss by ~1e-7 relative at most.
@@ -171,7 +185,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="group_size"):
         fastpref.FusedMCPOLoss()(w, h, t, ref_logps=torch.zeros(6))
     with pytest.raises(ValueError, match="grouped"):
-        fastpref.FusedMCPOLoss(group_size=4)(w, h, t, ref_logps=torch.zeros(6))
+        fastpref.FusedMCPOLoss(group_size=4)(w, h, t, ref_logps=torch.zeros(6))  # 6 = B * 4 has no B
     with pytest.raises(ValueError, match="rewards"):
         fastpref.FusedVARLoss(beta=1.0)(w, h, t)
     with pytest.raises(ValueError, match="beta"):
@@ -191,20 +205,34 @@ def _count_backward_positions(monkeypatch):
 
     def counting(prep, lse, ref_lse, token_kl, grad_logps, grad_kl, need):
         a = grad_logps * prep.valid
-        seen.append({"positions": prep.num_positions, "active": int((a != 0).sum()),
-                     "seq_count": prep.num_seqs})
+        seen.append({"positions": prep.num_positions, "active": int((a != 0).sum())})
         return original(prep, lse, ref_lse, token_kl, grad_logps, grad_kl, need)
 
     monkeypatch.setattr(torch_backend, "_backward", counting)
     return seen
 
 
+def _count_tile_rows(monkeypatch):
+    """Rows of every logits tile the torch backend forms (forward and backward)."""
+    rows = []
+    original = torch_backend._logits_tile
+
+    def counting(h, *args, **kwargs):
+        rows.append(h.shape[0])
+        return original(h, *args, **kwargs)
+
+    monkeypatch.setattr(torch_backend, "_logits_tile", counting)
+    return rows
+
+
+@pytest.mark.parametrize("num_negatives,include_positive", [(1, False), (2, False), (2, True)])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_mcpo_backward_touches_only_selected_sequences(monkeypatch, packed):
+def test_mcpo_backward_touches_only_selected_sequences(monkeypatch, packed, num_negatives, include_positive):
     seen = _count_backward_positions(monkeypatch)
     case = make_case("FusedMCPOLoss", torch.float64, packed=packed, seed=13)
-    ctor = dict(case.ctor, num_negatives=1)
+    ctor = dict(case.ctor, num_negatives=num_negatives, include_positive=include_positive)
     out = fastpref.FusedMCPOLoss(**ctor)(case.weight, case.main.hidden, case.main.targets, **case.kwargs())
+    tile_rows = _count_tile_rows(monkeypatch)
     out.loss.backward()
     b, g = 2, ctor["group_size"]
     negatives = out.metrics["negatives"]
@@ -212,6 +240,9 @@ def test_mcpo_backward_touches_only_selected_sequences(monkeypatch, packed):
     selected[:, 0] = True
     selected.scatter_(1, negatives, True)
     selected = selected.reshape(-1)
+    assert int(selected.sum()) < b * g
+    if not include_positive:
+        assert int(selected.sum()) == (1 + num_negatives) * b
     targets, hidden = case.main.targets, case.main.hidden
     if packed:
         seq_of_position = case.main.seq_ids
@@ -219,31 +250,52 @@ def test_mcpo_backward_touches_only_selected_sequences(monkeypatch, packed):
         seq_of_position = torch.arange(b * g)[:, None].expand_as(targets)
     selected_positions = selected[seq_of_position]
     valid = targets != -100
-    # One backward call, and it saw only the selected sequences' positions.
+    n_selected = int((selected_positions & valid).sum())
+    # One backward call; only the selected sequences' valid positions carry a gradient ...
     assert len(seen) == 1
-    assert seen[0]["seq_count"] == int(selected.sum()) == 2 * b
-    assert seen[0]["positions"] == int(selected_positions.sum())
-    assert seen[0]["active"] == int((selected_positions & valid).sum())
+    assert seen[0]["active"] == n_selected < int(valid.sum())
+    # ... and only their policy logits tiles are recomputed, over every vocabulary block, nothing else.
+    vocab_blocks = math.ceil(case.weight.shape[0] / torch_backend.BLOCK_V)
+    assert sum(tile_rows) == n_selected * vocab_blocks
     # Unselected hidden rows get exactly zero gradient; selected valid ones do not.
     grad_rows = hidden.grad.abs().sum(-1)
     assert bool((grad_rows[~selected_positions] == 0).all())
     assert bool((grad_rows[selected_positions & valid] > 0).all())
-    # And the gradients equal the eager twin's single full-gradient pass.
+    # And the gradients equal the eager twin's (full logits, plain autograd).
     fused = run_case(fastpref.FusedMCPOLoss(**ctor), case)
     eager = run_case(reference.FusedMCPOLoss(**ctor), case)
     assert max(_errors(fused, eager)) < 1e-10
 
 
+def test_mcpo_is_one_fused_pass(monkeypatch):
+    calls = []
+    original = fastpref.FusedMCPOLoss.fused_logprobs
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("ref_hidden") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fastpref.FusedMCPOLoss, "fused_logprobs", staticmethod(counting))
+    case = make_case("FusedMCPOLoss", torch.float64, seed=13)
+    module = fastpref.FusedMCPOLoss(**case.ctor)
+    trained = module(case.weight, case.main.hidden, case.main.targets, **case.kwargs())
+    assert calls == [True]  # policy and reference of all K + 1 sequences, once
+    with torch.no_grad():
+        evaluated = module(case.weight, case.main.hidden, case.main.targets, **case.kwargs())
+    torch.testing.assert_close(evaluated.loss, trained.loss.detach(), rtol=1e-12, atol=0)
+    assert torch.equal(evaluated.metrics["negatives"], trained.metrics["negatives"])
+
+
 def test_mcpo_sampling_is_seeded_and_uses_the_generator():
     case = make_case("FusedMCPOLoss", torch.float64, seed=17)
-    ctor = dict(case.ctor, group_size=3, beta=0.01)
+    ctor = dict(case.ctor, beta=0.01)
     call = {k: v for k, v in case.call.items()}
     draws = []
     for seed in (0, 0, 1, 2, 3, 4, 5):
         module = fastpref.FusedMCPOLoss(**ctor, generator=torch.Generator().manual_seed(seed))
         out = module(case.weight, case.main.hidden, case.main.targets, **call)
         draws.append(out.metrics["negatives"])
-        assert bool(((out.metrics["negatives"] >= 1) & (out.metrics["negatives"] <= 2)).all())
+        assert bool(((out.metrics["negatives"] >= 1) & (out.metrics["negatives"] <= 3)).all())
     assert torch.equal(draws[0], draws[1])
     assert any(not torch.equal(draws[0], d) for d in draws[2:])  # beta small: weights near uniform
 
@@ -253,7 +305,7 @@ def test_mcpo_loss_equals_head_on_full_statistics():
     out = fastpref.FusedMCPOLoss(**case.ctor)(case.weight, case.main.hidden, case.main.targets, **case.kwargs())
     pol = reference.fused_logprobs(case.main.hidden, case.weight, case.main.targets, bias=case.bias)
     ref = reference.fused_logprobs(case.main.ref_hidden, case.call["ref_weight"], case.main.targets)
-    expected, _ = losses.mcpo(pol.logps.view(2, 3), ref.logps.view(2, 3), beta=case.ctor["beta"],
+    expected, _ = losses.mcpo(pol.logps.view(2, 4), ref.logps.view(2, 4), beta=case.ctor["beta"],
                               negatives=out.metrics["negatives"])
     torch.testing.assert_close(out.loss, expected, rtol=1e-12, atol=0)
 
@@ -381,6 +433,13 @@ def test_alpha_dpo_eval_freezes_statistics():
     module.train()
     module(weight, seq.hidden, seq.targets, ref_logps=ref)
     assert int(module.num_updates) == 3
+    # Before any update, eval z-scores with the batch's own statistics and stores nothing.
+    fresh = fastpref.FusedAlphaDPOLoss().eval()
+    out = fresh(weight, seq.hidden, seq.targets, ref_logps=ref)
+    m = torch.tensor(_hand_margins(weight, seq, ref), dtype=torch.float64)
+    assert float(out.metrics["margin_mean"]) == pytest.approx(float(m.mean()), rel=1e-12)
+    assert float(out.metrics["margin_std"]) == pytest.approx(float(m.std()), rel=1e-12)
+    assert int(fresh.num_updates) == 0 and float(fresh.margin_mean) == 0.0
 
 
 def test_alpha_dpo_needs_two_pairs():
@@ -405,6 +464,11 @@ def test_kto_reference_point_from_mismatched_pairs():
     call = {k: v for k, v in case.call.items() if not k.startswith("kl_")}
     direct = fastpref.FusedKTOLoss(**case.ctor)(case.weight, case.main.hidden, case.main.targets, z0=z0, **call)
     torch.testing.assert_close(direct.loss, out.loss, rtol=1e-12, atol=0)
+    # Precomputed reference log-probs of the mismatched pairs give the same z0.
+    with_logps = dict(case.call, kl_ref_logps=mism.ref_logps)
+    with_logps.pop("kl_ref_hidden")
+    precomputed = fastpref.FusedKTOLoss(**case.ctor)(case.weight, case.main.hidden, case.main.targets, **with_logps)
+    assert float(precomputed.metrics["z0"]) == pytest.approx(z0, rel=1e-12, abs=1e-14)
     # A positive z0 changes the loss (the test above is not vacuous).
     shifted = fastpref.FusedKTOLoss(**case.ctor)(case.weight, case.main.hidden, case.main.targets, z0=z0 + 3.0,
                                                  **call)
@@ -459,7 +523,8 @@ def test_var_cross_pair_ref_logps_against_a_loop(prompts_per_chunk):
     for i in range(b):
         for j in range(b):
             ids = torch.cat([prompts[i], responses[j]])
-            (h,) = backbone(ids[None], torch.ones(1, ids.numel(), dtype=torch.long))
+            with torch.no_grad():
+                (h,) = backbone(ids[None], torch.ones(1, ids.numel(), dtype=torch.long))
             logp = torch.log_softmax(h[0] @ head.T, -1)
             p = prompts[i].numel()
             expected = sum(float(logp[t - 1, ids[t]]) for t in range(p, ids.numel()))
@@ -484,3 +549,34 @@ def test_fastpref_check_has_a_row_per_module():
     assert len(rows) == 12
     assert {r[0].split("/")[0] for r in rows} == {n[len("Fused"):-len("Loss")] for n in MODULE_NAMES}
     assert all(err < 1e-10 for _, err in rows)
+
+
+# ------------------------------------------------------------------------------------------- drop-in use
+
+
+def test_drop_in_training_loop_lowers_the_loss():
+    """A trainer's view: hidden states from a backbone, the nn.Linear head's parameters, .backward(), a step."""
+    gen = torch.Generator().manual_seed(61)
+    vocab, dim = 300, 32
+    backbone = torch.nn.Embedding(vocab, dim)
+    head = torch.nn.Linear(dim, vocab)
+    with torch.no_grad():
+        backbone.weight.copy_(torch.randn(vocab, dim, generator=gen))
+        head.weight.mul_(3.0)
+    ids = torch.randint(0, vocab, (6, 7), generator=gen)
+    targets = torch.roll(ids, -1, dims=1)
+    targets[:, -1] = -100
+    ref_logps = fastpref.fused_logprobs(backbone(ids).detach(), head.weight.detach(), targets,
+                                        bias=head.bias.detach()).logps
+    loss_fn = fastpref.FusedDPOLoss(beta=0.5)
+    opt = torch.optim.Adam(list(backbone.parameters()) + list(head.parameters()), lr=1e-2)
+    history = []
+    for _ in range(15):
+        opt.zero_grad()
+        out = loss_fn(head.weight, backbone(ids), targets, bias=head.bias, ref_logps=ref_logps)
+        out.loss.backward()
+        opt.step()
+        history.append(out.loss.item())
+    assert history[0] == pytest.approx(math.log(2), rel=1e-5)  # policy == reference at step 0
+    assert history[-1] < 0.5 * history[0]
+    assert float(out.metrics["reward_accuracy"].mean()) == 1.0

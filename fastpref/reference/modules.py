@@ -2,8 +2,7 @@
 
 Each class subclasses its fused counterpart in :mod:`fastpref.modules` and swaps only the log-prob op
 for the eager :func:`fastpref.reference.fused_logprobs` (plain autograd through the full
-``[positions x vocab]`` logits), so every difference between the two is the fused op's. The MC-PO twin
-also takes the straightforward route: one gradient pass over all K + 1 sequences.
+``[positions x vocab]`` logits), so every difference between the two is the fused op's.
 """
 from __future__ import annotations
 
@@ -13,13 +12,12 @@ from .. import modules as _fused
 from .logprobs import fused_logprobs as _eager_logprobs
 
 
-def _eager_twin(cls: type, **overrides) -> type:
+def _eager_twin(cls: type) -> type:
     attrs = {
         "fused_logprobs": staticmethod(_eager_logprobs),
         "__module__": __name__,
         "__doc__": f"Eager reference of :class:`fastpref.{cls.__name__}` (full logits, plain autograd).\n\n"
                    + (cls.__doc__ or ""),
-        **overrides,
     }
     return type(cls.__name__, (cls,), attrs)
 
@@ -34,7 +32,7 @@ FusedORPOLoss = _eager_twin(_fused.FusedORPOLoss)
 FusedCPOLoss = _eager_twin(_fused.FusedCPOLoss)
 FusedVARLoss = _eager_twin(_fused.FusedVARLoss)
 FusedAlphaDPOLoss = _eager_twin(_fused.FusedAlphaDPOLoss)
-FusedMCPOLoss = _eager_twin(_fused.FusedMCPOLoss, grad_pass_on_selected_only=False)
+FusedMCPOLoss = _eager_twin(_fused.FusedMCPOLoss)
 FusedSPOLoss = _eager_twin(_fused.FusedSPOLoss)
 
 #: Eager twin of :func:`fastpref.var_cross_pair_ref_logps`.
