@@ -194,6 +194,38 @@ def _vocab_parallel_worker(rank: int, world: int, dtype_name: str) -> int:
     return checked
 
 
+def _vocab_parallel_bf16_worker(rank: int, world: int) -> int:
+    """bf16 by the project rule: the sharded head's error vs the fp64 truth is no worse than the eager
+    bf16 error (full logits) plus a small tolerance, for logps, KL and every gradient."""
+    group = dist.group.WORLD
+    case = VP_CASES[0]
+    inp, coef = _vp_inputs(case, torch.bfloat16, seed=100)
+    lo = sum(case["splits"][:rank])
+    hi = lo + case["splits"][rank]
+
+    def to64(d):
+        return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in d.items()}
+
+    def local(t):
+        return None if t is None else t[lo:hi].clone()
+
+    coef64 = to64(coef)
+    truth, truth_grads = _run_case(fastpref.reference.fused_logprobs, case, to64(inp), coef64)
+    eager, eager_grads = _run_case(fastpref.reference.fused_logprobs, case, inp, coef)
+    sharded = dict(inp, weight=local(inp["weight"]), bias=local(inp["bias"]),
+                   ref_weight=local(inp["ref_weight"]), ref_bias=local(inp["ref_bias"]))
+    vp, vp_grads = _run_case(fastpref.fused_logprobs, case, sharded, coef, vocab_parallel_group=group)
+    pairs = [("logps", vp.logps, eager.logps, truth.logps), ("kl", vp.kl, eager.kl, truth.kl)]
+    for name, got, ref, want, sl in zip(("dH", "dW", "db"), vp_grads, eager_grads, truth_grads,
+                                        (slice(None), slice(lo, hi), slice(lo, hi))):
+        pairs.append((name, got, ref[sl], want[sl]))
+    for name, got, ref, want in pairs:
+        want = want.double()
+        err, eager_err = (got.double() - want).abs().max(), (ref.double() - want).abs().max()
+        assert err <= eager_err + 1e-3 * want.abs().max(), (name, float(err), float(eager_err))
+    return len(pairs)
+
+
 def _vocab_parallel_errors_worker(rank: int, world: int) -> bool:
     group = dist.group.WORLD
     hidden, weight = torch.randn(1, 5, 4), torch.randn(3 + rank, 4)  # global V = 7
@@ -267,19 +299,20 @@ def _vocab_parallel_all(rank: int, world: int) -> dict:
     """One pair of processes for every vocabulary-parallel check (process start-up dominates on CI)."""
     return dict(float64=_vocab_parallel_worker(rank, world, "float64"),
                 float32=_vocab_parallel_worker(rank, world, "float32"),
+                bfloat16=_vocab_parallel_bf16_worker(rank, world),
                 errors=_vocab_parallel_errors_worker(rank, world),
                 modules=_vocab_parallel_modules_worker(rank, world))
 
 
 def test_vocab_parallel_matches_unsharded(tmp_path):
     """Two-process vocabulary parallel: logps, ref logps, KL (forward/reverse), dH, dW and db of every
-    slice equal the unsharded head (fp64 to 1e-12, fp32 to 1e-5), over unequal slices, bias, a separate
-    or shared reference head, temperature, softcap, ignored positions, padded and packed layouts;
-    the fused modules (DPO with a reference head, SPO with its online-sample KL) with the group; and
+    slice equal the unsharded head (fp64 to 1e-12, fp32 to 1e-5, bf16 by the eager-error rule), over
+    unequal slices, bias, a separate or shared reference head, temperature, softcap, ignored
+    positions, padded and packed layouts; the fused modules (DPO with a reference head, SPO with its online-sample KL) with the group; and
     the error paths (target beyond the global vocabulary, triton backend, eager reference)."""
     results = run_distributed(_vocab_parallel_all, tmp_path=tmp_path)
-    # every field and gradient of every case was compared, in both dtypes
-    assert results == [dict(float64=36, float32=36, errors=True, modules=8)] * 2
+    # every field and gradient of every case was compared, in every dtype
+    assert results == [dict(float64=36, float32=36, bfloat16=5, errors=True, modules=8)] * 2
 
 
 def test_vocab_parallel_needs_initialized_group():
