@@ -62,8 +62,11 @@ def test_dpo_training_steps_match_trl(tok, tmp_path):
     """Two full optimizer steps through Trainer.train() (SGD: a plain step, so parameter deltas equal grads)."""
     trl_trainer, ours = _pair(tok, tmp_path, max_steps=2, optim="sgd", learning_rate=0.5)
     before = {n: p.detach().clone() for n, p in ours.model.named_parameters()}
+    head_calls = []
+    ours.model.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
     trl_trainer.train()
     ours.train()
+    assert head_calls == []  # the LM head module never ran: no [tokens x vocab] logits
     moved = 0.0
     for (name, p_t), (_, p_f) in zip(trl_trainer.model.named_parameters(), ours.model.named_parameters()):
         torch.testing.assert_close(p_f, p_t, rtol=1e-5, atol=1e-6, msg=name)
