@@ -23,9 +23,11 @@ Sequence layouts (padded ``[S, T, D]`` rows, or packed ``[N, D]`` positions with
 - VAR: ``S = B``, one response per prompt.
 - KTO: ``S`` unpaired sequences and ``labels`` ``[S]`` bool (True = desirable).
 
-Hyper-parameters are constructor arguments; ``temperature``, ``softcap``, ``ignore_index`` and
-``backend`` are passed to the fused op. ``fastpref.reference`` has an eager twin of every class here
-(same names and signatures, full logits); the twins differ only in :attr:`FusedLossBase.fused_logprobs`.
+Hyper-parameters are constructor arguments; ``temperature``, ``softcap``, ``ignore_index``,
+``backend`` and ``vocab_parallel_group`` (a vocabulary-sharded LM head, see
+:func:`fastpref.fused_logprobs`) are passed to the fused op. ``fastpref.reference`` has an eager twin
+of every class here (same names and signatures, full logits); the twins differ only in
+:attr:`FusedLossBase.fused_logprobs`.
 """
 from __future__ import annotations
 
@@ -205,19 +207,26 @@ class FusedLossBase(nn.Module):
     extra_pass_reads_ref_head: bool = False
 
     def __init__(self, *, temperature: float = 1.0, softcap: Optional[float] = None, ignore_index: int = -100,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", vocab_parallel_group: Optional[object] = None) -> None:
         super().__init__()
         self.temperature = temperature
         self.softcap = softcap
         self.ignore_index = ignore_index
         self.backend = backend
+        # Vocabulary-parallel LM head (see fastpref.fused_logprobs): ``weight``/``bias`` (and the
+        # reference head) are this rank's vocabulary slice; every rank of the group makes the same call
+        # with the same hidden states, targets and loss-specific inputs (MC-PO: the same generator seed).
+        self.vocab_parallel_group = vocab_parallel_group
 
     # -- fused passes --------------------------------------------------------------------------------
 
     def logprob_options(self) -> dict:
         """Keyword arguments every fused_logprobs call of this module shares."""
-        return dict(temperature=self.temperature, softcap=self.softcap, ignore_index=self.ignore_index,
-                    backend=self.backend)
+        options = dict(temperature=self.temperature, softcap=self.softcap, ignore_index=self.ignore_index,
+                       backend=self.backend)
+        if self.vocab_parallel_group is not None:
+            options["vocab_parallel_group"] = self.vocab_parallel_group
+        return options
 
     def ref_logps_shapes(self, num_seqs: int) -> List[Tuple[int, ...]]:
         """Accepted shapes of a user-supplied ``ref_logps``."""
