@@ -62,7 +62,8 @@ def var_head(logps: torch.Tensor, rewards: torch.Tensor, beta: float = 1.0) -> t
     return -(weights * logps).mean()
 
 
-def mcpo_head(logps: torch.Tensor, ref_logps: torch.Tensor, negatives: torch.Tensor, beta: float = 0.01) -> torch.Tensor:
+def mcpo_head(logps: torch.Tensor, ref_logps: torch.Tensor, negatives: torch.Tensor,
+              beta: float = 0.01) -> torch.Tensor:
     """MC-PO: -beta r_0 + LSE_{i in {0} u Z}(beta r_i), r = S - R, averaged over prompts."""
     r = logps - ref_logps
     chosen = torch.cat([r[:, :1], r.gather(1, negatives)], dim=1)

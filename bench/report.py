@@ -20,7 +20,8 @@ class Progress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(TextColumn("{task.description:<48}"), BarColumn(), MofNCompleteColumn(),
                                      TimeElapsedColumn(), transient=False)
@@ -65,7 +66,8 @@ def table_rows(results: dict) -> List[List[str]]:
     out = []
     for r in _sorted(results["rows"]):
         out.append([r["workload"], str(r["tokens"]), str(r["dim"]), str(r["vocab"]), r["dtype"], r["impl"],
-                     f"{1e3 * r['time_s']:.1f}", f"{1e3 * r['time_min_s']:.1f}", f"{100 * r['time_spread']:.0f}%", _ratio(r["time_vs_eager"]),
+                     f"{1e3 * r['time_s']:.1f}", f"{1e3 * r['time_min_s']:.1f}", f"{100 * r['time_spread']:.0f}%",
+                     _ratio(r["time_vs_eager"]),
                      _ratio(r["time_vs_liger"]), _ratio(r["time_vs_floor"]), f"{mib(r['peak_bytes']):.1f}",
                      f"{mib(r['workspace_bytes']):.1f}", _below(r["workspace_below_eager"]),
                      _below(r["workspace_below_liger"])])
@@ -137,7 +139,8 @@ def markdown(results: dict) -> str:
                      "it slows allocation, so memory and timing runs are separate.")
     if results.get("targets"):
         lines += ["", "Targets (DPO with reference, N=4096, D=1024, V=32000, fp32, fastpref torch backend):", ""]
-        lines += [f"- {t['target']}: {_ratio(t['value'])} ({'met' if t['met'] else 'missed'})" for t in results["targets"]]
+        lines += [f"- {t['target']}: {_ratio(t['value'])} ({'met' if t['met'] else 'missed'})"
+                  for t in results["targets"]]
     return "\n".join(lines) + "\n"
 
 
@@ -149,8 +152,29 @@ def _series(rows: List[dict], x_key: str, fixed_keys: tuple) -> Dict[tuple, Dict
     return {k: v for k, v in groups.items() if len({x for pts in v.values() for x, _ in pts}) >= 2}
 
 
+def _line_plot(plt, impls: Dict[str, List[tuple]], value, path: str, floor=None, **axes) -> str:
+    """One line per implementation (x, value(row)), optionally the GEMM floor dashed; saved to ``path``."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    floor_pts = {}
+    for impl in [i for i in IMPL_ORDER if i in impls]:
+        pts = sorted(impls[impl], key=lambda p: p[0])
+        ax.plot([x for x, _ in pts], [value(r) for _, r in pts], marker="o", label=impl)
+        if floor:
+            floor_pts.update({x: floor(r) for x, r in pts if floor(r)})
+    if floor_pts:
+        xs = sorted(floor_pts)
+        ax.plot(xs, [floor_pts[x] for x in xs], linestyle="--", color="gray", label="GEMM floor")
+    ax.set(**axes)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_plots(results: dict, out_dir: str) -> List[str]:
-    """memory_vs_V_<loss>.png (workspace and peak) and time_vs_N_<loss>.png (with the GEMM floor)."""
+    """memory_vs_V_<loss>_...png (peak memory, log scale) and time_vs_N_<loss>_...png (with the GEMM floor)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,40 +182,16 @@ def write_plots(results: dict, out_dir: str) -> List[str]:
 
     written = []
     rows = results["rows"]
-    for key, impls in _series(rows, "vocab", ("tokens", "dim", "dtype")).items():
-        w, n, d, dt = key
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for impl in [i for i in IMPL_ORDER if i in impls]:
-            pts = sorted(impls[impl], key=lambda p: p[0])
-            ax.plot([p[0] for p in pts], [mib(p[1]["peak_bytes"]) for p in pts], marker="o", label=impl)
-        ax.set(xlabel="vocabulary size V", ylabel="peak memory (MiB)", yscale="log",
-               title=f"{w}: peak memory vs V (N={n}, D={d}, {dt})")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        path = os.path.join(out_dir, f"memory_vs_V_{w}_N{n}_D{d}_{dt}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    for key, impls in _series(rows, "tokens", ("vocab", "dim", "dtype")).items():
-        w, v, d, dt = key
-        fig, ax = plt.subplots(figsize=(6, 4))
-        floor = {}
-        for impl in [i for i in IMPL_ORDER if i in impls]:
-            pts = sorted(impls[impl], key=lambda p: p[0])
-            ax.plot([p[0] for p in pts], [1e3 * p[1]["time_s"] for p in pts], marker="o", label=impl)
-            floor.update({p[0]: p[1]["floor_s"] for p in pts if p[1]["floor_s"]})
-        if floor:
-            xs = sorted(floor)
-            ax.plot(xs, [1e3 * floor[x] for x in xs], linestyle="--", color="gray", label="GEMM floor")
-        ax.set(xlabel="tokens N", ylabel="fwd+bwd time (ms)", title=f"{w}: time vs N (V={v}, D={d}, {dt})")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        path = os.path.join(out_dir, f"time_vs_N_{w}_V{v}_D{d}_{dt}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+    for (w, n, d, dt), impls in _series(rows, "vocab", ("tokens", "dim", "dtype")).items():
+        written.append(_line_plot(
+            plt, impls, lambda r: mib(r["peak_bytes"]), os.path.join(out_dir, f"memory_vs_V_{w}_N{n}_D{d}_{dt}.png"),
+            xlabel="vocabulary size V", ylabel="peak memory (MiB)", yscale="log",
+            title=f"{w}: peak memory vs V (N={n}, D={d}, {dt})"))
+    for (w, v, d, dt), impls in _series(rows, "tokens", ("vocab", "dim", "dtype")).items():
+        written.append(_line_plot(
+            plt, impls, lambda r: 1e3 * r["time_s"], os.path.join(out_dir, f"time_vs_N_{w}_V{v}_D{d}_{dt}.png"),
+            floor=lambda r: r["floor_s"] and 1e3 * r["floor_s"],
+            xlabel="tokens N", ylabel="fwd+bwd time (ms)", title=f"{w}: time vs N (V={v}, D={d}, {dt})"))
     return written
 
 

@@ -59,7 +59,9 @@ class Config:
         return self.repeats or (3 if self.quick else 5)
 
 
-def shapes_from(tokens: Sequence[int], dims: Sequence[int], vocabs: Sequence[int], dtypes: Sequence[str]) -> List[Shape]:
+def shapes_from(tokens: Sequence[int], dims: Sequence[int], vocabs: Sequence[int],
+                dtypes: Sequence[str]) -> List[Shape]:
+    """The cartesian product of the given values, as grid rows."""
     return [(n, d, v, dt) for dt, d, v, n in itertools.product(dtypes, dims, vocabs, tokens)]
 
 
@@ -250,7 +252,8 @@ def _run(cfg: Config, opts: Options) -> dict:
     env["elapsed_s"] = round(time.perf_counter() - started, 1)
     results = {
         "meta": env,
-        "config": {"grid": "custom" if cfg.shapes else ("quick" if cfg.quick else "full"), "quick": cfg.quick, "repeats": cfg.num_repeats(), "compile": cfg.compile,
+        "config": {"grid": "custom" if cfg.shapes else ("quick" if cfg.quick else "full"), "quick": cfg.quick,
+                   "repeats": cfg.num_repeats(), "compile": cfg.compile, "threads": torch.get_num_threads(),
                    "workloads": list(cfg.workloads), "impls": list(cfg.impls),
                    "shapes": [list(s) for s in cfg.grid()], "max_logits_gib": cfg.max_logits_gib},
         "rows": rows, "skipped": skipped, "targets": evaluate_targets(rows),

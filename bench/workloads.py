@@ -143,7 +143,8 @@ def _eager(case: Case) -> Callable[[], torch.Tensor]:
             ref = ref_logps().view(-1, MCPO_K + 1)
             pol = peers.eager_seq_logps(t["hidden"], t["weight"], t["targets"]).view(-1, MCPO_K + 1)
             # fastpref's sampler with the same seed as the fused module: both back-propagate the same negatives.
-            neg = mcpo_sample_negatives(pol, ref, beta=MCPO_BETA, generator=torch.Generator().manual_seed(NEGATIVE_SEED))
+            generator = torch.Generator(device=case.device).manual_seed(NEGATIVE_SEED)
+            neg = mcpo_sample_negatives(pol, ref, beta=MCPO_BETA, generator=generator)
             return peers.mcpo_head(pol, ref, neg, MCPO_BETA)
         # spo
         kl = peers.eager_seq_kl(t["kl_hidden"], t["kl_ref_hidden"], t["weight"], t["ref_weight"], t["kl_targets"])
@@ -180,7 +181,7 @@ def _fastpref(case: Case, backend: str) -> Callable[[], torch.Tensor]:
     if w == "mcpo":
         # Same negatives every step (a fresh generator per call), as the eager peer does.
         def step() -> torch.Tensor:
-            module.generator = torch.Generator().manual_seed(NEGATIVE_SEED)
+            module.generator = torch.Generator(device=case.device).manual_seed(NEGATIVE_SEED)
             return module(t["weight"], t["hidden"], t["targets"], ref_hidden=t["ref_hidden"],
                           ref_weight=t["ref_weight"]).loss
         return step
