@@ -1,8 +1,8 @@
 """The benchmark grid and its driver: ``run(config)`` measures every row and writes the reports.
 
-For each shape: build the inputs once, warm up the compiled peers (their compile time is reported as
-``warmup_s``), measure each implementation's memory in its own tracked step (this run is also the
-warm-up of the uncompiled ones), then time all implementations and the GEMM floor interleaved.
+For each shape: build the inputs once, run each implementation once untracked (the compiled peers'
+compile time is reported as ``warmup_s``), measure each implementation's memory in its own tracked step,
+then time all implementations and the GEMM floor interleaved.
 """
 from __future__ import annotations
 
@@ -71,17 +71,20 @@ class RowResult:
     skipped: List[dict] = field(default_factory=list)
 
 
-def _warm_up(impl: Impl, case: Case, opts: Options) -> Tuple[Impl, float, str]:
-    """Run a compiled peer once (compilation happens here); fall back to compiled=False for Liger."""
+def _warm_up(impl: Impl, case: Case, opts: Options) -> Tuple[Optional[Impl], float, str]:
+    """Run ``impl`` once (compilation happens here). If torch.compile fails, Liger falls back to
+    compiled=False and CCE is dropped (None); the reason is returned either way."""
     start = time.perf_counter()
     try:
         measure.fwd_bwd(impl.step)
         measure.sync(case.device)
         return impl, time.perf_counter() - start, ""
     except Exception as exc:  # torch.compile can fail on a machine without a working C++ toolchain
+        if not impl.compiled:
+            raise
         reason = f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
         if impl.name != "liger":
-            raise RuntimeError(reason) from exc
+            return None, 0.0, reason
         t = case.tensors
         run = peers.liger_dpo(DPO_BETA, compiled=False)
         fallback = Impl("liger", lambda: run(t["weight"], t["hidden"], t["targets"], t["ref_hidden"], t["ref_weight"]),
@@ -111,12 +114,18 @@ def measure_shape(workload: str, shape: Shape, cfg: Config, opts: Options, progr
     for name, why in skipped.items():
         out.skipped.append({**key, "impl": name, "reason": why})
 
+    # One untracked step per implementation first: torch.compile runs here (its time is reported), and
+    # one-time allocations (GEMM-library buffers, lazy imports) stay out of everyone's memory figures.
     warmup: Dict[str, float] = {}
     for i, impl in enumerate(impls):
-        if impl.compiled:
-            if progress:
-                progress(f"{workload} N={case.tokens} V={vocab}: compiling {impl.name}")
-            impls[i], warmup[impl.name], _ = _warm_up(impl, case, opts)
+        if progress:
+            progress(f"{workload} N={case.tokens} V={vocab}: warm-up {impl.name}")
+        impls[i], seconds, reason = _warm_up(impl, case, opts)
+        if impls[i] is None:
+            out.skipped.append({**key, "impl": impl.name, "reason": reason})
+        elif impl.compiled:
+            warmup[impl.name] = seconds
+    impls = [i for i in impls if i is not None]
 
     tracked: Dict[str, int] = {}
     grads: Dict[str, int] = {}

@@ -97,3 +97,23 @@ def test_implementations_compute_the_same_loss(workload):
     losses = {impl.name: impl.step().item() for impl in ready}
     for name, value in losses.items():
         assert value == pytest.approx(losses["eager"], rel=1e-4, abs=1e-4), (name, losses)
+
+
+def test_failed_compile_falls_back_or_is_skipped():
+    """A torch.compile failure must not abort the run: Liger reruns uncompiled, CCE is left out."""
+    import torch
+
+    from bench.workloads import Impl, Options, build_case
+
+    case = build_case("dpo", 64, 16, 500, torch.float32, torch.device("cpu"))
+
+    def broken():
+        raise RuntimeError("inductor: no C++ compiler")
+
+    impl, _, reason = runner._warm_up(Impl("liger", broken, compiled=True), case, Options())
+    assert impl is not None and not impl.compiled and "compiled=False" in impl.note and "C++" in reason
+    assert torch.isfinite(impl.step())
+    impl, _, reason = runner._warm_up(Impl("cce", broken, compiled=True), case, Options())
+    assert impl is None and "torch.compile failed" in reason
+    with pytest.raises(RuntimeError):  # an uncompiled implementation's error is a real error
+        runner._warm_up(Impl("eager", broken), case, Options())
