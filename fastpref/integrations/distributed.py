@@ -55,9 +55,22 @@ through the head module as well::
 
     loss = forward_through(model, step, input_ids, targets)
 
+:func:`through_sharded` does the inner step only when the head is sharded at that point (and calls
+``fn`` directly otherwise, e.g. for a head in the root's parameter group), so one code path serves
+every layout.
+
 For no-grad reads of a sharded head (a reference model's head, a no-grad scoring pass) use
 :func:`gathered_params`. :func:`assert_replicas_in_sync` checks, while debugging, that parameters or
 gradients are equal on every rank.
+
+This module is the one place that detects and gathers sharded parameters; the Hugging Face helpers
+build on it: :func:`fastpref.integrations.transformers.gather_lm_head` refuses a trainable
+FSDP-sharded head (pointing here) and gathers no-grad ones with :func:`gathered_params`;
+:func:`~fastpref.integrations.transformers.enable_hidden_forward` lets a loss run inside a
+``transformers`` model's forward (``model(..., fastpref_head_fn=fn)``), which is how
+``FastPrefDPOTrainer`` stays correct under the Trainer's DDP (``find_unused_parameters=True`` by
+default) and FSDP2 (tested: DDP with two processes; FSDP2 with one process in the trainer's helpers
+and two processes here).
 
 Vocabulary parallelism (each rank of a group holds a contiguous slice of the head's rows, see
 ``vocab_parallel_group`` in :func:`fastpref.fused_logprobs` and the fused modules)::

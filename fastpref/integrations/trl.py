@@ -8,9 +8,14 @@ Swap-in::
     trainer.train()
 
 Everything TRL does around the loss is kept (dataset preparation, collation, precomputed reference log-probs,
-reference model handling, logging); only ``_compute_loss`` changes. The policy runs its *backbone* only (through
-the wrapped model, so DDP hooks still fire), and the LM head, log-softmax, target gather, per-sequence sums, the
-reference pass and the loss happen in one fastpref fused module, which never builds the logits.
+reference model handling, logging); only ``_compute_loss`` changes. The policy runs its *backbone* only, and the LM
+head, log-softmax, target gather, per-sequence sums, the reference pass and the loss happen in one fastpref fused
+module, which never builds the logits. All of it runs *inside* the wrapped model's forward
+(``model(..., fastpref_head_fn=...)``, see :func:`~fastpref.integrations.transformers.enable_hidden_forward`), so
+DDP sees the head used even with ``find_unused_parameters=True`` (the Trainer's default without gradient
+checkpointing; a head read after the forward fails there with "marked as ready twice"), and a head that FSDP2
+sharded on its own is used inside its own forward
+(:func:`~fastpref.integrations.distributed.through_sharded`), where FSDP reduce-scatters its gradient.
 
 Losses and what each needs from the data:
 
@@ -52,8 +57,9 @@ Not supported: KTO (unpaired data; use TRL's KTOTrainer), vision datasets, TRL's
 (these are TRL's own loss options; choose the loss with ``fastpref_loss``; they raise), DeepSpeed ZeRO-3
 (raises: the fused backward recomputes from the head weight, which ZeRO-3 re-partitions before ``Trainer``
 calls backward; see
-:func:`fastpref.integrations.transformers.gather_lm_head`). DDP and FSDP2 go through the model's own forward
-(:func:`~fastpref.integrations.transformers.enable_hidden_forward`); neither is exercised by the tests here.
+:func:`fastpref.integrations.transformers.gather_lm_head`). DDP is tested with two CPU/gloo processes (one SGD step
+equals one process on the whole batch, tied and untied heads); FSDP2 through the trainer is not exercised by the
+tests (its pieces are: ``tests/test_distributed.py``, ``tests/test_integration_transformers.py``).
 """
 from __future__ import annotations
 
