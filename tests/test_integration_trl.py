@@ -153,13 +153,12 @@ def _ddp_trainer_worker(rank: int, world: int, out_dir: str, tied: bool) -> dict
                 params={n: p.detach().clone() for n, p in trainer.model.named_parameters()})
 
 
-@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("tied", [False])  # tied=True passes too (~8 s more; it also passed before the fix)
 def test_ddp_training_step_matches_single_process(tok, tmp_path, tied):
     """Two processes, two pairs each, one SGD step with the Trainer's default DDP options (find_unused_parameters
     on, as without gradient checkpointing): both ranks end with the same weights as one process stepping on all
     four pairs. A head read after the wrapped forward fails in backward there ("marked as ready twice", seen with
-    the head read outside); the fused loss runs inside the forward instead. Tied: the head is the embedding,
-    used by the backbone as well."""
+    the head read outside); the fused loss runs inside the forward instead."""
     from test_distributed import run_distributed
 
     results = run_distributed(_ddp_trainer_worker, str(tmp_path), tied, tmp_path=tmp_path)
@@ -177,3 +176,49 @@ def test_ddp_training_step_matches_single_process(tok, tmp_path, tied):
                                        msg=lambda m: f"rank {rank} {name}: {m}")
         moved = max(moved, (p.detach() - before[name]).abs().max().item())
     assert moved > 1e-3  # the step changed the weights
+
+
+def _fsdp2_trainer_worker(rank: int, world: int, out_dir: str) -> dict:
+    """FastPrefDPOTrainer's loss on an FSDP2 policy whose LM head is sharded on its own: this rank's two pairs."""
+    import os
+
+    from torch.distributed.fsdp import fully_shard
+
+    from fastpref.integrations.distributed import sharding_kind
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    trainer = FastPrefDPOTrainer(
+        model=tiny_llama(seed=0), ref_model=tiny_llama(seed=1),
+        args=dpo_config(f"{out_dir}/rank{rank}", per_device_train_batch_size=2),
+        train_dataset=preference_rows(2 * world), processing_class=tiny_tokenizer(), fastpref_loss="dpo")
+    policy = trainer.model
+    for unit in (policy.lm_head, policy.model, policy):
+        fully_shard(unit)
+    assert sharding_kind(policy.lm_head.weight) == "fsdp2"
+    policy.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in (2 * rank, 2 * rank + 1)])
+    trainer.compute_loss(policy, batch).backward()
+    return {n: p.grad.full_tensor() for n, p in policy.named_parameters()}
+
+
+def test_fsdp2_separately_sharded_head_gradients_match_single_process(tok, tmp_path):
+    """Two processes, FSDP2 with the LM head as its own fully_shard unit (a DTensor outside its forward): the
+    trainer's loss runs inside the head's forward, so every gradient -- the head's included, which a full_tensor()
+    gather gets wrong -- equals one process's gradient on all four pairs."""
+    from test_distributed import run_distributed
+
+    results = run_distributed(_fsdp2_trainer_worker, str(tmp_path), tmp_path=tmp_path)
+    single = FastPrefDPOTrainer(
+        model=tiny_llama(seed=0), ref_model=tiny_llama(seed=1),
+        args=dpo_config(tmp_path / "single", per_device_train_batch_size=4),
+        train_dataset=preference_rows(4), processing_class=tok, fastpref_loss="dpo")
+    _, want, _ = _loss_and_grads(single)
+    assert "lm_head.weight" in want
+    scale = max(g.abs().max().item() for g in want.values())
+    for rank, got in enumerate(results):
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6 * scale,
+                                       msg=lambda m: f"rank {rank} {name}: {m}")
