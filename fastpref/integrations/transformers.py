@@ -232,9 +232,11 @@ def head_inputs(
     """Build :class:`LMHeadInputs` from backbone output ``hidden_states [B, T, D]`` and unshifted ``labels [B, T]``.
 
     ``labels`` follow the ``transformers`` convention (same positions as ``input_ids``, ``ignore_index`` where
-    no loss); they are shifted here. ``weight``/``bias`` default to the model's head (pass gathered ones
-    under ZeRO-3/FSDP, see :func:`gather_lm_head`). Hidden states are cast to the head's dtype when they differ
-    (e.g. bf16 autocast output with an fp32 head), since the fused op wants one dtype.
+    no loss); they are shifted here. ``weight``/``bias`` default to the model's head (for a sharded head, pass
+    the one :func:`gather_lm_head` yields, or build the inputs inside the head's forward with
+    ``fastpref.integrations.distributed.through_sharded`` when the head is trainable under FSDP). Hidden states
+    are cast to the head's dtype when they differ (e.g. bf16 autocast output with an fp32 head), since the fused
+    op wants one dtype.
     """
     if hidden_states.dim() != 3:
         raise ValueError(f"hidden_states must be [B, T, D], got shape {tuple(hidden_states.shape)}")
@@ -282,7 +284,7 @@ def lm_head_inputs(
             tensor those positions, a ``[B, T]`` bool mask those positions packed to ``[N, D]`` (with
             ``seq_ids``). Targets are shifted before slicing, so kept position t still predicts token t + 1.
         ignore_index: marks unscored labels.
-        weight, bias: a gathered head to use instead of the model's own parameters.
+        weight, bias: a gathered head to use instead of the model's own parameters (see :func:`gather_lm_head`).
         **backbone_kwargs: passed to the backbone (``position_ids``, ``inputs_embeds``...).
     """
     if labels is None:
