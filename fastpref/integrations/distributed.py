@@ -69,8 +69,8 @@ FSDP-sharded head (pointing here) and gathers no-grad ones with :func:`gathered_
 :func:`~fastpref.integrations.transformers.enable_hidden_forward` lets a loss run inside a
 ``transformers`` model's forward (``model(..., fastpref_head_fn=fn)``), which is how
 ``FastPrefDPOTrainer`` stays correct under the Trainer's DDP (``find_unused_parameters=True`` by
-default) and FSDP2 (tested: DDP with two processes; FSDP2 with one process in the trainer's helpers
-and two processes here).
+default) and FSDP2 with a head sharded on its own (both tested with two processes in
+``tests/test_integration_trl.py``).
 
 Vocabulary parallelism (each rank of a group holds a contiguous slice of the head's rows, see
 ``vocab_parallel_group`` in :func:`fastpref.fused_logprobs` and the fused modules)::

@@ -57,9 +57,10 @@ Not supported: KTO (unpaired data; use TRL's KTOTrainer), vision datasets, TRL's
 (these are TRL's own loss options; choose the loss with ``fastpref_loss``; they raise), DeepSpeed ZeRO-3
 (raises: the fused backward recomputes from the head weight, which ZeRO-3 re-partitions before ``Trainer``
 calls backward; see
-:func:`fastpref.integrations.transformers.gather_lm_head`). DDP is tested with two CPU/gloo processes (one SGD step
-equals one process on the whole batch, tied and untied heads); FSDP2 through the trainer is not exercised by the
-tests (its pieces are: ``tests/test_distributed.py``, ``tests/test_integration_transformers.py``).
+:func:`fastpref.integrations.transformers.gather_lm_head`). Tested with two CPU/gloo processes: DDP through the
+Trainer (one SGD step equals one process on the whole batch), and the loss's gradients on a policy sharded by hand
+with FSDP2 (``fully_shard`` on the backbone, the LM head and the root). Accelerate's FSDP plugin driving FSDP2 is
+not exercised.
 """
 from __future__ import annotations
 
