@@ -260,6 +260,20 @@ def test_enable_hidden_forward_routes_through_the_model_forward():
     torch.testing.assert_close(routed, direct, rtol=0, atol=0)
     # without the flag the model's own forward (with logits) is unchanged
     assert model(input_ids=ids, attention_mask=mask).logits.shape == (3, 10, V)
+    # fastpref_head_fn: the loss inside the forward (hooks fire once), outside autocast as after a forward
+    seen = []
+
+    def head_fn(hidden):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return hf.head_inputs(model, hidden, labels).logprobs().logps
+
+    calls.clear()
+    inside = model(input_ids=ids, attention_mask=mask, fastpref_head_fn=head_fn)
+    assert calls == [1] and seen == [False]
+    torch.testing.assert_close(inside, direct, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, attention_mask=mask, fastpref_head_fn=head_fn)
+    assert seen == [False, False]
 
 
 def test_fsdp2_sharded_head_trainable_gather_refused_loss_through_head_forward():
