@@ -1,11 +1,196 @@
-"""`fastpref kernels`: not implemented yet."""
+"""``fastpref kernels``: ahead-of-time compile every Triton kernel and autotune configuration.
+
+No GPU is needed: ``triton.compile`` lowers each (kernel, variant, configuration) to PTX for a
+``GPUTarget``, and the ``ptxas`` shipped in the Triton wheel assembles it with ``-v`` to report
+registers and spills. One ``.ptx`` per configuration is written under ``--out`` and a table is
+printed: kernel, variant, config, registers, spill bytes, shared memory, and whether Hopper
+``wgmma`` instructions are used.
+
+Variants are the specialisations that matter for resources: the heaviest path of each kernel
+(reference tile + forward KL + bias + softcap) for bf16 inputs (tensor cores) and fp32 inputs
+(``ieee`` dot, no tensor cores, the exact-parity path).
+"""
+from __future__ import annotations
+
 import argparse
+import os
+import re
+import subprocess
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Tuple
+
+ARCH_CAPABILITY = {"sm_80": 80, "sm_90a": 90}
+
+# name -> (module, kernel attribute, config attribute)
+KERNELS = {
+    "logprobs_fwd": ("csrc_triton.logprobs_fwd", "logprobs_fwd_kernel", "FWD_CONFIGS"),
+    "logprobs_bwd": ("csrc_triton.logprobs_bwd", "logprobs_bwd_kernel", "BWD_CONFIGS"),
+}
+
+# variant -> (input dtype, dot input precision, constexpr flags)
+_FLAGS = dict(HAS_BIAS=True, HAS_REF=True, HAS_REF_BIAS=True, KL_MODE=1, SOFTCAP=True, UPCAST=False,
+              NEED_DH=True, NEED_DW=True, NEED_DB=True)
+VARIANTS = {
+    "bf16_kl": ("bf16", "tf32", _FLAGS),
+    "fp32_kl": ("fp32", "ieee", _FLAGS),
+}
+# variant -> the precision column of the kernels' config tables
+VARIANT_PRECISION = {"bf16_kl": "half", "fp32_kl": "fp32"}
+
+_HALF_INPUTS = {"hidden_ptr", "weight_ptr", "bias_ptr", "ref_hidden_ptr", "ref_weight_ptr", "ref_bias_ptr"}
+_INDEX_INPUTS = {"targets_ptr", "rows_ptr", "seq_ids_ptr"}
+_FLOAT_SCALARS = {"inv_temperature", "softcap"}
+
+
+@dataclass
+class KernelReport:
+    kernel: str
+    variant: str
+    config: str
+    arch: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    wgmma: bool
+    ptx_path: str
+
+
+def ptxas_path() -> str:
+    """The ptxas bundled with the Triton wheel (the one Triton itself assembles with)."""
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _signature(fn, dtype: str, constexprs: Dict[str, object]) -> Dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _HALF_INPUTS:
+            sig[name] = "*" + dtype
+        elif name in _INDEX_INPUTS:
+            sig[name] = "*i64"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name in _FLOAT_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _divisibility_attrs(fn, signature: Dict[str, str]) -> Dict[Tuple[int], list]:
+    """Mirror the JIT's specialisation for the usual case: 16-byte aligned pointers and D/strides
+    divisible by 16 (hidden sizes are). Without it the loads are not vectorised and the AOT
+    numbers would not describe the kernels that actually run."""
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        kind = signature[name]
+        if kind.startswith("*") or name in ("D", "D_ref") or name.startswith("stride_"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def parse_ptxas(text: str) -> Tuple[int, int]:
+    """(registers, spill bytes = stores + loads) from ``ptxas -v`` output."""
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    if regs is None or spills is None:
+        raise RuntimeError(f"could not parse ptxas -v output:\n{text}")
+    return int(regs.group(1)), int(spills.group(1)) + int(spills.group(2))
+
+
+def compile_one(job: Tuple[str, str, str, Tuple[int, int, int, int, int], str]) -> KernelReport:
+    """Compile one (kernel, variant, config) for ``arch`` and assemble it with ptxas -v.
+
+    The config is ``(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages)``.
+    """
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from csrc_triton.configs import config, config_name
+
+    kernel_name, variant, arch, cfg_tuple, out_dir = job
+    module_name, fn_name, _ = KERNELS[kernel_name]
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    cfg = config(*cfg_tuple)
+    dtype, precision, flags = VARIANTS[variant]
+    constexprs = {k: v for k, v in flags.items() if k in fn.arg_names}
+    constexprs.update(cfg.kwargs, DOT_PRECISION=precision)
+    signature = _signature(fn, dtype, constexprs)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=_divisibility_attrs(fn, signature))
+    compiled = triton.compile(src, target=GPUTarget("cuda", ARCH_CAPABILITY[arch], 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    ptx = compiled.asm["ptx"]
+    name = config_name(cfg)
+    ptx_path = os.path.join(out_dir, f"{kernel_name}__{variant}__{name}.ptx")
+    with open(ptx_path, "w") as f:
+        f.write(ptx)
+    result = subprocess.run([ptxas_path(), "-v", "--gpu-name", arch, ptx_path, "-o", os.devnull],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ptxas failed on {ptx_path}:\n{result.stderr}")
+    registers, spills = parse_ptxas(result.stdout + result.stderr)
+    return KernelReport(kernel=kernel_name, variant=variant, config=name, arch=arch, registers=registers,
+                        spill_bytes=spills, shared_bytes=int(compiled.metadata.shared),
+                        wgmma=bool(re.search(r"\bwgmma\.mma_async", ptx)), ptx_path=ptx_path)
+
+
+def jobs_for(arch: str, out_dir: str, kernels: Optional[List[str]] = None,
+             variants: Optional[List[str]] = None) -> list:
+    import importlib
+
+    jobs = []
+    for kernel_name in kernels or list(KERNELS):
+        module_name, _, configs_name = KERNELS[kernel_name]
+        table = getattr(importlib.import_module(module_name), configs_name)
+        for variant in variants or list(VARIANTS):
+            for cfg in table[(arch, VARIANT_PRECISION[variant])]:
+                kw = cfg.kwargs
+                cfg_tuple = (kw["BLOCK_N"], kw["BLOCK_V"], kw["BLOCK_D"], cfg.num_warps, cfg.num_stages)
+                jobs.append((kernel_name, variant, arch, cfg_tuple, out_dir))
+    return jobs
+
+
+def compile_all(arch: str, out_dir: str, workers: Optional[int] = None, kernels: Optional[List[str]] = None,
+                variants: Optional[List[str]] = None) -> List[KernelReport]:
+    """Compile every configuration of every kernel for ``arch``; returns one report per .ptx."""
+    if arch not in ARCH_CAPABILITY:
+        raise ValueError(f"arch must be one of {sorted(ARCH_CAPABILITY)}, got {arch!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    jobs = jobs_for(arch, out_dir, kernels, variants)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    if workers == 1:
+        return [compile_one(j) for j in jobs]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(compile_one, jobs))
+
+
+def format_table(reports: List[KernelReport]) -> str:
+    """A Markdown table of the reports."""
+    lines = ["| kernel | variant | config | arch | registers | spill bytes | shared mem (B) | wgmma |",
+             "|---|---|---|---|---:|---:|---:|---|"]
+    for r in reports:
+        lines.append(f"| {r.kernel} | {r.variant} | {r.config} | {r.arch} | {r.registers} | {r.spill_bytes} "
+                     f"| {r.shared_bytes} | {'yes' if r.wgmma else 'no'} |")
+    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--arch", choices=sorted(ARCH_CAPABILITY), required=True, help="target GPU architecture")
+    parser.add_argument("--out", required=True, help="directory for the .ptx files (one per configuration)")
+    parser.add_argument("--workers", type=int, default=None, help="parallel compile processes (default: CPUs)")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("fastpref kernels: not implemented yet")
-    return 1
+    reports = compile_all(args.arch, args.out, workers=args.workers)
+    print(format_table(reports))
+    bad = [r for r in reports if r.spill_bytes]
+    if bad:
+        print(f"\n{len(bad)} configuration(s) spill registers")
+    return 1 if bad else 0

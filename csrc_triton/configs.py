@@ -1,0 +1,61 @@
+"""Autotune plumbing shared by the kernels: per-architecture config lists and the pruning hook.
+
+Each kernel file lists its configurations per (architecture, input precision) next to the kernel:
+``{("sm_80", "half"): [...], ("sm_80", "fp32"): [...], ("sm_90a", ...): ...}``. "half" (bf16/fp16)
+runs on tensor cores; "fp32" uses an exact ``ieee`` dot (FMA), whose operands live in registers,
+so it needs smaller tiles. The autotuner gets the union; ``prune_to_device`` keeps only the list for
+the GPU it runs on and the input dtype, so an A100 never benchmarks H100-sized tiles.
+"""
+from typing import Dict, List, Tuple
+
+import triton
+
+ARCHS = ("sm_80", "sm_90a")
+PRECISIONS = ("half", "fp32")
+ConfigTable = Dict[Tuple[str, str], List[triton.Config]]
+
+
+def config(block_n: int, block_v: int, block_d: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_D": block_d},
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+def config_name(cfg: triton.Config) -> str:
+    kw = cfg.kwargs
+    return f"n{kw['BLOCK_N']}_v{kw['BLOCK_V']}_d{kw['BLOCK_D']}_w{cfg.num_warps}_s{cfg.num_stages}"
+
+
+def union(table: ConfigTable) -> List[triton.Config]:
+    seen, out = set(), []
+    for key in table:
+        for cfg in table[key]:
+            if config_name(cfg) not in seen:
+                seen.add(config_name(cfg))
+                out.append(cfg)
+    return out
+
+
+def device_arch() -> str:
+    """'sm_90a' on Hopper and newer, 'sm_80' otherwise (Ampere/Ada)."""
+    import torch
+
+    major, _ = torch.cuda.get_device_capability()
+    return "sm_90a" if major >= 9 else "sm_80"
+
+
+def precision_of(dtype) -> str:
+    import torch
+
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def pruner(table: ConfigTable):
+    """An ``early_config_prune`` hook keeping the configurations listed for the current GPU and dtype."""
+
+    def prune_to_device(configs, named_args, **kwargs):
+        key = (device_arch(), precision_of(named_args["hidden_ptr"].dtype))
+        wanted = {config_name(c) for c in table[key]}
+        kept = [c for c in configs if config_name(c) in wanted]
+        return kept or configs
+
+    return prune_to_device
