@@ -27,18 +27,26 @@ import triton.language as tl
 from .configs import config, pruner, union
 from .tiles import logits_tile
 
-# Three live [BLOCK_N, BLOCK_V] fp32 tiles (z, r, dz) plus two dot accumulators: smaller vocab tiles
-# than the forward keep it spill-free. sm_90a tiles have >= 64 rows on both dot outputs for wgmma.
+# Three live [BLOCK_N, BLOCK_V] fp32 tiles (z, r, dz) plus two dot accumulators. sm_90a tiles keep
+# >= 64 rows on both dot outputs (dz @ W and dz^T @ H) for wgmma; fp32 inputs use smaller tiles.
 BWD_CONFIGS = {
-    "sm_80": [
-        config(64, 64, 64, num_warps=4, num_stages=3),
-        config(64, 128, 32, num_warps=8, num_stages=3),
+    ("sm_80", "half"): [
+        config(64, 64, 32, num_warps=4, num_stages=3),
+        config(64, 64, 64, num_warps=8, num_stages=3),
         config(128, 64, 32, num_warps=8, num_stages=3),
     ],
-    "sm_90a": [
-        config(64, 64, 64, num_warps=4, num_stages=3),
-        config(64, 128, 64, num_warps=8, num_stages=3),
-        config(128, 64, 64, num_warps=8, num_stages=3),
+    ("sm_80", "fp32"): [
+        config(64, 64, 32, num_warps=8, num_stages=2),
+        config(32, 64, 16, num_warps=4, num_stages=2),
+    ],
+    ("sm_90a", "half"): [
+        config(64, 64, 64, num_warps=8, num_stages=3),
+        config(64, 128, 64, num_warps=8, num_stages=2),
+        config(128, 64, 32, num_warps=8, num_stages=3),
+    ],
+    ("sm_90a", "fp32"): [
+        config(64, 64, 32, num_warps=8, num_stages=2),
+        config(64, 32, 32, num_warps=4, num_stages=2),
     ],
 }
 

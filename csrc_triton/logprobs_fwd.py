@@ -21,17 +21,28 @@ from .configs import config, pruner, union
 from .tiles import logits_tile
 
 # sm_90a: 64/128-row tiles feed Hopper wgmma (one or two warpgroups); sm_80: mma.sync tiles with a
-# smaller K slice and three stages so the cp.async pipeline fits in the A100's shared memory.
+# 32-wide K slice so z, r and their exponentials fit the register file next to the pipeline.
+# fp32 ("ieee" FMA dot, operands in registers) needs smaller tiles on both. All spill-free (see
+# `fastpref kernels`).
 FWD_CONFIGS = {
-    "sm_80": [
-        config(64, 128, 32, num_warps=4, num_stages=3),
-        config(128, 64, 32, num_warps=4, num_stages=3),
-        config(64, 64, 64, num_warps=4, num_stages=3),
+    ("sm_80", "half"): [
+        config(64, 128, 32, num_warps=8, num_stages=3),
+        config(128, 64, 32, num_warps=8, num_stages=3),
+        config(64, 64, 32, num_warps=4, num_stages=4),
     ],
-    "sm_90a": [
-        config(64, 128, 64, num_warps=4, num_stages=3),
-        config(128, 64, 64, num_warps=8, num_stages=3),
-        config(128, 128, 64, num_warps=8, num_stages=3),
+    ("sm_80", "fp32"): [
+        config(64, 64, 32, num_warps=8, num_stages=2),
+        config(32, 64, 32, num_warps=4, num_stages=2),
+    ],
+    ("sm_90a", "half"): [
+        config(64, 64, 64, num_warps=4, num_stages=3),
+        config(64, 128, 64, num_warps=8, num_stages=3),
+        config(128, 64, 64, num_warps=8, num_stages=4),
+    ],
+    ("sm_90a", "fp32"): [
+        config(64, 64, 32, num_warps=8, num_stages=2),
+        config(32, 64, 32, num_warps=4, num_stages=2),
+        config(64, 32, 32, num_warps=4, num_stages=2),
     ],
 }
 

@@ -2,20 +2,21 @@
 
 No GPU is needed: ``triton.compile`` lowers each (kernel, variant, configuration) to PTX for a
 ``GPUTarget``, and the ``ptxas`` shipped in the Triton wheel assembles it with ``-v`` to report
-registers and spills. One ``.ptx`` per configuration is written under ``--out`` and a table is
+registers and spills (Triton's own ptxas invocation, with the flags used at runtime). One ``.ptx`` per configuration is written under ``--out`` and a table is
 printed: kernel, variant, config, registers, spill bytes, shared memory, and whether Hopper
 ``wgmma`` instructions are used.
 
 Variants are the specialisations that matter for resources: the heaviest path of each kernel
-(reference tile + forward KL + bias + softcap) for bf16 inputs (tensor cores) and fp32 inputs
-(``ieee`` dot, no tensor cores, the exact-parity path).
+(reference tile + KL + bias + softcap) for bf16 inputs (tensor cores; forward and reverse KL) and
+fp32 inputs (forward KL; ``ieee`` dot, no tensor cores, the exact-parity path).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
-import subprocess
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
@@ -33,10 +34,11 @@ _FLAGS = dict(HAS_BIAS=True, HAS_REF=True, HAS_REF_BIAS=True, KL_MODE=1, SOFTCAP
               NEED_DH=True, NEED_DW=True, NEED_DB=True)
 VARIANTS = {
     "bf16_kl": ("bf16", "tf32", _FLAGS),
+    "bf16_rkl": ("bf16", "tf32", dict(_FLAGS, KL_MODE=2)),
     "fp32_kl": ("fp32", "ieee", _FLAGS),
 }
 # variant -> the precision column of the kernels' config tables
-VARIANT_PRECISION = {"bf16_kl": "half", "fp32_kl": "fp32"}
+VARIANT_PRECISION = {"bf16_kl": "half", "bf16_rkl": "half", "fp32_kl": "fp32"}
 
 _HALF_INPUTS = {"hidden_ptr", "weight_ptr", "bias_ptr", "ref_hidden_ptr", "ref_weight_ptr", "ref_bias_ptr"}
 _INDEX_INPUTS = {"targets_ptr", "rows_ptr", "seq_ids_ptr"}
@@ -110,6 +112,7 @@ def compile_one(job: Tuple[str, str, str, Tuple[int, int, int, int, int], str]) 
     import importlib
 
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -124,18 +127,20 @@ def compile_one(job: Tuple[str, str, str, Tuple[int, int, int, int, int], str]) 
     constexprs.update(cfg.kwargs, DOT_PRECISION=precision)
     signature = _signature(fn, dtype, constexprs)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=_divisibility_attrs(fn, signature))
-    compiled = triton.compile(src, target=GPUTarget("cuda", ARCH_CAPABILITY[arch], 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    # Triton's own ptxas run (same flags as at runtime) logs registers and spills with -v; a forced
+    # compile makes sure it runs even when the kernel is in Triton's cache.
+    log = io.StringIO()
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(src, target=GPUTarget("cuda", ARCH_CAPABILITY[arch], 32),
+                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    registers, spills = parse_ptxas(log.getvalue())
     ptx = compiled.asm["ptx"]
     name = config_name(cfg)
     ptx_path = os.path.join(out_dir, f"{kernel_name}__{variant}__{name}.ptx")
     with open(ptx_path, "w") as f:
         f.write(ptx)
-    result = subprocess.run([ptxas_path(), "-v", "--gpu-name", arch, ptx_path, "-o", os.devnull],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"ptxas failed on {ptx_path}:\n{result.stderr}")
-    registers, spills = parse_ptxas(result.stdout + result.stderr)
     return KernelReport(kernel=kernel_name, variant=variant, config=name, arch=arch, registers=registers,
                         spill_bytes=spills, shared_bytes=int(compiled.metadata.shared),
                         wgmma=bool(re.search(r"\bwgmma\.mma_async", ptx)), ptx_path=ptx_path)
@@ -163,7 +168,11 @@ def compile_all(arch: str, out_dir: str, workers: Optional[int] = None, kernels:
     if arch not in ARCH_CAPABILITY:
         raise ValueError(f"arch must be one of {sorted(ARCH_CAPABILITY)}, got {arch!r}")
     os.makedirs(out_dir, exist_ok=True)
-    jobs = jobs_for(arch, out_dir, kernels, variants)
+    return compile_jobs(jobs_for(arch, out_dir, kernels, variants), workers)
+
+
+def compile_jobs(jobs: list, workers: Optional[int] = None) -> List[KernelReport]:
+    """Run ``compile_one`` over ``jobs`` in a process pool (compiles are CPU-bound and independent)."""
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     if workers == 1:
         return [compile_one(j) for j in jobs]

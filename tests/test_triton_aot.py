@@ -1,0 +1,63 @@
+"""Ahead-of-time compile of every Triton kernel and autotune configuration (no GPU needed)."""
+import os
+
+import pytest
+
+from fastpref.cli import build_parser
+from fastpref.commands import kernels
+
+ARCHS = ("sm_80", "sm_90a")
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ptx")
+    jobs = []
+    for arch in ARCHS:
+        os.makedirs(out / arch)
+        jobs += kernels.jobs_for(arch, str(out / arch))
+    return kernels.compile_jobs(jobs)
+
+
+def _expected_count(arch):
+    import importlib
+
+    total = 0
+    for module_name, _, table_name in kernels.KERNELS.values():
+        table = getattr(importlib.import_module(module_name), table_name)
+        total += sum(len(table[(arch, kernels.VARIANT_PRECISION[v])]) for v in kernels.VARIANTS)
+    return total
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_configuration_compiles_without_spills(reports, arch):
+    mine = [r for r in reports if r.arch == arch]
+    assert len(mine) == _expected_count(arch) > 0
+    for r in mine:
+        assert os.path.getsize(r.ptx_path) > 0
+        assert 0 < r.registers <= 255, r
+        assert r.spill_bytes == 0, f"{r.kernel} {r.variant} {r.config} spills {r.spill_bytes} bytes on {arch}"
+        assert r.shared_bytes <= (227 if arch == "sm_90a" else 163) * 1024, r
+
+
+def test_hopper_gemms_use_wgmma(reports):
+    half = [r for r in reports if r.arch == "sm_90a" and r.variant.startswith("bf16")]
+    assert {r.kernel for r in half} == {"logprobs_fwd", "logprobs_bwd"}
+    for r in half:
+        assert r.wgmma, f"{r.kernel} {r.variant} {r.config} does not use wgmma on sm_90a"
+    assert not any(r.wgmma for r in reports if r.arch == "sm_80")
+
+
+def test_table_and_cli_arguments(reports):
+    table = kernels.format_table(reports)
+    assert table.count("\n") == len(reports) + 1
+    args = build_parser().parse_args(["kernels", "--arch", "sm_90a", "--out", "somewhere"])
+    assert (args.arch, args.out) == ("sm_90a", "somewhere")
+    with pytest.raises(ValueError, match="arch"):
+        kernels.compile_all("sm_75", "somewhere")
+
+
+def test_parse_ptxas():
+    text = ("ptxas info    : Function properties for k\n    8 bytes stack frame, 4 bytes spill stores, "
+            "12 bytes spill loads\nptxas info    : Used 96 registers, used 1 barriers\n")
+    assert kernels.parse_ptxas(text) == (96, 16)
