@@ -29,7 +29,8 @@ GRADS = ("d_hidden", "d_weight", "d_bias")
 def make_case(dtype: torch.dtype, seed: int, *, layout: str = "padded", S: int = 3, T: int = 7, D: int = 24,
               V: int = 100, bias: bool = False, ref: Optional[str] = None, D_ref: int = 40, kl: Optional[str] = None,
               temperature: float = 1.0, softcap: Optional[float] = None, ignore_seq: Optional[int] = None,
-              zero_grad_seq: Optional[int] = None, lengths: Optional[List[int]] = None) -> Dict:
+              zero_grad_seq: Optional[int] = None, lengths: Optional[List[int]] = None,
+              grads_on: tuple = ("logps", "token_logps", "kl", "token_kl")) -> Dict:
     """Inputs and upstream gradients of one case. ``ref`` is None, "shared" or "separate"."""
     g = torch.Generator().manual_seed(seed)
 
@@ -73,6 +74,7 @@ def make_case(dtype: torch.dtype, seed: int, *, layout: str = "padded", S: int =
         mask = (seq_ids == zero_grad_seq) if seq_ids is not None else (torch.arange(S) == zero_grad_seq)[:, None]
         upstream["token_logps"] = upstream["token_logps"].masked_fill(mask, 0)
         upstream["token_kl"] = upstream["token_kl"].masked_fill(mask, 0)
+    upstream = {k: v for k, v in upstream.items() if k in grads_on}
     return dict(inputs=inputs, kwargs=kwargs, targets=targets, upstream=upstream)
 
 
@@ -117,6 +119,8 @@ CASES = {
     "one_token_sequences": dict(layout="packed", lengths=[1, 1, 1, 1, 1], ref="shared", kl="forward"),
     "single_position": dict(layout="packed", lengths=[1], bias=True, ref="shared", kl="forward"),
     "zero_grad_sequence": dict(S=4, ref="shared", kl="forward", zero_grad_seq=2),
+    "per_sequence_grads_only": dict(layout="packed", ref="shared", kl="forward", grads_on=("logps", "kl")),
+    "per_token_grads_only": dict(ref="shared", kl="reverse", grads_on=("token_logps", "token_kl")),
     "large_vocab_multi_tile": dict(S=2, T=19, D=70, V=300, bias=True, ref="shared", kl="forward"),
 }
 BF16_CASES = ("padded", "temperature_softcap", "kl_forward_separate_head", "kl_reverse_separate_head_packed")

@@ -2,7 +2,9 @@
 
 Forward (``csrc_triton/logprobs_fwd.py``): one program per block of valid positions streams the
 vocabulary in tiles (online log-sum-exp), writes the per-position log-prob, log-sum-exp, reference
-log-prob and KL, and atomically adds the per-sequence sums into [num_seqs] buffers.
+log-prob and KL, and atomically adds the per-sequence sums into [num_seqs] buffers. Those sums are
+the ``logps``/``ref_logps``/``kl`` that ``fused_logprobs(backend="triton")`` returns (see
+``logprob_stats``); ``token_stats`` keeps the per-position contract of the other backends.
 
 Backward (``csrc_triton/logprobs_bwd.py``): one program per (positions x vocabulary) tile recomputes
 the logits from the saved log-sum-exps, forms ``dz = a (onehot - p) + b dKL/dz`` and accumulates
@@ -23,7 +25,9 @@ from typing import Optional
 
 import torch
 
+from .._stats import LogprobStats
 from .._validate import Prepared
+from ..ops import reduce_per_sequence
 
 # Blocks used under the interpreter: one program costs ~1 ms per tile there, so few, big tiles.
 INTERPRET_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_D": 32}
@@ -177,7 +181,13 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 class _TritonLogprobsFn(torch.autograd.Function):
-    """Autograd glue: the forward saves per-position log-sum-exps (and KL); the backward recomputes."""
+    """Autograd glue: the forward saves per-position log-sum-exps (and KL); the backward recomputes.
+
+    Outputs: per-position (token_logps, ref_token_logps, token_kl) and the kernel's per-sequence
+    sums (logps, ref_logps, kl). A gradient on a per-sequence sum reaches each of its positions
+    unchanged (d sum / d token = 1), so it is broadcast by ``seq_ids`` and added to the
+    per-position gradient before the single backward kernel.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, prep: Prepared):
@@ -185,17 +195,21 @@ class _TritonLogprobsFn(torch.autograd.Function):
         ctx.prep = prep
         ctx.save_for_backward(out.lse, out.ref_lse, out.token_kl)
         empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
-        ref_out = out.ref_token_logps if out.ref_token_logps is not None else empty
-        kl_out = out.token_kl if out.token_kl is not None else empty.clone()
-        ctx.mark_non_differentiable(ref_out)
-        return out.token_logps, ref_out, kl_out
+        ref_tok = out.ref_token_logps if out.ref_token_logps is not None else empty
+        ref_seq = out.seq_ref_logps if out.seq_ref_logps is not None else empty.clone()
+        tok_kl = out.token_kl if out.token_kl is not None else empty.clone()
+        seq_kl = out.seq_kl if out.seq_kl is not None else empty.clone()
+        ctx.mark_non_differentiable(ref_tok, ref_seq)
+        return out.token_logps, ref_tok, tok_kl, out.seq_logps, ref_seq, seq_kl
 
     @staticmethod
-    def backward(ctx, grad_logps, grad_ref, grad_kl):
+    def backward(ctx, g_token_logps, g_ref_tok, g_token_kl, g_seq_logps, g_ref_seq, g_seq_kl):
         prep: Prepared = ctx.prep
         lse, ref_lse, token_kl = ctx.saved_tensors
+        grad_logps = _combine(prep, g_token_logps, g_seq_logps)
+        grad_kl = _combine(prep, g_token_kl, g_seq_kl) if prep.kl else None
         d_hidden, d_weight, d_bias = backward(
-            prep, lse, ref_lse, token_kl, grad_logps, grad_kl if prep.kl else None,
+            prep, lse, ref_lse, token_kl, grad_logps, grad_kl,
             need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
             need_bias=prep.bias is not None and ctx.needs_input_grad[2],
         )
@@ -205,15 +219,49 @@ class _TritonLogprobsFn(torch.autograd.Function):
         return d_hidden, d_weight, d_bias, None
 
 
-def token_stats(prep: Prepared):
-    """Per-position (token_logps, ref_token_logps, token_kl) for ``prep`` (see backends/__init__)."""
+def _combine(prep: Prepared, per_token: Optional[torch.Tensor], per_seq: Optional[torch.Tensor]):
+    """Per-position upstream gradient: its own plus its sequence's (None when neither exists)."""
+    if per_seq is not None and per_seq.numel():
+        from_seq = per_seq.float().index_select(0, prep.seq_ids)
+        return from_seq if per_token is None else per_token.float() + from_seq
+    return per_token
+
+
+def _run(prep: Prepared):
+    """(token_logps, ref_token_logps, token_kl, logps, ref_logps, kl); absent ones None."""
     check_supported(prep)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (prep.hidden, prep.weight, prep.bias)
     )
     if not needs_grad:
+        # No graph: nothing is saved for a backward that cannot happen.
         with torch.no_grad():
-            out = forward(prep)
-        return out.token_logps, out.ref_token_logps, out.token_kl
-    token_logps, ref_token_logps, token_kl = _TritonLogprobsFn.apply(prep.hidden, prep.weight, prep.bias, prep)
-    return token_logps, (ref_token_logps if prep.ref_hidden is not None else None), (token_kl if prep.kl else None)
+            o = forward(prep)
+        return o.token_logps, o.ref_token_logps, o.token_kl, o.seq_logps, o.seq_ref_logps, o.seq_kl
+    outs = _TritonLogprobsFn.apply(prep.hidden, prep.weight, prep.bias, prep)
+    has_ref, kl = prep.ref_hidden is not None, prep.kl is not None
+    keep = (True, has_ref, kl, True, has_ref, kl)
+    return tuple(o if k else None for o, k in zip(outs, keep))
+
+
+def token_stats(prep: Prepared):
+    """Per-position (token_logps, ref_token_logps, token_kl) for ``prep`` (see backends/__init__)."""
+    token_logps, ref_token_logps, token_kl, _, _, _ = _run(prep)
+    return token_logps, ref_token_logps, token_kl
+
+
+def logprob_stats(prep: Prepared) -> LogprobStats:
+    """The full :class:`LogprobStats` with the per-sequence sums taken from the forward kernel's epilogue
+    (atomic adds by ``seq_ids``) instead of a separate reduction; what ``fused_logprobs`` returns for
+    ``backend="triton"``."""
+    token_logps, ref_token_logps, token_kl, logps, ref_logps, kl = _run(prep)
+    shape = prep.target_shape
+    return LogprobStats(
+        logps=logps,
+        lengths=reduce_per_sequence(prep, prep.valid.to(torch.float32)),
+        token_logps=token_logps.view(shape),
+        ref_logps=ref_logps,
+        kl=kl,
+        token_kl=None if token_kl is None else token_kl.view(shape),
+        ref_token_logps=None if ref_token_logps is None else ref_token_logps.view(shape),
+    )
