@@ -45,10 +45,13 @@ def test_hopper_gemms_use_wgmma(reports):
     assert {r.kernel for r in half} == {"logprobs_fwd", "logprobs_bwd"}
     for r in half:
         assert r.wgmma, f"{r.kernel} {r.variant} {r.config} does not use wgmma on sm_90a"
+        # every GEMM: logits (+ reference logits) in both kernels, and dz @ W, dz^T @ H in the backward
+        assert r.wgmma_dots == r.dots == (2 if r.kernel == "logprobs_fwd" else 4), r
     assert not any(r.wgmma for r in reports if r.arch == "sm_80")
 
 
 def test_table_and_cli_arguments(reports):
+    assert all(r.dots > 0 for r in reports)
     table = kernels.format_table(reports)
     assert table.count("\n") == len(reports) + 1
     args = build_parser().parse_args(["kernels", "--arch", "sm_90a", "--out", "somewhere"])

@@ -3,8 +3,8 @@
 No GPU is needed: ``triton.compile`` lowers each (kernel, variant, configuration) to PTX for a
 ``GPUTarget``, and the ``ptxas`` shipped in the Triton wheel assembles it with ``-v`` to report
 registers and spills (Triton's own ptxas invocation, with the flags used at runtime). One ``.ptx`` per configuration is written under ``--out`` and a table is
-printed: kernel, variant, config, registers, spill bytes, shared memory, and whether Hopper
-``wgmma`` instructions are used.
+printed: kernel, variant, config, registers, spill bytes, shared memory, whether Hopper ``wgmma``
+instructions are used, and how many of the kernel's ``tl.dot`` ops became warp-group MMAs.
 
 Variants are the specialisations that matter for resources: the heaviest path of each kernel
 (reference tile + KL + bias + softcap) for bf16 inputs (tensor cores; forward and reverse KL) and
@@ -54,7 +54,9 @@ class KernelReport:
     registers: int
     spill_bytes: int
     shared_bytes: int
-    wgmma: bool
+    wgmma: bool  # the PTX has Hopper wgmma.mma_async instructions
+    wgmma_dots: int  # tl.dot ops lowered to warp-group MMA (TTGIR ttng.warp_group_dot)
+    dots: int  # all tl.dot ops of the kernel
     ptx_path: str
 
 
@@ -136,14 +138,16 @@ def compile_one(job: Tuple[str, str, str, Tuple[int, int, int, int, int], str]) 
         compiled = triton.compile(src, target=GPUTarget("cuda", ARCH_CAPABILITY[arch], 32),
                                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     registers, spills = parse_ptxas(log.getvalue())
-    ptx = compiled.asm["ptx"]
+    ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
+    wgmma_dots = len(re.findall(r"\bttng\.warp_group_dot\b(?!_)", ttgir))
     name = config_name(cfg)
     ptx_path = os.path.join(out_dir, f"{kernel_name}__{variant}__{name}.ptx")
     with open(ptx_path, "w") as f:
         f.write(ptx)
     return KernelReport(kernel=kernel_name, variant=variant, config=name, arch=arch, registers=registers,
                         spill_bytes=spills, shared_bytes=int(compiled.metadata.shared),
-                        wgmma=bool(re.search(r"\bwgmma\.mma_async", ptx)), ptx_path=ptx_path)
+                        wgmma=bool(re.search(r"\bwgmma\.mma_async", ptx)), wgmma_dots=wgmma_dots,
+                        dots=wgmma_dots + len(re.findall(r"\btt\.dot\b", ttgir)), ptx_path=ptx_path)
 
 
 def jobs_for(arch: str, out_dir: str, kernels: Optional[List[str]] = None,
@@ -182,11 +186,11 @@ def compile_jobs(jobs: list, workers: Optional[int] = None) -> List[KernelReport
 
 def format_table(reports: List[KernelReport]) -> str:
     """A Markdown table of the reports."""
-    lines = ["| kernel | variant | config | arch | registers | spill bytes | shared mem (B) | wgmma |",
-             "|---|---|---|---|---:|---:|---:|---|"]
+    lines = ["| kernel | variant | config | arch | registers | spill bytes | shared mem (B) | wgmma | wgmma dots |",
+             "|---|---|---|---|---:|---:|---:|---|---:|"]
     for r in reports:
         lines.append(f"| {r.kernel} | {r.variant} | {r.config} | {r.arch} | {r.registers} | {r.spill_bytes} "
-                     f"| {r.shared_bytes} | {'yes' if r.wgmma else 'no'} |")
+                     f"| {r.shared_bytes} | {'yes' if r.wgmma else 'no'} | {r.wgmma_dots}/{r.dots} |")
     return "\n".join(lines)
 
 
