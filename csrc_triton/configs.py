@@ -3,7 +3,8 @@
 Each kernel file lists its configurations per (architecture, input precision) next to the kernel:
 ``{("sm_80", "half"): [...], ("sm_80", "fp32"): [...], ("sm_90a", ...): ...}``. "half" (bf16/fp16)
 runs on tensor cores; "fp32" uses an exact ``ieee`` dot (FMA), whose operands live in registers,
-so it needs smaller tiles. The autotuner gets the union; ``prune_to_device`` keeps only the list for
+so it needs smaller tiles; "tf32" is fp32 input with ``torch.backends.cuda.matmul.allow_tf32`` set
+(TF32 tensor cores, as torch.matmul would use). The autotuner gets the union; ``prune_to_device`` keeps only the list for
 the GPU it runs on and the input dtype, so an A100 never benchmarks H100-sized tiles.
 """
 from typing import Dict, List, Tuple
@@ -11,7 +12,7 @@ from typing import Dict, List, Tuple
 import triton
 
 ARCHS = ("sm_80", "sm_90a")
-PRECISIONS = ("half", "fp32")
+PRECISIONS = ("half", "fp32", "tf32")
 ConfigTable = Dict[Tuple[str, str], List[triton.Config]]
 
 
@@ -44,9 +45,12 @@ def device_arch() -> str:
 
 
 def precision_of(dtype) -> str:
+    """The config-table column for an input dtype (must agree with the backend's dot precision)."""
     import torch
 
-    return "fp32" if dtype == torch.float32 else "half"
+    if dtype != torch.float32:
+        return "half"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
 
 
 def pruner(table: ConfigTable):

@@ -28,7 +28,8 @@ from .configs import config, pruner, union
 from .tiles import logits_tile
 
 # Three live [BLOCK_N, BLOCK_V] fp32 tiles (z, r, dz) plus two dot accumulators. sm_90a tiles keep
-# >= 64 rows on both dot outputs (dz @ W and dz^T @ H) for wgmma; fp32 inputs use smaller tiles.
+# >= 64 rows on both dot outputs (dz @ W and dz^T @ H) for wgmma; exact fp32 ("ieee" FMA dot) uses
+# smaller tiles, TF32 tensor-core tiles again.
 BWD_CONFIGS = {
     ("sm_80", "half"): [
         config(64, 64, 32, num_warps=4, num_stages=3),
@@ -39,6 +40,11 @@ BWD_CONFIGS = {
         config(64, 64, 32, num_warps=8, num_stages=2),
         config(32, 64, 16, num_warps=4, num_stages=2),
     ],
+    ("sm_80", "tf32"): [
+        config(64, 64, 32, num_warps=8, num_stages=3),
+        config(64, 64, 16, num_warps=4, num_stages=3),
+        config(128, 64, 32, num_warps=8, num_stages=2),
+    ],
     ("sm_90a", "half"): [
         config(64, 64, 64, num_warps=8, num_stages=3),
         config(64, 128, 64, num_warps=8, num_stages=2),
@@ -48,9 +54,14 @@ BWD_CONFIGS = {
         config(64, 64, 32, num_warps=8, num_stages=2),
         config(64, 32, 32, num_warps=4, num_stages=2),
     ],
+    ("sm_90a", "tf32"): [
+        config(64, 64, 32, num_warps=8, num_stages=3),
+        config(128, 64, 32, num_warps=8, num_stages=2),
+        config(64, 128, 32, num_warps=8, num_stages=2),
+    ],
 }
 
-BWD_KEY = ["V", "D", "D_ref", "KL_MODE"]
+BWD_KEY = ["V", "D", "D_ref", "KL_MODE", "DOT_PRECISION"]
 
 
 @triton.jit

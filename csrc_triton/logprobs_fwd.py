@@ -22,7 +22,8 @@ from .tiles import logits_tile
 
 # sm_90a: 64/128-row tiles feed Hopper wgmma (one or two warpgroups); sm_80: mma.sync tiles with a
 # 32-wide K slice so z, r and their exponentials fit the register file next to the pipeline.
-# fp32 ("ieee" FMA dot, operands in registers) needs smaller tiles on both. All spill-free (see
+# fp32 with the exact "ieee" FMA dot (operands in registers) needs smaller tiles on both; fp32 with
+# TF32 (allow_tf32) uses tensor cores again with a 16/32-wide K slice. All spill-free (see
 # `fastpref kernels`).
 FWD_CONFIGS = {
     ("sm_80", "half"): [
@@ -34,6 +35,11 @@ FWD_CONFIGS = {
         config(64, 64, 32, num_warps=8, num_stages=2),
         config(32, 64, 32, num_warps=4, num_stages=2),
     ],
+    ("sm_80", "tf32"): [
+        config(64, 128, 16, num_warps=8, num_stages=3),
+        config(128, 64, 16, num_warps=8, num_stages=3),
+        config(64, 64, 32, num_warps=8, num_stages=3),
+    ],
     ("sm_90a", "half"): [
         config(64, 64, 64, num_warps=4, num_stages=3),
         config(64, 128, 64, num_warps=8, num_stages=3),
@@ -44,9 +50,14 @@ FWD_CONFIGS = {
         config(32, 64, 32, num_warps=4, num_stages=2),
         config(64, 32, 32, num_warps=4, num_stages=2),
     ],
+    ("sm_90a", "tf32"): [
+        config(64, 64, 32, num_warps=4, num_stages=3),
+        config(64, 128, 32, num_warps=8, num_stages=3),
+        config(128, 64, 32, num_warps=8, num_stages=3),
+    ],
 }
 
-FWD_KEY = ["V", "D", "D_ref", "HAS_REF", "KL_MODE"]
+FWD_KEY = ["V", "D", "D_ref", "HAS_REF", "KL_MODE", "DOT_PRECISION"]
 
 
 @triton.jit

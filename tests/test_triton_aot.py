@@ -41,13 +41,15 @@ def test_every_configuration_compiles_without_spills(reports, arch):
 
 
 def test_hopper_gemms_use_wgmma(reports):
-    half = [r for r in reports if r.arch == "sm_90a" and r.variant.startswith("bf16")]
+    half = [r for r in reports if r.arch == "sm_90a" and r.variant.startswith(("bf16", "tf32"))]
     assert {r.kernel for r in half} == {"logprobs_fwd", "logprobs_bwd"}
     for r in half:
         assert r.wgmma, f"{r.kernel} {r.variant} {r.config} does not use wgmma on sm_90a"
         # every GEMM: logits (+ reference logits) in both kernels, and dz @ W, dz^T @ H in the backward
         assert r.wgmma_dots == r.dots == (2 if r.kernel == "logprobs_fwd" else 4), r
     assert not any(r.wgmma for r in reports if r.arch == "sm_80")
+    # the exact fp32 path is an FMA dot: no tensor cores, by design
+    assert not any(r.wgmma_dots for r in reports if r.variant == "fp32_kl")
 
 
 def test_table_and_cli_arguments(reports):
@@ -64,3 +66,24 @@ def test_parse_ptxas():
     text = ("ptxas info    : Function properties for k\n    8 bytes stack frame, 4 bytes spill stores, "
             "12 bytes spill loads\nptxas info    : Used 96 registers, used 1 barriers\n")
     assert kernels.parse_ptxas(text) == (96, 16)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_autotuner_prunes_to_the_device_and_precision(monkeypatch, arch):
+    import torch
+
+    from csrc_triton import configs, logprobs_bwd, logprobs_fwd
+
+    monkeypatch.setattr(configs, "device_arch", lambda: arch)
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for table, tuned in ((logprobs_fwd.FWD_CONFIGS, logprobs_fwd.logprobs_fwd_autotuned),
+                             (logprobs_bwd.BWD_CONFIGS, logprobs_bwd.logprobs_bwd_autotuned)):
+            for dtype, tf32, precision in ((torch.bfloat16, False, "half"), (torch.float32, False, "fp32"),
+                                           (torch.float32, True, "tf32")):
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                kept = tuned.early_config_prune(tuned.configs, {"hidden_ptr": torch.empty(0, dtype=dtype)})
+                assert sorted(configs.config_name(c) for c in kept) == \
+                    sorted(configs.config_name(c) for c in table[(arch, precision)])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_tf32

@@ -8,7 +8,8 @@ instructions are used, and how many of the kernel's ``tl.dot`` ops became warp-g
 
 Variants are the specialisations that matter for resources: the heaviest path of each kernel
 (reference tile + KL + bias + softcap) for bf16 inputs (tensor cores; forward and reverse KL) and
-fp32 inputs (forward KL; ``ieee`` dot, no tensor cores, the exact-parity path).
+fp32 inputs (forward KL) with the exact ``ieee`` dot (FMA, the default) or TF32 tensor cores (used when
+``torch.backends.cuda.matmul.allow_tf32`` is set).
 """
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ VARIANTS = {
     "bf16_kl": ("bf16", "tf32", _FLAGS),
     "bf16_rkl": ("bf16", "tf32", dict(_FLAGS, KL_MODE=2)),
     "fp32_kl": ("fp32", "ieee", _FLAGS),
+    "tf32_kl": ("fp32", "tf32", _FLAGS),
 }
 # variant -> the precision column of the kernels' config tables
-VARIANT_PRECISION = {"bf16_kl": "half", "bf16_rkl": "half", "fp32_kl": "fp32"}
+VARIANT_PRECISION = {"bf16_kl": "half", "bf16_rkl": "half", "fp32_kl": "fp32", "tf32_kl": "tf32"}
 
 _HALF_INPUTS = {"hidden_ptr", "weight_ptr", "bias_ptr", "ref_hidden_ptr", "ref_weight_ptr", "ref_bias_ptr"}
 _INDEX_INPUTS = {"targets_ptr", "rows_ptr", "seq_ids_ptr"}
