@@ -4,10 +4,11 @@ Each kernel file lists its configurations per (architecture, input precision) ne
 ``{("sm_80", "half"): [...], ("sm_80", "fp32"): [...], ("sm_90a", ...): ...}``. "half" (bf16/fp16)
 runs on tensor cores; "fp32" uses an exact ``ieee`` dot (FMA), whose operands live in registers,
 so it needs smaller tiles; "tf32" is fp32 input with ``torch.backends.cuda.matmul.allow_tf32`` set
-(TF32 tensor cores, as torch.matmul would use). The autotuner gets the union; ``prune_to_device`` keeps only the list for
-the GPU it runs on and the input dtype, so an A100 never benchmarks H100-sized tiles.
+(TF32 tensor cores, as torch.matmul would use). The autotuner gets the union; ``prune_to_device``
+keeps only the list for the GPU it runs on and the input dtype, so an A100 never benchmarks
+H100-sized tiles.
 """
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import triton
 
@@ -16,14 +17,25 @@ PRECISIONS = ("half", "fp32", "tf32")
 ConfigTable = Dict[Tuple[str, str], List[triton.Config]]
 
 
-def config(block_n: int, block_v: int, block_d: int, num_warps: int, num_stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_D": block_d},
+def config(block_n: int, block_v: Optional[int], block_d: Optional[int], num_warps: int,
+           num_stages: int) -> triton.Config:
+    """A config; ``block_v``/``block_d`` are None for kernels without those tiles."""
+    blocks = {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_D": block_d}
+    return triton.Config({k: v for k, v in blocks.items() if v is not None},
                          num_warps=num_warps, num_stages=num_stages)
 
 
-def config_name(cfg: triton.Config) -> str:
+def config_tuple(cfg: triton.Config) -> Tuple[int, Optional[int], Optional[int], int, int]:
+    """The arguments of ``config`` that rebuild ``cfg`` (picklable, for compile workers)."""
     kw = cfg.kwargs
-    return f"n{kw['BLOCK_N']}_v{kw['BLOCK_V']}_d{kw['BLOCK_D']}_w{cfg.num_warps}_s{cfg.num_stages}"
+    return kw["BLOCK_N"], kw.get("BLOCK_V"), kw.get("BLOCK_D"), cfg.num_warps, cfg.num_stages
+
+
+def config_name(cfg: triton.Config) -> str:
+    """E.g. ``n64_v128_d32_w8_s3``: BLOCK_N, BLOCK_V, BLOCK_D, warps, stages."""
+    kw = cfg.kwargs
+    blocks = "_".join(f"{k[6:].lower()}{kw[k]}" for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D") if k in kw)
+    return f"{blocks}_w{cfg.num_warps}_s{cfg.num_stages}"
 
 
 def union(table: ConfigTable) -> List[triton.Config]:

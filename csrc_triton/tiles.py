@@ -1,4 +1,4 @@
-"""The logits tile shared by the forward and backward kernels."""
+"""Pieces shared by the kernels: the logits tile and the forward's per-position epilogue."""
 import triton
 import triton.language as tl
 
@@ -41,3 +41,36 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, stride_h
     if SOFTCAP:
         acc = softcap * tanh(acc / softcap)
     return tl.where(col_mask[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def write_row_results(rows, row_mask, seq_ids_ptr, m, s, target_logit, m_ref, s_ref, ref_target_logit, kl_acc,
+                      token_logps_ptr, lse_ptr, ref_token_logps_ptr, ref_lse_ptr, token_kl_ptr,
+                      seq_logps_ptr, seq_ref_logps_ptr, seq_kl_ptr,
+                      HAS_REF: tl.constexpr, KL_MODE: tl.constexpr):
+    """Finish the online log-sum-exp of a row block: store per-position results at positions ``rows``
+    and atomically add them into the per-sequence sums by ``seq_ids``.
+
+    lse = m + log s; token log-prob = target logit - lse; the KL accumulator ``kl_acc`` is
+    sum_v exp(z - m)(z - r) (forward) or sum_v exp(r - m_ref)(r - z) (reverse), so
+    KL(p||q) = kl_acc / s - lse + lse_ref and KL(q||p) = kl_acc / s_ref - lse_ref + lse.
+    """
+    seq = tl.load(seq_ids_ptr + rows, mask=row_mask, other=0)
+    lse = m + tl.log(s)
+    token_logp = target_logit - lse
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(token_logps_ptr + rows, token_logp, mask=row_mask)
+    tl.atomic_add(seq_logps_ptr + seq, token_logp, mask=row_mask)
+    if HAS_REF:
+        lse_ref = m_ref + tl.log(s_ref)
+        ref_token_logp = ref_target_logit - lse_ref
+        tl.store(ref_lse_ptr + rows, lse_ref, mask=row_mask)
+        tl.store(ref_token_logps_ptr + rows, ref_token_logp, mask=row_mask)
+        tl.atomic_add(seq_ref_logps_ptr + seq, ref_token_logp, mask=row_mask)
+        if KL_MODE != 0:
+            if KL_MODE == 1:
+                token_kl = kl_acc / s - lse + lse_ref
+            else:
+                token_kl = kl_acc / s_ref - lse_ref + lse
+            tl.store(token_kl_ptr + rows, token_kl, mask=row_mask)
+            tl.atomic_add(seq_kl_ptr + seq, token_kl, mask=row_mask)

@@ -25,7 +25,9 @@ def _expected_count(arch):
     total = 0
     for module_name, _, table_name in kernels.KERNELS.values():
         table = getattr(importlib.import_module(module_name), table_name)
-        total += sum(len(table[(arch, kernels.VARIANT_PRECISION[v])]) for v in kernels.VARIANTS)
+        name = next(k for k, v in kernels.KERNELS.items() if v[0] == module_name)
+        total += sum(len(table[(arch, kernels.VARIANT_PRECISION[v])])
+                     for v, spec in kernels.VARIANTS.items() if name in spec[3])
     return total
 
 
@@ -53,11 +55,14 @@ def test_hopper_gemms_use_wgmma(reports):
 
 
 def test_table_and_cli_arguments(reports):
-    assert all(r.dots > 0 for r in reports)
+    assert {r.kernel for r in reports} == set(kernels.KERNELS)
+    assert all((r.dots > 0) == (r.kernel in kernels.GEMM_KERNELS) for r in reports)
     table = kernels.format_table(reports)
     assert table.count("\n") == len(reports) + 1
-    args = build_parser().parse_args(["kernels", "--arch", "sm_90a", "--out", "somewhere"])
-    assert (args.arch, args.out) == ("sm_90a", "somewhere")
+    args = build_parser().parse_args(["kernels", "--arch", "sm_90a", "--out", "somewhere", "--report", "r.md"])
+    assert (args.arch, args.out, args.report) == ("sm_90a", "somewhere", "r.md")
+    report = kernels.report_markdown("sm_90a", [r for r in reports if r.arch == "sm_90a"])
+    assert "spill-free" in report and report.count("| logprobs_") == sum(r.arch == "sm_90a" for r in reports)
     with pytest.raises(ValueError, match="arch"):
         kernels.compile_all("sm_75", "somewhere")
 

@@ -103,7 +103,7 @@ def rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 # name -> (make_case kwargs). The core-op case list, at interpreter-sized shapes: N is never a
-# multiple of BLOCK_N=16 and V=100 is not a multiple of BLOCK_V=64.
+# multiple of BLOCK_N=16 and V=100 is not a multiple of BLOCK_V=64 (one vocabulary split).
 CASES = {
     "padded": dict(),
     "packed_interleaved": dict(layout="packed"),
@@ -121,7 +121,10 @@ CASES = {
     "zero_grad_sequence": dict(S=4, ref="shared", kl="forward", zero_grad_seq=2),
     "per_sequence_grads_only": dict(layout="packed", ref="shared", kl="forward", grads_on=("logps", "kl")),
     "per_token_grads_only": dict(ref="shared", kl="reverse", grads_on=("token_logps", "token_kl")),
-    "large_vocab_multi_tile": dict(S=2, T=19, D=70, V=300, bias=True, ref="shared", kl="forward"),
+    # V > 128 (INTERPRET_SPLIT_V): the split-vocabulary forward and its combine kernel
+    "vocab_split_forward_kl": dict(S=2, T=19, D=70, V=300, bias=True, ref="shared", kl="forward"),
+    "vocab_split_reverse_kl_ragged": dict(layout="packed", V=257, ref="separate", kl="reverse", softcap=3.0),
+    "vocab_split_no_ref": dict(V=200, bias=True),
 }
 BF16_CASES = ("padded", "temperature_softcap", "kl_forward_separate_head", "kl_reverse_separate_head_packed")
 
@@ -157,6 +160,7 @@ def main(path: str) -> None:
             res["seq_sums/ref_logps"] = rel_err(fwd.seq_ref_logps.double(), summed.ref_logps.double())
         if fwd.seq_kl is not None:
             res["seq_sums/kl"] = rel_err(fwd.seq_kl.double(), summed.kl.double())
+        res["n_splits"] = triton_backend.vocab_splits(int(prep.valid.sum()), prep.vocab_size, prep.hidden.device)[0]
         res["no_grad/token_logps"] = rel_err(nograd.token_logps.double(), eager["token_logps"])
         results[name] = res
 

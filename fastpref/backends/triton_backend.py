@@ -21,7 +21,7 @@ instead of autotuning, and fp32 copies of half-precision operands (its bf16 ``tl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -31,6 +31,9 @@ from ..ops import reduce_per_sequence
 
 # Blocks used under the interpreter: one program costs ~1 ms per tile there, so few, big tiles.
 INTERPRET_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_D": 32}
+INTERPRET_SPLIT_V = 128  # vocabularies above this exercise the split forward + combine kernel
+MIN_SPLIT_V = 2048  # fewest vocabulary columns per split on GPU
+SPLIT_ALIGN = 256  # split boundaries on multiples of every BLOCK_V
 KL_CODES = {None: 0, "forward": 1, "reverse": 2}
 
 
@@ -67,16 +70,47 @@ def _rowmajor(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _launch(kernel_name: str, grid, *args, **kwargs) -> None:
-    """Launch the autotuned kernel on GPU, or the raw kernel with fixed blocks under the interpreter."""
-    from csrc_triton import logprobs_bwd, logprobs_fwd
+    """Launch a kernel: autotuned on GPU, with fixed small blocks under the interpreter."""
+    from csrc_triton import logprobs_bwd, logprobs_combine, logprobs_fwd
 
+    if kernel_name == "combine":  # elementwise over rows: one fixed configuration
+        cfg = logprobs_combine.COMBINE_CONFIGS[("sm_80", "half")][0]
+        blocks = {"BLOCK_N": INTERPRET_BLOCKS["BLOCK_N"]} if interpreting() else dict(cfg.kwargs)
+        with _device_of(args[0]):
+            logprobs_combine.logprobs_combine_kernel[grid](*args, **blocks, **kwargs,
+                                                           **({} if interpreting() else {"num_warps": cfg.num_warps}))
+        return
     if interpreting():
         kernel = {"fwd": logprobs_fwd.logprobs_fwd_kernel, "bwd": logprobs_bwd.logprobs_bwd_kernel}[kernel_name]
         kernel[grid](*args, UPCAST=True, **INTERPRET_BLOCKS, **kwargs)
         return
     kernel = {"fwd": logprobs_fwd.logprobs_fwd_autotuned, "bwd": logprobs_bwd.logprobs_bwd_autotuned}[kernel_name]
-    with torch.cuda.device(args[0].device):
+    with _device_of(args[0]):
         kernel[grid](*args, UPCAST=False, **kwargs)
+
+
+def _device_of(t: torch.Tensor):
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def vocab_splits(n_rows: int, vocab: int, device: torch.device) -> Tuple[int, int]:
+    """(number of vocabulary splits, columns per split) for the forward.
+
+    One program per BLOCK_N positions leaves most SMs idle when there are few positions (a
+    preference batch of 4k tokens is 64 row blocks for 132 H100 SMs). Then the vocabulary is split
+    so that about two waves of programs run, with at least MIN_SPLIT_V columns per split so the
+    partial states stay negligible; ``logprobs_combine`` merges the splits.
+    """
+    if interpreting():
+        split_v = INTERPRET_SPLIT_V
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        row_blocks = triton_cdiv(n_rows, 64)  # the smallest BLOCK_N of the GPU configurations
+        wanted = max(1, min(triton_cdiv(2 * sms, row_blocks), vocab // MIN_SPLIT_V))
+        split_v = triton_cdiv(triton_cdiv(vocab, wanted), SPLIT_ALIGN) * SPLIT_ALIGN
+    return triton_cdiv(vocab, split_v), split_v
 
 
 @dataclass
@@ -115,21 +149,30 @@ def forward(prep: Prepared) -> ForwardOutputs:
     ref_hidden = _rowmajor(prep.ref_hidden) if has_ref else hidden
     ref_weight = _rowmajor(prep.ref_weight) if has_ref else weight
     placeholder = out.token_logps  # stands in for absent outputs; never touched (constexpr flags)
+    outputs = (out.token_logps, out.lse,
+               out.ref_token_logps if has_ref else placeholder, out.ref_lse if has_ref else placeholder,
+               out.token_kl if kl else placeholder,
+               out.seq_logps, out.seq_ref_logps if has_ref else out.seq_logps, out.seq_kl if kl else out.seq_logps)
+    n_splits, split_v = vocab_splits(n_rows, prep.vocab_size, device)
+    from csrc_triton.logprobs_fwd import PARTIAL_FIELDS
+
+    partials = torch.empty(PARTIAL_FIELDS * n_splits * n_rows if n_splits > 1 else 1, dtype=f32, device=device)
+    seq_ids = prep.seq_ids.contiguous()
     _launch(
-        "fwd", lambda meta: (triton_cdiv(n_rows, meta["BLOCK_N"]),),
+        "fwd", lambda meta: (triton_cdiv(n_rows, meta["BLOCK_N"]), n_splits),
         hidden, weight, weight if prep.bias is None else prep.bias,
         ref_hidden, ref_weight, ref_weight if prep.ref_bias is None else prep.ref_bias,
-        prep.targets.contiguous(), rows, prep.seq_ids.contiguous(),
-        out.token_logps, out.lse,
-        out.ref_token_logps if has_ref else placeholder, out.ref_lse if has_ref else placeholder,
-        out.token_kl if kl else placeholder,
-        out.seq_logps, out.seq_ref_logps if has_ref else out.seq_logps, out.seq_kl if kl else out.seq_logps,
-        n_rows, prep.vocab_size, hidden.shape[1], ref_hidden.shape[1],
+        prep.targets.contiguous(), rows, seq_ids, *outputs, partials,
+        n_rows, prep.vocab_size, hidden.shape[1], ref_hidden.shape[1], split_v,
         hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0),
         1.0 / prep.temperature, prep.softcap or 1.0,
         HAS_BIAS=prep.bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=has_ref and prep.ref_bias is not None,
         KL_MODE=KL_CODES[kl], SOFTCAP=prep.softcap is not None, DOT_PRECISION=_dot_precision(hidden.dtype),
+        SPLIT=n_splits > 1,
     )
+    if n_splits > 1:
+        _launch("combine", lambda meta: (triton_cdiv(n_rows, meta["BLOCK_N"]),),
+                partials, rows, seq_ids, *outputs, n_rows, n_splits, HAS_REF=has_ref, KL_MODE=KL_CODES[kl])
     return out
 
 

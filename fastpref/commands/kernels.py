@@ -7,8 +7,8 @@ printed: kernel, variant, config, registers, spill bytes, shared memory, whether
 instructions are used, and how many of the kernel's ``tl.dot`` ops became warp-group MMAs.
 
 Variants are the specialisations that matter for resources: the heaviest path of each kernel
-(reference tile + KL + bias + softcap) for bf16 inputs (tensor cores; forward and reverse KL) and
-fp32 inputs (forward KL) with the exact ``ieee`` dot (FMA, the default) or TF32 tensor cores (used when
+(reference tile + KL + bias + softcap) for bf16 inputs (tensor cores; forward and reverse KL; the
+forward also in its split-vocabulary form) and fp32 inputs (forward KL) with the exact ``ieee`` dot (FMA, the default) or TF32 tensor cores (used when
 ``torch.backends.cuda.matmul.allow_tf32`` is set).
 """
 from __future__ import annotations
@@ -28,19 +28,24 @@ ARCH_CAPABILITY = {"sm_80": 80, "sm_90a": 90}
 KERNELS = {
     "logprobs_fwd": ("csrc_triton.logprobs_fwd", "logprobs_fwd_kernel", "FWD_CONFIGS"),
     "logprobs_bwd": ("csrc_triton.logprobs_bwd", "logprobs_bwd_kernel", "BWD_CONFIGS"),
+    "logprobs_combine": ("csrc_triton.logprobs_combine", "logprobs_combine_kernel", "COMBINE_CONFIGS"),
 }
+GEMM_KERNELS = ("logprobs_fwd", "logprobs_bwd")
 
-# variant -> (input dtype, dot input precision, constexpr flags)
+# variant -> (input dtype, dot input precision, constexpr flags, kernels it applies to)
 _FLAGS = dict(HAS_BIAS=True, HAS_REF=True, HAS_REF_BIAS=True, KL_MODE=1, SOFTCAP=True, UPCAST=False,
-              NEED_DH=True, NEED_DW=True, NEED_DB=True)
+              NEED_DH=True, NEED_DW=True, NEED_DB=True, SPLIT=False)
 VARIANTS = {
-    "bf16_kl": ("bf16", "tf32", _FLAGS),
-    "bf16_rkl": ("bf16", "tf32", dict(_FLAGS, KL_MODE=2)),
-    "fp32_kl": ("fp32", "ieee", _FLAGS),
-    "tf32_kl": ("fp32", "tf32", _FLAGS),
+    "bf16_kl": ("bf16", "tf32", _FLAGS, GEMM_KERNELS),
+    "bf16_rkl": ("bf16", "tf32", dict(_FLAGS, KL_MODE=2), GEMM_KERNELS),
+    "fp32_kl": ("fp32", "ieee", _FLAGS, GEMM_KERNELS),
+    "tf32_kl": ("fp32", "tf32", _FLAGS, GEMM_KERNELS),
+    "bf16_kl_split": ("bf16", "tf32", dict(_FLAGS, SPLIT=True), ("logprobs_fwd",)),
+    "kl": ("fp32", "ieee", _FLAGS, ("logprobs_combine",)),
 }
 # variant -> the precision column of the kernels' config tables
-VARIANT_PRECISION = {"bf16_kl": "half", "bf16_rkl": "half", "fp32_kl": "fp32", "tf32_kl": "tf32"}
+VARIANT_PRECISION = {"bf16_kl": "half", "bf16_rkl": "half", "fp32_kl": "fp32", "tf32_kl": "tf32",
+                     "bf16_kl_split": "half", "kl": "half"}
 
 _HALF_INPUTS = {"hidden_ptr", "weight_ptr", "bias_ptr", "ref_hidden_ptr", "ref_weight_ptr", "ref_bias_ptr"}
 _INDEX_INPUTS = {"targets_ptr", "rows_ptr", "seq_ids_ptr"}
@@ -108,10 +113,10 @@ def parse_ptxas(text: str) -> Tuple[int, int]:
     return int(regs.group(1)), int(spills.group(1)) + int(spills.group(2))
 
 
-def compile_one(job: Tuple[str, str, str, Tuple[int, int, int, int, int], str]) -> KernelReport:
-    """Compile one (kernel, variant, config) for ``arch`` and assemble it with ptxas -v.
+def compile_one(job: tuple) -> KernelReport:
+    """Compile one (kernel, variant, arch, config, out_dir) job and read ptxas -v's report.
 
-    The config is ``(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages)``.
+    The config is ``(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages)`` (see ``configs.config``).
     """
     import importlib
 
@@ -126,9 +131,9 @@ def compile_one(job: Tuple[str, str, str, Tuple[int, int, int, int, int], str]) 
     module_name, fn_name, _ = KERNELS[kernel_name]
     fn = getattr(importlib.import_module(module_name), fn_name)
     cfg = config(*cfg_tuple)
-    dtype, precision, flags = VARIANTS[variant]
-    constexprs = {k: v for k, v in flags.items() if k in fn.arg_names}
-    constexprs.update(cfg.kwargs, DOT_PRECISION=precision)
+    dtype, precision, flags, _ = VARIANTS[variant]
+    constexprs = dict(flags, **cfg.kwargs, DOT_PRECISION=precision)
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature = _signature(fn, dtype, constexprs)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=_divisibility_attrs(fn, signature))
     # Triton's own ptxas run (same flags as at runtime) logs registers and spills with -v; a forced
@@ -156,15 +161,17 @@ def jobs_for(arch: str, out_dir: str, kernels: Optional[List[str]] = None,
              variants: Optional[List[str]] = None) -> list:
     import importlib
 
+    from csrc_triton.configs import config_tuple
+
     jobs = []
     for kernel_name in kernels or list(KERNELS):
         module_name, _, configs_name = KERNELS[kernel_name]
         table = getattr(importlib.import_module(module_name), configs_name)
         for variant in variants or list(VARIANTS):
+            if kernel_name not in VARIANTS[variant][3]:
+                continue
             for cfg in table[(arch, VARIANT_PRECISION[variant])]:
-                kw = cfg.kwargs
-                cfg_tuple = (kw["BLOCK_N"], kw["BLOCK_V"], kw["BLOCK_D"], cfg.num_warps, cfg.num_stages)
-                jobs.append((kernel_name, variant, arch, cfg_tuple, out_dir))
+                jobs.append((kernel_name, variant, arch, config_tuple(cfg), out_dir))
     return jobs
 
 
@@ -196,15 +203,53 @@ def format_table(reports: List[KernelReport]) -> str:
     return "\n".join(lines)
 
 
+_ARCH_NOTES = {
+    "sm_80": ("A100 (sm_80)", "bf16 and TF32 configurations use mma.sync tensor-core tiles (Ampere has no wgmma); "
+              "the exact fp32 path (`fp32_kl`, the default for fp32 inputs) uses the `ieee` FMA dot."),
+    "sm_90a": ("H100 (sm_90a)", "Every bf16 and TF32 configuration lowers all of its GEMMs to Hopper warp-group MMA "
+               "(`wgmma.mma_async`): the logits (and reference logits) tiles in both kernels, and `dz @ W`, "
+               "`dz^T @ H` in the backward. The exact fp32 path (`fp32_kl`, the default for fp32 inputs unless "
+               "`torch.backends.cuda.matmul.allow_tf32` is set) uses the `ieee` FMA dot, which has no wgmma form."),
+}
+
+
+def report_markdown(arch: str, reports: List[KernelReport]) -> str:
+    """The kernel report for the README's performance section: how it was made, then the table."""
+    import triton
+
+    title, note = _ARCH_NOTES[arch]
+    spills = "Every configuration is spill-free." if not any(r.spill_bytes for r in reports) else \
+        "Some configurations SPILL (see the table)."
+    return f"""# Triton kernel report: {title}
+
+Produced without a GPU by `fastpref kernels --arch {arch} --out DIR` (Triton {triton.__version__}): `triton.compile`
+for a `GPUTarget`; registers and spills from the `ptxas -v` log of Triton's own ptxas run; shared memory from
+the compiled kernel's metadata; wgmma from the PTX, and the count of `tl.dot`s lowered to warp-group MMA from
+the TTGIR. One row per autotune configuration and variant. A variant is the heaviest specialisation of a
+kernel (reference tile + bias + softcap + KL): `bf16_kl` / `bf16_rkl` bf16 inputs with forward / reverse KL,
+`bf16_kl_split` the split-vocabulary forward, `fp32_kl` fp32 inputs with the exact `ieee` dot, `tf32_kl` fp32
+inputs with TF32; `kl` for the combine kernel of the split forward. Config `nN_vV_dD_wW_sS` = BLOCK_N
+positions x BLOCK_V vocabulary x BLOCK_D hidden slice, W warps, S pipeline stages.
+
+{note} {spills}
+
+{format_table(reports)}
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=sorted(ARCH_CAPABILITY), required=True, help="target GPU architecture")
     parser.add_argument("--out", required=True, help="directory for the .ptx files (one per configuration)")
     parser.add_argument("--workers", type=int, default=None, help="parallel compile processes (default: CPUs)")
+    parser.add_argument("--report", default=None, help="also write the Markdown kernel report to this file")
 
 
 def run(args: argparse.Namespace) -> int:
     reports = compile_all(args.arch, args.out, workers=args.workers)
     print(format_table(reports))
+    if args.report:
+        with open(args.report, "w") as f:
+            f.write(report_markdown(args.arch, reports))
     bad = [r for r in reports if r.spill_bytes]
     if bad:
         print(f"\n{len(bad)} configuration(s) spill registers")
