@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import multiprocessing
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
@@ -139,11 +140,15 @@ def compile_one(job: tuple) -> KernelReport:
     # Triton's own ptxas run (same flags as at runtime) logs registers and spills with -v; a forced
     # compile makes sure it runs even when the kernel is in Triton's cache.
     log = io.StringIO()
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
     knobs.nvidia.dump_ptxas_log = True
     knobs.compilation.always_compile = True
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(src, target=GPUTarget("cuda", ARCH_CAPABILITY[arch], 32),
-                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", ARCH_CAPABILITY[arch], 32),
+                                      options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
     registers, spills = parse_ptxas(log.getvalue())
     ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
     wgmma_dots = len(re.findall(r"\bttng\.warp_group_dot\b(?!_)", ttgir))
@@ -189,7 +194,8 @@ def compile_jobs(jobs: list, workers: Optional[int] = None) -> List[KernelReport
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     if workers == 1:
         return [compile_one(j) for j in jobs]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # spawn, not fork: the caller may hold a CUDA context (e.g. a test session on a GPU machine).
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(compile_one, jobs))
 
 
