@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .configs import config
-from .tiles import write_row_results
+from .tiles import online_lse_start, write_row_results
 
 # Elementwise over rows: one small configuration, no autotuning needed.
 COMBINE_CONFIGS = {
@@ -32,12 +32,8 @@ def logprobs_combine_kernel(
     rows = tl.load(rows_ptr + offs, mask=row_mask, other=0)
     plane = n_splits * n_rows
 
-    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_N,), tl.float32)
-    target_logit = tl.zeros((BLOCK_N,), tl.float32)
-    m_ref = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s_ref = tl.zeros((BLOCK_N,), tl.float32)
-    ref_target_logit = tl.zeros((BLOCK_N,), tl.float32)
+    m, s, target_logit = online_lse_start(BLOCK_N)
+    m_ref, s_ref, ref_target_logit = online_lse_start(BLOCK_N)
     kl_acc = tl.zeros((BLOCK_N,), tl.float32)
     for j in range(0, n_splits):
         part = partials_ptr + j * n_rows + offs

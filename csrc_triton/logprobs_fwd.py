@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .configs import config, pruner, union
-from .tiles import logits_tile, write_row_results
+from .tiles import logits_tile, online_lse_start, write_row_results
 
 # sm_90a: 64/128-row tiles feed Hopper wgmma (one or two warpgroups); sm_80: mma.sync tiles with a
 # 32-wide K slice so z, r and their exponentials fit the register file next to the pipeline.
@@ -88,12 +88,8 @@ def logprobs_fwd_kernel(
     rows = tl.load(rows_ptr + offs, mask=row_mask, other=0)
     target = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
 
-    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_N,), tl.float32)
-    target_logit = tl.zeros((BLOCK_N,), tl.float32)
-    m_ref = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s_ref = tl.zeros((BLOCK_N,), tl.float32)
-    ref_target_logit = tl.zeros((BLOCK_N,), tl.float32)
+    m, s, target_logit = online_lse_start(BLOCK_N)
+    m_ref, s_ref, ref_target_logit = online_lse_start(BLOCK_N)
     kl_acc = tl.zeros((BLOCK_N,), tl.float32)
 
     for v0 in range(v_start, v_end, BLOCK_V):

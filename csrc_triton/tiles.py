@@ -44,6 +44,13 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, stride_h
 
 
 @triton.jit
+def online_lse_start(BLOCK_N: tl.constexpr):
+    """(running max, sum-exp, target logit) of a row block before any tile: (-inf, 0, 0)."""
+    return (tl.full((BLOCK_N,), float("-inf"), tl.float32), tl.zeros((BLOCK_N,), tl.float32),
+            tl.zeros((BLOCK_N,), tl.float32))
+
+
+@triton.jit
 def write_row_results(rows, row_mask, seq_ids_ptr, m, s, target_logit, m_ref, s_ref, ref_target_logit, kl_acc,
                       token_logps_ptr, lse_ptr, ref_token_logps_ptr, ref_lse_ptr, token_kl_ptr,
                       seq_logps_ptr, seq_ref_logps_ptr, seq_kl_ptr,
