@@ -2,7 +2,9 @@
 
 Forward (``csrc_triton/logprobs_fwd.py``): one program per block of valid positions streams the
 vocabulary in tiles (online log-sum-exp), writes the per-position log-prob, log-sum-exp, reference
-log-prob and KL, and atomically adds the per-sequence sums into [num_seqs] buffers. Those sums are
+log-prob and KL, and atomically adds the per-sequence sums into [num_seqs] buffers. With too few
+positions to fill the GPU the vocabulary is also split across programs and
+``csrc_triton/logprobs_combine.py`` merges the partial states and writes the results. Those sums are
 the ``logps``/``ref_logps``/``kl`` that ``fused_logprobs(backend="triton")`` returns (see
 ``logprob_stats``); ``token_stats`` keeps the per-position contract of the other backends.
 
@@ -74,11 +76,12 @@ def _launch(kernel_name: str, grid, *args, **kwargs) -> None:
     from csrc_triton import logprobs_bwd, logprobs_combine, logprobs_fwd
 
     if kernel_name == "combine":  # elementwise over rows: one fixed configuration
-        cfg = logprobs_combine.COMBINE_CONFIGS[("sm_80", "half")][0]
-        blocks = {"BLOCK_N": INTERPRET_BLOCKS["BLOCK_N"]} if interpreting() else dict(cfg.kwargs)
-        with _device_of(args[0]):
-            logprobs_combine.logprobs_combine_kernel[grid](*args, **blocks, **kwargs,
-                                                           **({} if interpreting() else {"num_warps": cfg.num_warps}))
+        kernel, cfg = logprobs_combine.logprobs_combine_kernel, logprobs_combine.COMBINE_CONFIG
+        if interpreting():
+            kernel[grid](*args, BLOCK_N=INTERPRET_BLOCKS["BLOCK_N"], **kwargs)
+        else:
+            with _device_of(args[0]):
+                kernel[grid](*args, **cfg.kwargs, num_warps=cfg.num_warps, **kwargs)
         return
     if interpreting():
         kernel = {"fwd": logprobs_fwd.logprobs_fwd_kernel, "bwd": logprobs_bwd.logprobs_bwd_kernel}[kernel_name]
