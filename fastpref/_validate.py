@@ -7,8 +7,9 @@ and a sequence id per position. ``prepare`` checks the user's arguments, raises 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -38,6 +39,11 @@ class Prepared:
     softcap: Optional[float]
     ignore_index: int
     backend: str  # resolved: "torch" or "triton"
+    # Vocabulary parallelism: ``weight``/``bias`` hold rows [vocab_offset, vocab_offset + V) of a
+    # vocabulary of ``global_vocab_size`` split across ``vocab_parallel_group``; targets are global ids.
+    vocab_parallel_group: Optional[Any] = None
+    vocab_offset: int = 0
+    global_vocab_size: Optional[int] = None
 
     @property
     def num_positions(self) -> int:
@@ -45,6 +51,7 @@ class Prepared:
 
     @property
     def vocab_size(self) -> int:
+        """This rank's vocabulary size (the whole vocabulary without a vocab-parallel group)."""
         return self.weight.shape[0]
 
     @property
@@ -74,6 +81,26 @@ def _check_scalar(name: str, value, allow_none: bool) -> Optional[float]:
     return v
 
 
+def _check_not_sharded(name: str, t: Optional[torch.Tensor]) -> None:
+    """Reject a head parameter that a data-parallel framework holds sharded outside its module's forward."""
+    if t is None:
+        return
+    if hasattr(t, "ds_id") and t.numel() == 0:
+        raise ValueError(
+            f"{name} is a partitioned DeepSpeed ZeRO-3 parameter (empty outside its module's forward): run the "
+            "loss inside the head module's forward with fastpref.integrations.distributed.forward_through, or "
+            "read it without gradients under fastpref.integrations.distributed.gathered_params"
+        )
+    dtensor = sys.modules.get("torch.distributed.tensor")  # a DTensor exists only once this was imported
+    if dtensor is not None and isinstance(t, dtensor.DTensor):
+        raise TypeError(
+            f"{name} is a sharded DTensor (e.g. an LM head under FSDP2 fully_shard, read outside its forward): "
+            "run the loss inside the head module's forward with fastpref.integrations.distributed.forward_through "
+            "(full_tensor() would skip FSDP's gradient reduce-scatter), or read it without gradients under "
+            "fastpref.integrations.distributed.gathered_params"
+        )
+
+
 def prepare(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -90,10 +117,13 @@ def prepare(
     softcap: Optional[float] = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    vocab_parallel_group: Optional[Any] = None,
 ) -> Prepared:
     """Validate the arguments of ``fused_logprobs`` and flatten them. See that function's docs."""
     _check_float("hidden", hidden)
     _check_float("weight", weight)
+    for name, param in (("weight", weight), ("bias", bias), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
+        _check_not_sharded(name, param)
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
@@ -167,12 +197,21 @@ def prepare(
             raise ValueError(f"seq_ids must lie in [0, num_seqs={num_seqs})")
 
     valid = flat_targets != ignore_index
+    vocab_offset, global_vocab = 0, vocab
+    if vocab_parallel_group is not None:
+        if backend == "triton":
+            raise NotImplementedError(
+                "vocab_parallel_group is implemented by the torch backend only; use backend='torch' "
+                "(or 'auto', which picks it when a group is given)"
+            )
+        backend = "torch"
+        vocab_offset, global_vocab = _vocab_slice(vocab, vocab_parallel_group, device)
     if n > 0:
-        bad = valid & ((flat_targets < 0) | (flat_targets >= vocab))
+        bad = valid & ((flat_targets < 0) | (flat_targets >= global_vocab))
         if bool(bad.any()):
             first = int(flat_targets[bad][0].item())
             raise ValueError(
-                f"targets must lie in [0, V={vocab}) or equal ignore_index={ignore_index}; found {first}"
+                f"targets must lie in [0, V={global_vocab}) or equal ignore_index={ignore_index}; found {first}"
             )
 
     if ref_hidden is None:
@@ -238,4 +277,23 @@ def prepare(
         softcap=softcap,
         ignore_index=int(ignore_index),
         backend=backend,
+        vocab_parallel_group=vocab_parallel_group,
+        vocab_offset=vocab_offset,
+        global_vocab_size=global_vocab,
     )
+
+
+def _vocab_slice(local_vocab: int, group: Any, device: torch.device) -> Tuple[int, int]:
+    """(offset of this rank's slice, global V): all-gather the slice sizes, ranks in group order."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("vocab_parallel_group needs an initialized torch.distributed process group")
+    if local_vocab == 0:
+        raise ValueError("vocab_parallel_group: every rank must hold at least one vocabulary row of weight")
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([local_vocab], dtype=torch.int64, device=device), group=group)
+    sizes = [int(s.item()) for s in sizes]
+    rank = dist.get_rank(group)
+    return int(sum(sizes[:rank])), int(sum(sizes))

@@ -1,7 +1,7 @@
 """``fastpref.fused_logprobs``: the one fused op everything else stands on."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -61,6 +61,7 @@ def fused_logprobs(
     softcap: Optional[float] = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    vocab_parallel_group: Optional[Any] = None,
 ) -> LogprobStats:
     """Per-sequence log-probs of ``targets`` under ``softmax(hidden @ weight.T)``, without the logits.
 
@@ -88,6 +89,16 @@ def fused_logprobs(
         softcap: if set, logits become ``softcap * tanh(logits / softcap)``.
         ignore_index: target value marking ignored positions.
         backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
+        vocab_parallel_group: a ``torch.distributed`` process group over which the LM head is split
+            by vocabulary rows (Megatron-style vocabulary parallelism). Each rank passes the same
+            ``hidden``/``targets``/``ref_hidden`` (targets are global ids in ``[0, V_global)``) and its
+            own contiguous slice of ``weight``/``bias``/``ref_weight``/``ref_bias``, in rank order; slices
+            may differ in size. Per position, the running max and sum-exp, the target logit and the KL
+            accumulator of each slice are all-reduced (max, then rescaled sums), so every rank gets the
+            outputs of the unsharded head: ``lse = M + log(sum_r exp(m_r - M) s_r)`` with ``M = max_r m_r``.
+            Backward gives each rank the gradient of its slice of ``weight``/``bias`` and the full
+            (all-reduced) gradient of ``hidden``. Every rank of the group must make the same call.
+            Torch backend only (``"auto"`` picks it; ``"triton"`` raises ``NotImplementedError``).
 
     Returns:
         :class:`fastpref.LogprobStats`. Outputs are float32 for fp16/bf16/fp32 inputs and float64
@@ -97,7 +108,7 @@ def fused_logprobs(
     prep = prepare(
         hidden, weight, targets, bias=bias, seq_ids=seq_ids, num_seqs=num_seqs, ref_hidden=ref_hidden,
         ref_weight=ref_weight, ref_bias=ref_bias, kl=kl, temperature=temperature, softcap=softcap,
-        ignore_index=ignore_index, backend=backend,
+        ignore_index=ignore_index, backend=backend, vocab_parallel_group=vocab_parallel_group,
     )
     if prep.backend == "triton":
         from .backends import triton_backend  # per-sequence sums come from the kernel epilogue

@@ -74,12 +74,70 @@ class _OnlineLSE:
         return self.max + self.sum.log()
 
 
+class _Partials:
+    """Per-position softmax statistics over this rank's vocabulary (the whole vocabulary without a group).
+
+    ``max``/``sum``: running max and sum-exp of the policy logits; ``target``: the target logit (0 when
+    the target is outside this vocabulary); ``ref_*`` the same for the reference; ``kl_acc``: the KL
+    accumulator, relative to the policy max (forward KL) or the reference max (reverse KL).
+    """
+
+    def __init__(self, n: int, has_ref: bool, kl: Optional[str], dtype: torch.dtype, device: torch.device):
+        def new() -> torch.Tensor:
+            return torch.empty(n, dtype=dtype, device=device)
+
+        self.max, self.sum, self.target = new(), new(), new()
+        self.ref_max, self.ref_sum, self.ref_target = (new(), new(), new()) if has_ref else (None, None, None)
+        self.kl_acc = new() if kl else None
+
+    def all_reduce(self, kl: Optional[str], group) -> None:
+        """Combine the slices of a vocabulary-parallel group: global max, then rescaled sums (in place)."""
+        import torch.distributed as dist
+
+        has_ref = self.ref_max is not None
+        local_max = torch.stack([self.max, self.ref_max]) if has_ref else self.max.unsqueeze(0)
+        global_max = local_max.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        # Rescale each rank's sums from its local max to the global max before adding them up.
+        rescale = torch.exp(local_max - global_max)
+        self.sum.mul_(rescale[0])
+        sums = [self.sum, self.target]
+        if has_ref:
+            self.ref_sum.mul_(rescale[1])
+            sums += [self.ref_sum, self.ref_target]
+        if kl:
+            self.kl_acc.mul_(rescale[0] if kl == "forward" else rescale[1])
+            sums.append(self.kl_acc)
+        stacked = torch.stack(sums)
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+        for dst, src in zip(sums, stacked):
+            dst.copy_(src)
+        self.max = global_max[0]
+        if has_ref:
+            self.ref_max = global_max[1]
+
+    def finalize(self, kl: Optional[str]):
+        """(token_logps, lse, ref_token_logps, ref_lse, token_kl) from the (reduced) statistics."""
+        lse = self.max + self.sum.log()
+        ref_token_logps = ref_lse = token_kl = None
+        if self.ref_max is not None:
+            ref_lse = self.ref_max + self.ref_sum.log()
+            ref_token_logps = self.ref_target - ref_lse
+        # KL(p||q) = sum p (z - r) - lse + lse_r ; KL(q||p) = sum q (r - z) - lse_r + lse.
+        if kl == "forward":
+            token_kl = self.kl_acc / self.sum - lse + ref_lse
+        elif kl == "reverse":
+            token_kl = self.kl_acc / self.ref_sum - ref_lse + lse
+        return self.target - lse, lse, ref_token_logps, ref_lse, token_kl
+
+
 def _forward(prep: Prepared, rows: torch.Tensor, all_rows: bool):
     """Per-position (token_logps, lse, ref_token_logps, ref_lse, token_kl) for positions ``rows``."""
     cd = prep.compute_dtype
     device = prep.hidden.device
     n = rows.numel()
     vocab = prep.vocab_size
+    offset = prep.vocab_offset
     has_ref = prep.ref_hidden is not None
     kl = prep.kl
 
@@ -89,12 +147,7 @@ def _forward(prep: Prepared, rows: torch.Tensor, all_rows: bool):
     if has_ref:
         ref_hidden = prep.ref_hidden if all_rows else prep.ref_hidden.index_select(0, rows)
 
-    token_logps = torch.empty(n, dtype=cd, device=device)
-    lse = torch.empty(n, dtype=cd, device=device)
-    ref_token_logps = torch.empty(n, dtype=cd, device=device) if has_ref else None
-    ref_lse = torch.empty(n, dtype=cd, device=device) if has_ref else None
-    token_kl = torch.empty(n, dtype=cd, device=device) if kl else None
-
+    part = _Partials(n, has_ref, kl, cd, device)
     bn, bv = min(BLOCK_N, max(n, 1)), min(BLOCK_V, vocab)
     tiles = _Tiles(4 if kl else (3 if has_ref else 2), bn, bv, cd, device)
     for n0 in range(0, n, bn):
@@ -115,14 +168,14 @@ def _forward(prep: Prepared, rows: torch.Tensor, all_rows: bool):
             cols = v1 - v0
             z = _logits_tile(h, prep.weight[v0:v1], None if prep.bias is None else prep.bias[v0:v1],
                              prep.temperature, prep.softcap, tiles.get(0, rb, cols))
-            tz += _target_logit(z, tgt - v0)
+            tz += _target_logit(z, tgt - (offset + v0))
             e, rescale = pol.update(z, tiles.get(1, rb, cols))
             if not has_ref:
                 continue
             r = _logits_tile(hr, prep.ref_weight[v0:v1],
                              None if prep.ref_bias is None else prep.ref_bias[v0:v1],
                              prep.temperature, prep.softcap, tiles.get(2, rb, cols))
-            tr += _target_logit(r, tgt - v0)
+            tr += _target_logit(r, tgt - (offset + v0))
             if kl == "forward":
                 # acc = sum_v exp(z - max) * (z - r), rescaled with the policy's running max.
                 d = torch.sub(z, r, out=tiles.get(3, rb, cols)).mul_(e)
@@ -135,19 +188,14 @@ def _forward(prep: Prepared, rows: torch.Tensor, all_rows: bool):
                 acc.mul_(rescale_r).add_(d.mul_(er).sum(dim=1))
             else:
                 ref.update(r, tiles.get(1, rb, cols))
-        lse_blk = pol.lse()
-        lse[n0:n1] = lse_blk
-        token_logps[n0:n1] = tz - lse_blk
+        part.max[n0:n1], part.sum[n0:n1], part.target[n0:n1] = pol.max, pol.sum, tz
         if has_ref:
-            ref_lse_blk = ref.lse()
-            ref_lse[n0:n1] = ref_lse_blk
-            ref_token_logps[n0:n1] = tr - ref_lse_blk
-            # KL(p||q) = sum p (z - r) - lse + lse_r ; KL(q||p) = sum q (r - z) - lse_r + lse.
-            if kl == "forward":
-                token_kl[n0:n1] = acc / pol.sum - lse_blk + ref_lse_blk
-            elif kl == "reverse":
-                token_kl[n0:n1] = acc / ref.sum - ref_lse_blk + lse_blk
-    return token_logps, lse, ref_token_logps, ref_lse, token_kl
+            part.ref_max[n0:n1], part.ref_sum[n0:n1], part.ref_target[n0:n1] = ref.max, ref.sum, tr
+        if kl:
+            part.kl_acc[n0:n1] = acc
+    if prep.vocab_parallel_group is not None:
+        part.all_reduce(kl, prep.vocab_parallel_group)
+    return part.finalize(kl)
 
 
 def _scatter_rows(values: Optional[torch.Tensor], rows: torch.Tensor, n: int, all_rows: bool):
@@ -179,7 +227,10 @@ def _backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor]
     # Accumulate in fp32 (fp64 for fp64) even when the weight is half precision.
     d_weight = torch.zeros(vocab, dim, dtype=cd, device=device) if need_w else None
     d_bias = torch.zeros(vocab, dtype=cd, device=device) if need_b else None
+    group = prep.vocab_parallel_group
     if n == 0:
+        if need_h and group is not None:
+            _all_reduce_sum(d_hidden, group)  # every rank of the group joins the collective
         return d_hidden, d_weight, d_bias
 
     hidden = prep.hidden.index_select(0, rows)
@@ -232,7 +283,7 @@ def _backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor]
                     q = r.sub_(ref_lse_blk).exp_().mul_(b_blk)
                     g.mul_(b_blk - a_blk).sub_(q)
             # The target's onehot: + a at (i, target_i) when the target lies in this block.
-            local = tgt - v0
+            local = tgt - (prep.vocab_offset + v0)
             inside = ((local >= 0) & (local < cols)).nonzero().squeeze(1)
             if inside.numel():
                 g.index_put_((inside, local.index_select(0, inside)), a[n0:n1].index_select(0, inside),
@@ -250,7 +301,16 @@ def _backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor]
                 d_bias[v0:v1] += g.sum(dim=0)
         if need_h:
             d_hidden.index_copy_(0, rows[n0:n1], dh_blk)
+    if need_h and group is not None:
+        _all_reduce_sum(d_hidden, group)
     return d_hidden, d_weight, d_bias
+
+
+def _all_reduce_sum(t: torch.Tensor, group) -> None:
+    """dH is a sum over the vocabulary: each rank of the group holds the part from its slice."""
+    import torch.distributed as dist
+
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
 
 
 class _FusedLogprobsFn(torch.autograd.Function):

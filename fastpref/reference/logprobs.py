@@ -45,8 +45,16 @@ def eager_token_stats(prep: Prepared):
 
 def fused_logprobs(hidden, weight, targets, *, bias=None, seq_ids=None, num_seqs=None, ref_hidden=None,
                    ref_weight=None, ref_bias=None, kl=None, temperature=1.0, softcap=None, ignore_index=-100,
-                   backend="auto") -> LogprobStats:
-    """Eager twin of :func:`fastpref.fused_logprobs` (same signature and outputs; ``backend`` ignored)."""
+                   backend="auto", vocab_parallel_group=None) -> LogprobStats:
+    """Eager twin of :func:`fastpref.fused_logprobs` (same signature and outputs; ``backend`` ignored).
+
+    ``vocab_parallel_group`` is not supported here: the oracle for a vocabulary-parallel call is this
+    function on the full (gathered) head, which is what the tests compare against.
+    """
+    if vocab_parallel_group is not None:
+        raise NotImplementedError(
+            "fastpref.reference.fused_logprobs has no vocabulary-parallel mode; call it with the full head"
+        )
     prep = prepare(
         hidden, weight, targets, bias=bias, seq_ids=seq_ids, num_seqs=num_seqs, ref_hidden=ref_hidden,
         ref_weight=ref_weight, ref_bias=ref_bias, kl=kl, temperature=temperature, softcap=softcap,

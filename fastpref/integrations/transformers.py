@@ -1,0 +1,371 @@
+"""Feed a Hugging Face causal LM to the fused losses without ever computing its logits.
+
+A causal LM is ``logits = head(backbone(input_ids))``, where ``head`` is one ``nn.Linear`` (optionally tied to
+the input embeddings) followed, for some families, by a fixed elementwise map of the logits. The fused
+losses need exactly the head's *inputs*: the final hidden states, the targets each position predicts, the head
+weight/bias and that elementwise map. This module extracts them:
+
+- the backbone is called directly (``model.base_model``, e.g. ``LlamaForCausalLM.model``), so the
+  ``[tokens x vocab]`` logits are never built;
+- the label shift is done here: position ``t`` predicts ``labels[t + 1]``, the last position predicts nothing
+  (``ignore_index``), so ``fused_logprobs(hidden, weight, targets)`` scores the same tokens as
+  ``log_softmax(model(...).logits)[:, :-1]`` gathered at ``labels[:, 1:]``;
+- ``logits_to_keep`` slices hidden states and the *already shifted* targets together, exactly like the model
+  slices its hidden states before its head;
+- logit maps: Gemma 2's ``final_logit_softcapping`` becomes ``softcap``; Cohere's ``logit_scale`` and
+  Granite's ``logits_scaling`` become an equivalent ``temperature`` (logits / temperature);
+- tied embeddings need nothing special: the head weight *is* the embedding parameter, so its gradient
+  accumulates once into that one parameter;
+- sharded heads: :func:`gather_lm_head` gathers a DeepSpeed ZeRO-3 or FSDP-sharded head weight with that
+  framework's own mechanism, and is a no-op when neither is in use (``deepspeed`` is imported only then).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
+
+import torch
+
+LogitsToKeep = Union[int, torch.Tensor]
+
+
+@dataclass
+class LMHeadInputs:
+    """Everything ``fastpref.fused_logprobs`` (or a fused loss module) needs in place of the logits.
+
+    Attributes:
+        hidden: ``[B, T', D]`` final hidden states (``T' = T`` unless ``logits_to_keep`` sliced them), or
+            ``[N, D]`` packed positions when ``logits_to_keep`` was a boolean mask.
+        targets: ``[B, T']`` (or ``[N]``) next-token ids, ``ignore_index`` where nothing is scored.
+        weight: ``[V, D]`` LM-head weight (the embedding matrix when tied).
+        bias: ``[V]`` LM-head bias or None.
+        softcap: final-logit soft-capping value (Gemma 2) or None.
+        temperature: logits are divided by it (1.0 unless the config scales its logits).
+        seq_ids: ``[N]`` row of each packed position (boolean ``logits_to_keep`` only), else None.
+        num_seqs: number of rows (packed input only), else None.
+        ignore_index: the value marking unscored targets.
+    """
+
+    hidden: torch.Tensor
+    targets: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    softcap: Optional[float] = None
+    temperature: float = 1.0
+    seq_ids: Optional[torch.Tensor] = None
+    num_seqs: Optional[int] = None
+    ignore_index: int = -100
+
+    def head_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments describing the head (``bias``, ``softcap``, ``temperature``, packing)."""
+        kwargs: Dict[str, Any] = {"bias": self.bias, "softcap": self.softcap, "temperature": self.temperature,
+                                  "ignore_index": self.ignore_index}
+        if self.seq_ids is not None:
+            kwargs.update(seq_ids=self.seq_ids, num_seqs=self.num_seqs)
+        return kwargs
+
+    def logprobs(self, **kwargs: Any):
+        """``fastpref.fused_logprobs`` on these inputs; extra kwargs (``ref_hidden``, ``kl``...) pass through."""
+        from ..ops import fused_logprobs
+
+        return fused_logprobs(self.hidden, self.weight, self.targets, **{**self.head_kwargs(), **kwargs})
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``transformers`` model inside DDP / DeepSpeed engines / PEFT wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP, DeepSpeedEngine
+        model = model.module
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):  # PEFT: LoRA layers live inside
+        model = model.get_base_model()
+    return model
+
+
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that maps ``input_ids`` to final hidden states, i.e. the model minus its LM head."""
+    model = _unwrap(model)
+    base = getattr(model, "base_model", None)
+    if isinstance(base, torch.nn.Module) and base is not model:
+        return base
+    if hasattr(model, "get_decoder"):
+        decoder = model.get_decoder()
+        if decoder is not model:
+            return decoder
+    raise TypeError(
+        f"model ({type(model).__name__}) has no backbone (base_model / get_decoder()): expected a *ForCausalLM model"
+    )
+
+
+def enable_hidden_forward(model: torch.nn.Module) -> torch.nn.Module:
+    """Let ``model(..., fastpref_hidden=True)`` return the backbone's output (final hidden states, no logits).
+
+    Calling the backbone directly skips whatever hooks sit on the model's own forward: DDP's, or FSDP2's root
+    unit, which unshards the parameters it owns (e.g. the embeddings) only around ``model.forward``. After this
+    call, :func:`lm_head_inputs` (and ``FastPrefDPOTrainer``) go through ``model(...)`` -- so through every
+    wrapper -- and only the head is skipped. Without the flag the model's forward runs unchanged (generation,
+    other trainers' paths). Patches the inner ``transformers`` model in place and returns ``model``.
+    """
+    inner = _unwrap(model)
+    if getattr(inner, "_fastpref_hidden_forward", False):
+        return model
+    previous = inner.forward
+
+    @functools.wraps(type(inner).forward)  # generate() validates its kwargs against this signature
+    def forward(self, *args, fastpref_hidden: bool = False, **kwargs):
+        if not fastpref_hidden:
+            return previous(*args, **kwargs)
+        kwargs["use_cache"] = False
+        return backbone(self)(*args, **kwargs)
+
+    inner.forward = types.MethodType(forward, inner)
+    inner._fastpref_hidden_forward = True
+    return model
+
+
+def head_parameters(model: torch.nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(weight [V, D], bias [V] or None)`` of the output embeddings, without gathering anything."""
+    model = _unwrap(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not hasattr(head, "weight"):
+        raise TypeError(f"model ({type(model).__name__}) has no output embeddings (get_output_embeddings())")
+    return head.weight, getattr(head, "bias", None)
+
+
+def logit_transform(config: Any) -> Tuple[Optional[float], float]:
+    """``(softcap, temperature)`` reproducing the model's elementwise map of the head's output.
+
+    - ``final_logit_softcapping`` (Gemma 2): ``logits -> c * tanh(logits / c)`` is ``softcap=c``.
+    - ``logit_scale`` (Cohere): ``logits * s`` is ``temperature = 1 / s``.
+    - ``logits_scaling`` (Granite): ``logits / s`` is ``temperature = s``.
+    The scaling is applied before the soft-cap, as in ``fused_logprobs``.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "final_logit_softcapping", None)
+    temperature = 1.0
+    scale = getattr(text, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale not in (0, 1):
+        temperature = 1.0 / float(scale)
+    scaling = getattr(text, "logits_scaling", None)
+    if isinstance(scaling, (int, float)) and scaling not in (0, 1):
+        temperature = float(scaling)
+    return (None if softcap is None else float(softcap)), temperature
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token targets: ``out[:, t] = labels[:, t + 1]``, ``out[:, -1] = ignore_index``.
+
+    Keeping the length ``T`` (rather than slicing hidden states to ``T - 1``) keeps the hidden states
+    contiguous; the last position simply scores nothing.
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [B, T], got shape {tuple(labels.shape)}")
+    out = torch.full_like(labels, ignore_index)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
+def _default_labels(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], ignore_index: int):
+    if attention_mask is None:
+        return input_ids
+    return input_ids.masked_fill(attention_mask == 0, ignore_index)
+
+
+def _keep(hidden: torch.Tensor, targets: torch.Tensor, logits_to_keep: LogitsToKeep):
+    """Slice hidden [B, T, D] and targets [B, T] the way ``transformers`` slices hidden states."""
+    if isinstance(logits_to_keep, bool):
+        raise TypeError("logits_to_keep must be an int or a tensor, got bool")
+    if isinstance(logits_to_keep, int):
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
+        if logits_to_keep == 0:
+            return hidden, targets, None, None
+        return hidden[:, -logits_to_keep:], targets[:, -logits_to_keep:], None, None
+    if not isinstance(logits_to_keep, torch.Tensor):
+        raise TypeError(f"logits_to_keep must be an int or a tensor, got {type(logits_to_keep).__name__}")
+    keep = logits_to_keep.to(hidden.device)
+    if keep.dtype == torch.bool:
+        if tuple(keep.shape) != tuple(targets.shape):
+            raise ValueError(f"a boolean logits_to_keep must have shape {tuple(targets.shape)}, "
+                             f"got {tuple(keep.shape)}")
+        rows = torch.arange(targets.shape[0], device=hidden.device).unsqueeze(1).expand_as(keep)
+        return hidden[keep], targets[keep], rows[keep], targets.shape[0]
+    if keep.dim() == 1:
+        return hidden[:, keep], targets[:, keep], None, None
+    if keep.dim() == 2:
+        index = keep.long()
+        return (torch.gather(hidden, 1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])),
+                torch.gather(targets, 1, index), None, None)
+    raise ValueError(f"logits_to_keep tensor must be 1-D, 2-D int or 2-D bool, got shape {tuple(keep.shape)}")
+
+
+def head_inputs(
+    model: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    logits_to_keep: LogitsToKeep = 0,
+    ignore_index: int = -100,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> LMHeadInputs:
+    """Build :class:`LMHeadInputs` from backbone output ``hidden_states [B, T, D]`` and unshifted ``labels [B, T]``.
+
+    ``labels`` follow the ``transformers`` convention (same positions as ``input_ids``, ``ignore_index`` where
+    no loss); they are shifted here. ``weight``/``bias`` default to the model's head (pass gathered ones
+    under ZeRO-3/FSDP, see :func:`gather_lm_head`). Hidden states are cast to the head's dtype when they differ
+    (e.g. bf16 autocast output with an fp32 head), since the fused op wants one dtype.
+    """
+    if hidden_states.dim() != 3:
+        raise ValueError(f"hidden_states must be [B, T, D], got shape {tuple(hidden_states.shape)}")
+    if tuple(labels.shape) != tuple(hidden_states.shape[:2]):
+        raise ValueError(f"labels must have shape {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}")
+    if weight is None:
+        weight, bias = head_parameters(model)
+    softcap, temperature = logit_transform(_unwrap(model).config)
+    if hidden_states.dtype != weight.dtype:
+        hidden_states = hidden_states.to(weight.dtype)
+    targets = shift_labels(labels.to(hidden_states.device).long(), ignore_index)
+    hidden, targets, seq_ids, num_seqs = _keep(hidden_states, targets, logits_to_keep)
+    return LMHeadInputs(hidden=hidden, targets=targets, weight=weight, bias=bias, softcap=softcap,
+                        temperature=temperature, seq_ids=seq_ids, num_seqs=num_seqs, ignore_index=ignore_index)
+
+
+def lm_head_inputs(
+    model: torch.nn.Module,
+    input_ids: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    logits_to_keep: LogitsToKeep = 0,
+    ignore_index: int = -100,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    **backbone_kwargs: Any,
+) -> LMHeadInputs:
+    """Run a causal LM's backbone (not its head) and return the inputs of the fused losses.
+
+    ``fused_logprobs(out.hidden, out.weight, out.targets, **out.head_kwargs())`` equals
+    ``log_softmax(model(input_ids, attention_mask).logits)`` gathered at the next tokens, summed over the
+    positions where ``labels[t + 1] != ignore_index`` -- without the ``[B, T, V]`` logits.
+
+    Args:
+        model: a ``transformers`` ``*ForCausalLM``, possibly inside DDP / DeepSpeed / PEFT wrappers. The backbone
+            is called directly unless :func:`enable_hidden_forward` was applied, in which case the call goes
+            through ``model(...)`` and its wrappers (needed for DDP, and for FSDP2 unless the backbone is its
+            own ``fully_shard`` unit).
+        input_ids: ``[B, T]`` token ids (or pass ``inputs_embeds`` in ``backbone_kwargs``).
+        attention_mask: ``[B, T]``; padding positions are not scored when ``labels`` is None.
+        labels: ``[B, T]`` unshifted labels, ``ignore_index`` where nothing is scored; defaults to
+            ``input_ids`` with padding ignored.
+        logits_to_keep: as in ``transformers``: ``0`` keeps every position, ``k > 0`` the last ``k``, a 1-D
+            tensor those positions, a ``[B, T]`` bool mask those positions packed to ``[N, D]`` (with
+            ``seq_ids``). Targets are shifted before slicing, so kept position t still predicts token t + 1.
+        ignore_index: marks unscored labels.
+        weight, bias: a gathered head to use instead of the model's own parameters.
+        **backbone_kwargs: passed to the backbone (``position_ids``, ``inputs_embeds``...).
+    """
+    if labels is None:
+        if input_ids is None:
+            raise ValueError("labels is required when input_ids is not given (inputs_embeds)")
+        labels = _default_labels(input_ids, attention_mask, ignore_index)
+    backbone_kwargs.setdefault("use_cache", False)
+    if getattr(_unwrap(model), "_fastpref_hidden_forward", False):  # through the wrappers' forward
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, fastpref_hidden=True, **backbone_kwargs)
+    else:
+        outputs = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs)
+    hidden_states = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
+    return head_inputs(model, hidden_states, labels, logits_to_keep=logits_to_keep, ignore_index=ignore_index,
+                       weight=weight, bias=bias)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sharded heads
+# ----------------------------------------------------------------------------------------------------------
+
+def sharding_kind(param: Optional[torch.Tensor]) -> Optional[str]:
+    """``"zero3"`` (DeepSpeed partitioned parameter), ``"fsdp2"`` (DTensor), ``"fsdp1"`` (flattened by FSDP) or None.
+
+    Detection reads only attributes/types the frameworks attach, so it needs neither framework installed:
+    ZeRO-3 gives each parameter ``ds_id``/``ds_status``; FSDP2 parameters are ``DTensor``; FSDP1 marks the
+    parameters it flattened with ``_fsdp_flattened``.
+    """
+    if param is None:
+        return None
+    if hasattr(param, "ds_id") and hasattr(param, "ds_status"):
+        return "zero3"
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        DTensor = ()  # type: ignore[assignment]
+    if DTensor and isinstance(param, DTensor):
+        return "fsdp2"
+    if getattr(param, "_fsdp_flattened", False):
+        return "fsdp1"
+    return None
+
+
+def _fsdp1_owner(model: torch.nn.Module, head: torch.nn.Module) -> torch.nn.Module:
+    """The innermost FSDP1 unit that contains ``head``."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    owner = None
+    for module in model.modules():
+        if isinstance(module, FSDP) and any(m is head for m in module.modules()):
+            owner = module  # modules() walks outer to inner: keep the last (innermost) match
+    if owner is None:
+        raise TypeError("the LM head is FSDP-flattened but no FullyShardedDataParallel unit contains it")
+    return owner
+
+
+@contextlib.contextmanager
+def gather_lm_head(model: torch.nn.Module) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Context manager yielding the full ``(weight, bias)`` of the LM head, gathered only if sharded.
+
+    - Not sharded (plain, DDP, ZeRO-1/2): yields the parameters themselves; nothing is imported.
+    - DeepSpeed ZeRO-3: ``deepspeed.zero.GatheredParameters`` over the head parameters that are not already
+      available (with tied embeddings the embedding's own gather may have made the weight available; gathering it
+      twice would corrupt ZeRO's bookkeeping). The torch backend recomputes logit tiles in backward, so the
+      backward of anything computed from the yielded weight must also run inside the context (or the loss must run
+      inside the model's forward, where ZeRO-3's hooks keep the head gathered).
+    - FSDP2 (``fully_shard``, DTensor parameters): yields ``full_tensor()``, an autograd-aware all-gather, so
+      gradients flow back to the shards.
+    - FSDP1: ``FullyShardedDataParallel.summon_full_params`` on the unit that owns the head. FSDP1 does not route
+      gradients taken inside that context back to the shards, so this path is for no-grad use (reference model,
+      evaluation); with grad enabled it raises.
+    """
+    outer = model
+    weight, bias = head_parameters(model)
+    kind = sharding_kind(weight)
+    if kind is None:
+        yield weight, bias
+    elif kind == "zero3":
+        import deepspeed  # only reached when DeepSpeed already partitioned the parameters
+
+        available = _zero3_available_status()
+        params = {id(p): p for p in (weight, bias) if p is not None and p.ds_status != available}
+        if not params:
+            yield weight, bias
+        else:
+            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+                yield weight, bias
+    elif kind == "fsdp2":
+        yield weight.full_tensor(), (bias.full_tensor() if bias is not None and sharding_kind(bias) else bias)
+    else:  # fsdp1
+        if torch.is_grad_enabled() and weight.requires_grad:
+            raise RuntimeError(
+                "gather_lm_head: an FSDP1-sharded head can only be gathered for no-grad use (summon_full_params does "
+                "not return gradients to the shards); use FSDP2 (fully_shard) for a trainable fused head"
+            )
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        head = _unwrap(outer).get_output_embeddings()
+        with FSDP.summon_full_params(_fsdp1_owner(outer, head), recurse=False, writeback=False):
+            yield head.weight, getattr(head, "bias", None)
+
+
+def _zero3_available_status():
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return ZeroParamStatus.AVAILABLE

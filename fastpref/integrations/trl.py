@@ -1,0 +1,463 @@
+"""``FastPrefDPOTrainer``: TRL's ``DPOTrainer`` with any fastpref fused loss.
+
+Swap-in::
+
+    from fastpref.integrations.trl import FastPrefDPOTrainer
+    trainer = FastPrefDPOTrainer(model=model, ref_model=ref_model, args=DPOConfig(...), train_dataset=ds,
+                                 processing_class=tokenizer, fastpref_loss="dpo")   # or "var", "mcpo", "spo", ...
+    trainer.train()
+
+Everything TRL does around the loss is kept (dataset preparation, collation, precomputed reference log-probs,
+reference model handling, logging); only ``_compute_loss`` changes. The policy runs its *backbone* only (through
+the wrapped model, so DDP hooks still fire), and the LM head, log-softmax, target gather, per-sequence sums, the
+reference pass and the loss happen in one fastpref fused module, which never builds the logits.
+
+Losses and what each needs from the data:
+
+================  =========================================================================================
+``fastpref_loss``  data and behaviour
+================  =========================================================================================
+``"dpo"``          prompt/chosen/rejected; reference model or ``precompute_ref_log_probs``. Defaults
+                   ``beta=args.beta``: identical to TRL's ``loss_type="sigmoid"`` (same loss and gradients,
+                   tested). Like TRL's sigmoid loss it ignores ``args.label_smoothing``; pass
+                   ``fastpref_loss_kwargs={"label_smoothing": eps}`` for conservative DPO.
+``"ipo"``, ``"dpop"``, ``"alpha_dpo"``
+                   same data; need the reference (IPO's ``tau`` defaults to ``args.beta`` as in TRL).
+``"simpo"``, ``"slic"``, ``"orpo"``, ``"cpo"``
+                   same data; reference-free (no reference forward is run).
+``"var"``          prompt/chosen/rejected plus float columns ``chosen_reward`` and ``rejected_reward`` (the
+                   reward model's scores r(x, y)). Every chosen and rejected response is one VAR response
+                   (``var_responses="both"``, S = 2B) or only the chosen ones (``"chosen"``, S = B); the
+                   diagonal form r_ii is used, so with the default ``normalize="self"`` the weights are
+                   B * softmax(r / beta) and no reference pass is needed. ``beta`` is required.
+``"mcpo"``         prompt/chosen/rejected plus a ``candidates`` column: a list of K >= 1 non-preferred
+                   responses per prompt (same K in a batch; ``rejected`` is only used by TRL's preprocessing,
+                   put one of the candidates there). Group layout [chosen, candidate_1..K]; needs a
+                   reference model (not precomputed: the MC kernel needs pi_ref on all K + 1).
+``"spo"``          prompt/chosen/rejected; the reference-free pairwise SPO term plus ``kl_coef`` times the
+                   full-vocabulary token KL(pi_theta || pi_ref) on samples. ``spo_samples="online"`` (default)
+                   samples ``spo_num_samples`` completions (temperature 1, no top-k/top-p) from the current
+                   policy for the batch's prompts every ``spo_resample_every`` steps and reuses them in between
+                   (the paper's Alg. 1); ``"dataset"`` uses the batch's chosen responses instead (the paper's
+                   in-dataset token-KL variant, Table 6). Needs a reference model for the KL.
+================  =========================================================================================
+
+Metrics are logged like TRL's: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
+``rewards/margins``, ``logps/chosen``, ``logps/rejected`` where the loss defines them, plus the loss's own
+metrics under their fastpref names (``weights``, ``kl``, ``margin``, ``nll``, ...). TRL's logit-based metrics
+(``entropy``, ``logits/*``, ``mean_token_accuracy``) need the logits, so they are not logged.
+
+Not supported: KTO (unpaired data; use TRL's KTOTrainer), vision datasets, TRL's ``ld_alpha``,
+``use_weighting``, ``f_divergence_type`` other than ``reverse_kl`` and ``loss_type`` other than the default
+(these are TRL's own loss options; choose the loss with ``fastpref_loss``; they raise), DeepSpeed ZeRO-3
+(raises: the fused backward recomputes from the head weight, which ZeRO-3 re-partitions before ``Trainer``
+calls backward; see
+:func:`fastpref.integrations.transformers.gather_lm_head`). DDP and FSDP2 go through the model's own forward
+(:func:`~fastpref.integrations.transformers.enable_hidden_forward`); neither is exercised by the tests here.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from trl import DPOTrainer
+
+from .transformers import (backbone, enable_hidden_forward, gather_lm_head, head_inputs, logit_transform,
+                           shift_labels)
+
+PAIRWISE = {
+    "dpo": "FusedDPOLoss", "ipo": "FusedIPOLoss", "simpo": "FusedSimPOLoss", "slic": "FusedSLiCLoss",
+    "dpop": "FusedDPOPLoss", "orpo": "FusedORPOLoss", "cpo": "FusedCPOLoss", "alpha_dpo": "FusedAlphaDPOLoss",
+}
+OTHER = {"var": "FusedVARLoss", "mcpo": "FusedMCPOLoss", "spo": "FusedSPOLoss"}
+LOSSES = {**PAIRWISE, **OTHER}
+
+# fastpref metric key -> TRL's logging name
+TRL_METRIC_NAMES = {
+    "chosen_rewards": "rewards/chosen", "rejected_rewards": "rewards/rejected",
+    "reward_accuracy": "rewards/accuracies", "reward_margin": "rewards/margins",
+    "chosen_logps": "logps/chosen", "rejected_logps": "logps/rejected",
+}
+REWARD_COLUMNS = ("chosen_reward", "rejected_reward")
+
+
+def _pad_rows(rows: List[torch.Tensor], value: int, width: Optional[int] = None) -> torch.Tensor:
+    width = max(r.numel() for r in rows) if width is None else width
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : r.numel()] = r[:width]
+    return out
+
+
+def _cat_rows(a: Tuple[torch.Tensor, ...], b: Tuple[torch.Tensor, ...], pad_id: int) -> Tuple[torch.Tensor, ...]:
+    """Stack two (input_ids, attention_mask, completion_mask) row sets, right-padded to one width."""
+    width = max(a[0].shape[1], b[0].shape[1])
+
+    def widen(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    return (torch.cat([widen(a[0], pad_id), widen(b[0].to(a[0].device), pad_id)]),
+            torch.cat([widen(a[1], 0), widen(b[1].to(a[1].device), 0)]),
+            torch.cat([widen(a[2], 0), widen(b[2].to(a[2].device), 0)]))
+
+
+@dataclass
+class FastPrefCollator:
+    """TRL's preference collator plus the columns fastpref losses read (rewards, MC-PO candidate groups).
+
+    MC-PO groups come out as ``group_input_ids``/``group_attention_mask``/``group_completion_mask``
+    ``[B * (K + 1), L]``, row ``b * (K + 1) + g``: g = 0 the chosen response, g >= 1 the candidates.
+    """
+
+    base: Callable[[List[Dict[str, Any]]], Dict[str, Any]]
+    pad_token_id: int
+    reward_columns: Tuple[str, ...] = ()
+    candidates: bool = False
+    max_length: Optional[int] = None
+
+    def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        batch = self.base(examples)
+        for column in self.reward_columns:
+            batch[column] = torch.tensor([float(ex[column]) for ex in examples], dtype=torch.float32)
+        if self.candidates:
+            k = {len(ex["candidate_ids"]) for ex in examples}
+            if len(k) != 1:
+                raise ValueError(f"mcpo: every example of a batch needs the same number of candidates, got {sorted(k)}")
+            ids, completion = [], []
+            for ex in examples:
+                for response in [ex["chosen_ids"], *ex["candidate_ids"]]:
+                    seq = list(ex["prompt_ids"]) + list(response)
+                    mask = [0] * len(ex["prompt_ids"]) + [1] * len(response)
+                    if self.max_length is not None:
+                        seq, mask = seq[: self.max_length], mask[: self.max_length]
+                    ids.append(torch.tensor(seq, dtype=torch.long))
+                    completion.append(torch.tensor(mask, dtype=torch.long))
+            batch["group_input_ids"] = _pad_rows(ids, self.pad_token_id)
+            batch["group_attention_mask"] = _pad_rows([torch.ones_like(t) for t in ids], 0)
+            batch["group_completion_mask"] = _pad_rows(completion, 0)
+            batch["group_size"] = torch.tensor(k.pop() + 1)
+        return batch
+
+
+class FastPrefDPOTrainer(DPOTrainer):
+    """TRL ``DPOTrainer`` whose loss is a fastpref fused loss (see the module docstring for the losses and data).
+
+    Args (in addition to ``DPOTrainer``'s):
+        fastpref_loss: one of ``fastpref.integrations.trl.LOSSES`` (``"dpo"``, ``"var"``, ``"alpha_dpo"``,
+            ``"mcpo"``, ``"spo"``, ``"ipo"``, ``"simpo"``, ``"slic"``, ``"dpop"``, ``"orpo"``, ``"cpo"``).
+        fastpref_loss_kwargs: constructor arguments of the fused module (``beta=``, ``alpha=``, ``kl_coef=``,
+            ``num_negatives=``, ``backend=``, ...).
+        fastpref_eager: use the eager twin from ``fastpref.reference`` (full logits) instead, e.g. to debug.
+        var_responses: ``"both"`` (chosen and rejected responses) or ``"chosen"``.
+        spo_samples: ``"online"`` or ``"dataset"``; ``spo_num_samples``, ``spo_resample_every``,
+            ``spo_max_new_tokens`` tune the online sampling.
+    """
+
+    _tag_names = ["trl", "dpo", "fastpref"]
+    _name = "FastPref DPO"
+
+    def __init__(self, *args: Any, fastpref_loss: str = "dpo", fastpref_loss_kwargs: Optional[Dict[str, Any]] = None,
+                 fastpref_eager: bool = False, var_responses: str = "both", spo_samples: str = "online",
+                 spo_num_samples: int = 4, spo_resample_every: int = 8, spo_max_new_tokens: int = 32,
+                 **kwargs: Any) -> None:
+        if fastpref_loss not in LOSSES:
+            raise ValueError(f"fastpref_loss must be one of {sorted(LOSSES)}, got {fastpref_loss!r}")
+        if var_responses not in ("both", "chosen"):
+            raise ValueError(f"var_responses must be 'both' or 'chosen', got {var_responses!r}")
+        if spo_samples not in ("online", "dataset"):
+            raise ValueError(f"spo_samples must be 'online' or 'dataset', got {spo_samples!r}")
+        for name, value in (("spo_num_samples", spo_num_samples), ("spo_resample_every", spo_resample_every),
+                            ("spo_max_new_tokens", spo_max_new_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.fastpref_loss = fastpref_loss
+        self.var_responses = var_responses
+        self.spo_samples, self.spo_num_samples = spo_samples, spo_num_samples
+        self.spo_resample_every, self.spo_max_new_tokens = spo_resample_every, spo_max_new_tokens
+        self._spo_cache: Optional[Tuple[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
+
+        args_ = kwargs.get("args", args[2] if len(args) > 2 else None)
+        train_dataset = kwargs.get("train_dataset", args[4] if len(args) > 4 else None)
+        self._check_config(args_, train_dataset)
+        super().__init__(*args, **kwargs)
+        if self._is_vision_dataset:
+            raise NotImplementedError("FastPrefDPOTrainer does not support vision datasets (the backbone call takes "
+                                      "text inputs only)")
+        if self.is_deepspeed_enabled and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
+            # The fused backward recomputes logit tiles from the head weight, which ZeRO-3 re-partitions as soon as
+            # gather_lm_head's context closes, i.e. before Trainer calls backward. Fail here, not mid-step.
+            raise NotImplementedError("FastPrefDPOTrainer does not support DeepSpeed ZeRO-3 yet (the fused backward "
+                                      "needs the gathered LM head); use ZeRO-1/2, DDP or FSDP2")
+
+        self.fastpref_loss_fn = self._build_loss(dict(fastpref_loss_kwargs or {}), fastpref_eager)
+        self.fastpref_loss_fn.to(self.accelerator.device)
+        self._needs_reference = self._uses_reference()
+        if self._needs_reference and not self.precompute_ref_logps and self.ref_model is None \
+                and not _is_peft(self.model):
+            raise ValueError(f"fastpref_loss={fastpref_loss!r} needs a reference model")
+        needs_ref_model = fastpref_loss == "mcpo" or (fastpref_loss == "spo" and self.fastpref_loss_fn.kl_coef > 0)
+        if needs_ref_model and self.ref_model is None and not _is_peft(self.model):
+            raise ValueError(f"fastpref_loss={fastpref_loss!r} needs ref_model (its reference log-probs cannot be "
+                             "precomputed by TRL): pass ref_model and precompute_ref_log_probs=False")
+        enable_hidden_forward(_base_hf_model(self.model))
+        self.data_collator = FastPrefCollator(
+            base=self.data_collator, pad_token_id=self._tokenizer.pad_token_id,
+            reward_columns=REWARD_COLUMNS if fastpref_loss == "var" else (),
+            candidates=fastpref_loss == "mcpo", max_length=self.args.max_length)
+
+    # -- construction ---------------------------------------------------------------------------------
+
+    def _check_config(self, args: Any, train_dataset: Any) -> None:
+        if args is None:
+            return
+        if list(args.loss_type) != ["sigmoid"]:
+            raise ValueError("FastPrefDPOTrainer ignores DPOConfig.loss_type: choose the loss with fastpref_loss "
+                             f"(got loss_type={args.loss_type})")
+        for option, default in (("ld_alpha", None), ("use_weighting", False), ("f_divergence_type", "reverse_kl")):
+            value = getattr(args, option, default)
+            if value != default and str(value) != default:
+                raise ValueError(f"FastPrefDPOTrainer does not support DPOConfig.{option}={value!r}")
+        if train_dataset is not None and hasattr(train_dataset, "column_names"):
+            columns = set(train_dataset.column_names)
+            if self.fastpref_loss == "var" and not set(REWARD_COLUMNS) <= columns:
+                raise ValueError(f"fastpref_loss='var' needs dataset columns {REWARD_COLUMNS} (reward-model scores)")
+            if self.fastpref_loss == "mcpo" and "candidates" not in columns:
+                raise ValueError("fastpref_loss='mcpo' needs a dataset column 'candidates' (list of K responses)")
+            if self.fastpref_loss in ("mcpo", "spo") and args.precompute_ref_log_probs:
+                raise ValueError(f"fastpref_loss={self.fastpref_loss!r} does not support precompute_ref_log_probs")
+
+    def _build_loss(self, kwargs: Dict[str, Any], eager: bool) -> torch.nn.Module:
+        import fastpref
+        from fastpref import reference
+
+        name = self.fastpref_loss
+        if name == "dpo":
+            # TRL's "sigmoid" ignores DPOConfig.label_smoothing (its smoothed variants are other loss types), so
+            # label smoothing is only taken from fastpref_loss_kwargs.
+            kwargs.setdefault("beta", self.beta)
+        elif name == "ipo":
+            kwargs.setdefault("tau", self.beta)
+        elif name == "var" and "beta" not in kwargs:
+            raise ValueError("fastpref_loss='var' needs fastpref_loss_kwargs={'beta': ...} (the paper gives none; "
+                             "pick it so rewards / beta spread O(1) within a batch)")
+        softcap, temperature = logit_transform(_base_hf_model(self.model).config)
+        kwargs.setdefault("softcap", softcap)
+        kwargs.setdefault("temperature", temperature)
+        cls = getattr(reference if eager else fastpref, LOSSES[name])
+        return cls(**kwargs)
+
+    def _uses_reference(self) -> bool:
+        fn = self.fastpref_loss_fn
+        if self.fastpref_loss == "var":
+            return getattr(fn, "normalize", "self") != "self"
+        return fn.reference_mode == "required"
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if self.fastpref_loss != "mcpo" or "candidate_ids" in dataset.column_names:
+            return dataset
+        from trl.data_utils import _tokenize
+
+        eos = self._tokenizer.eos_token
+
+        def tokenize_candidates(example):
+            prompt_ids = example["prompt_ids"]
+            out = []
+            for text in example["candidates"]:
+                if not isinstance(text, str):
+                    raise TypeError("mcpo: 'candidates' must hold plain-text responses (conversational candidates "
+                                    "are not supported)")
+                text = text if text.endswith(eos) else text + eos
+                ids = list(_tokenize(processing_class, example["prompt"] + text)["input_ids"])  # as TRL does
+                if ids[: len(prompt_ids)] != list(prompt_ids):
+                    raise ValueError("mcpo: a candidate's tokenization changes the prompt's tokens; end the prompt "
+                                     "on a token boundary")
+                out.append(ids[len(prompt_ids):])
+            return {"candidate_ids": out}
+
+        return dataset.map(tokenize_candidates, desc=f"Tokenizing {dataset_name} MC-PO candidates")
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        extra = ["candidate_ids", *REWARD_COLUMNS]
+        self._signature_columns = list(self._signature_columns) + [c for c in extra
+                                                                   if c not in self._signature_columns]
+
+    # -- the loss -------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        name = self.fastpref_loss
+        loss_fn = self.fastpref_loss_fn
+        loss_fn.train(mode == "train")
+        if name == "mcpo":
+            rows = (inputs["group_input_ids"], inputs["group_attention_mask"], inputs["group_completion_mask"])
+        else:
+            rows = (inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+        num_pairs = inputs["input_ids"].shape[0] // 2
+        if name == "var" and self.var_responses == "chosen":
+            rows = tuple(t[:num_pairs] for t in rows)
+        num_main = rows[0].shape[0]
+        kl_rows = self._spo_kl_rows(model, rows, num_pairs) if name == "spo" else None
+        if kl_rows is not None and self.spo_samples == "online":
+            rows = _cat_rows(rows, kl_rows, self._tokenizer.pad_token_id)
+
+        input_ids, attention_mask, completion_mask = rows
+        labels = input_ids.masked_fill(completion_mask == 0, -100)
+        keep = shift_labels(labels) != -100  # only the scored positions reach the head (packed layout)
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, fastpref_hidden=True).last_hidden_state
+
+        extra: Dict[str, Any] = {}
+        if name == "var":
+            rewards = torch.cat([inputs["chosen_reward"], inputs["rejected_reward"]])
+            extra["rewards"] = rewards[:num_main]
+        elif name == "mcpo":
+            extra["group_size"] = int(inputs["group_size"])
+
+        with contextlib.ExitStack() as stack:
+            weight, bias = stack.enter_context(gather_lm_head(model))
+            main = head_inputs(model, hidden[:num_main], labels[:num_main], logits_to_keep=keep[:num_main],
+                               weight=weight, bias=bias)
+            call = dict(bias=main.bias, seq_ids=main.seq_ids, num_seqs=main.num_seqs)
+            ref_head = None
+            if self._needs_reference or kl_rows is not None:
+                ref_head = stack.enter_context(self._reference_head())
+            if self._needs_reference:
+                if self.precompute_ref_logps:
+                    ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+                    call["ref_logps"] = ref[:num_main]
+                else:
+                    ref_hidden = self._reference_hidden(input_ids[:num_main], attention_mask[:num_main])
+                    ref = head_inputs(model, ref_hidden, labels[:num_main], logits_to_keep=keep[:num_main],
+                                      weight=ref_head[0], bias=ref_head[1])
+                    call.update(ref_hidden=ref.hidden, ref_weight=ref.weight, ref_bias=ref.bias)
+            if kl_rows is not None:
+                extra.update(self._spo_kl_inputs(model, hidden, input_ids, attention_mask, labels, keep, num_main,
+                                                 weight, bias, ref_head))
+                call.update(ref_weight=ref_head[0], ref_bias=ref_head[1])
+            out = loss_fn(main.weight, main.hidden, main.targets, **call, **extra)
+
+        self._log_metrics(mode, out.metrics, inputs, num_main)
+        if return_outputs:
+            return out.loss, types.SimpleNamespace(logits=None, metrics=out.metrics)
+        return out.loss
+
+    @contextlib.contextmanager
+    def _reference_head(self):
+        if self.ref_model is not None:
+            with gather_lm_head(self.ref_model) as head:
+                yield tuple(t.detach() if t is not None else None for t in head)
+        else:  # PEFT without ref_model: the reference is the base model, whose head the adapter leaves alone
+            with gather_lm_head(self.model) as head:
+                yield tuple(t.detach() if t is not None else None for t in head)
+
+    def _reference_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of the reference model, no grad."""
+        with torch.no_grad():
+            if self.ref_model is not None:
+                out = backbone(self.ref_model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            else:
+                from trl.trainer.utils import use_adapter
+
+                peft_model = self.accelerator.unwrap_model(self.model)
+                name = "ref" if "ref" in getattr(peft_model, "peft_config", {}) else None
+                with use_adapter(peft_model, adapter_name=name):
+                    out = backbone(peft_model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    # -- SPO online samples ---------------------------------------------------------------------------
+
+    def _spo_kl_rows(self, model, rows, num_pairs: int) -> Optional[Tuple[torch.Tensor, ...]]:
+        """(input_ids, attention_mask, completion_mask) of the sequences SPO's KL term is computed on."""
+        if getattr(self.fastpref_loss_fn, "kl_coef", 0.0) == 0.0:
+            return None
+        if self.spo_samples == "dataset":
+            return tuple(t[:num_pairs] for t in rows)
+        step = self.state.global_step
+        if self._spo_cache is None or step - self._spo_cache[0] >= self.spo_resample_every:
+            self._spo_cache = (step, self._sample_online(model, rows, num_pairs))
+        return self._spo_cache[1]
+
+    @torch.no_grad()
+    def _sample_online(self, model, rows, num_pairs: int) -> Tuple[torch.Tensor, ...]:
+        """Sample completions y' ~ pi_theta(.|x') for the first ``spo_num_samples`` prompts of the batch."""
+        input_ids, attention_mask, completion_mask = rows
+        tok = self._tokenizer
+        prompts = []
+        for i in range(min(self.spo_num_samples, num_pairs)):
+            is_prompt = (attention_mask[i] == 1) & (completion_mask[i] == 0)
+            prompts.append(input_ids[i][is_prompt])
+        width = max(p.numel() for p in prompts)
+        left = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long, device=input_ids.device)
+        left_mask = torch.zeros_like(left)
+        for i, p in enumerate(prompts):
+            left[i, width - p.numel():] = p
+            left_mask[i, width - p.numel():] = 1
+        policy = self.accelerator.unwrap_model(model)
+        was_training = policy.training
+        policy.eval()
+        try:
+            generated = policy.generate(
+                input_ids=left, attention_mask=left_mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                max_new_tokens=self.spo_max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        finally:
+            policy.train(was_training)
+        ids, completion = [], []
+        for i, p in enumerate(prompts):
+            new = generated[i, width:].tolist()
+            if tok.eos_token_id in new:
+                new = new[: new.index(tok.eos_token_id) + 1]
+            ids.append(torch.cat([p.cpu(), torch.tensor(new, dtype=torch.long)]))
+            completion.append(torch.tensor([0] * p.numel() + [1] * len(new), dtype=torch.long))
+        return (_pad_rows(ids, tok.pad_token_id), _pad_rows([torch.ones_like(t) for t in ids], 0),
+                _pad_rows(completion, 0))
+
+    def _spo_kl_inputs(self, model, hidden, input_ids, attention_mask, labels, keep, num_main, weight, bias,
+                       ref_head):
+        """SPO's KL inputs: the sample rows of this step's policy forward, and the reference on them."""
+        # online: the samples were appended after the main rows; dataset: the chosen rows (first half)
+        rows = slice(num_main, None) if self.spo_samples == "online" else slice(0, num_main // 2)
+        kl_hidden, kl_labels, kl_keep = hidden[rows], labels[rows], keep[rows]
+        kl_ids, kl_mask = input_ids[rows], attention_mask[rows]
+        pol = head_inputs(model, kl_hidden, kl_labels, logits_to_keep=kl_keep, weight=weight, bias=bias)
+        ref_hidden = self._reference_hidden(kl_ids, kl_mask)
+        ref = head_inputs(model, ref_hidden, kl_labels, logits_to_keep=kl_keep, weight=ref_head[0], bias=ref_head[1])
+        return dict(kl_hidden=pol.hidden, kl_ref_hidden=ref.hidden, kl_targets=pol.targets, kl_seq_ids=pol.seq_ids,
+                    kl_num_seqs=pol.num_seqs)
+
+    # -- logging --------------------------------------------------------------------------------------
+
+    def _log_metrics(self, mode: str, metrics: Dict[str, torch.Tensor], inputs: Dict[str, Any], num_main: int) -> None:
+        # gather, not gather_for_metrics: the latter trims the last eval batch to the dataset's remainder, counted
+        # in examples, while these tensors hold one value per sequence (2 or K + 1 per example)
+        gather = self.accelerator.gather
+        store = self._metrics[mode]
+        metrics = dict(metrics)
+        layout_pairwise = self.fastpref_loss in PAIRWISE or self.fastpref_loss == "spo"
+        if layout_pairwise and "logps" in metrics and "chosen_logps" not in metrics:
+            metrics["chosen_logps"], metrics["rejected_logps"] = metrics["logps"].chunk(2)
+        for key, value in metrics.items():
+            if key == "logps" and layout_pairwise:
+                continue  # logged as logps/chosen and logps/rejected
+            if not torch.is_tensor(value) or not value.is_floating_point() or value.numel() == 0:
+                continue
+            store[TRL_METRIC_NAMES.get(key, key)].append(gather(value.detach().float().reshape(-1)).mean().item())
+        if mode == "train":
+            self._total_train_tokens += int(gather(inputs["attention_mask"].sum()).sum().item())
+        store["num_tokens"] = [self._total_train_tokens]
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def _base_hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if _is_peft(model) else model
+
+
+__all__ = ["FastPrefDPOTrainer", "FastPrefCollator", "LOSSES", "PAIRWISE", "TRL_METRIC_NAMES"]

@@ -1,0 +1,52 @@
+"""KTO: Kahneman-Tversky Optimization on unpaired examples (Ethayarajh et al. 2024, Eq. 8; LOSSES.md §6)."""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from ._common import LossOutput, Tensor, as_tensor_stat, check_positive, floats
+
+
+def kto_z0(mismatched_logps: Tensor, mismatched_ref_logps: Tensor) -> Tensor:
+    """KTO's reference point z₀ = sg(max(0, mean(S′ − R′))) over mismatched pairs (x_j, y_{j+1}).
+
+    A sampled, sequence-level estimate of KL(π_θ‖π_ref). Returns a detached 0-d tensor in the compute
+    dtype. Under data parallelism, all-gather the inputs (or all-reduce the mean) before calling.
+    """
+    s, r = floats((None,), mismatched_logps=mismatched_logps, mismatched_ref_logps=mismatched_ref_logps)
+    return torch.clamp((s - r).detach().mean(), min=0.0)
+
+
+def kto(logps: Tensor, ref_logps: Tensor, labels: Tensor, *, z0: Union[Tensor, float], beta: float = 0.1,
+        desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> LossOutput:
+    """KTO loss over S unpaired sequences; ``labels`` [S] bool, True = desirable.
+
+    ρ = S − R, x = β(ρ − z₀):
+      desirable:   ℓ = λ_D·σ(−x),  g = −λ_D·β·σ(x)σ(−x)
+      undesirable: ℓ = λ_U·σ(x),   g = +λ_U·β·σ(x)σ(−x)
+    L = mean over all S examples (the paper's λ_y − v(x, y) up to the constant λ_y).
+    z₀ is a detached batch statistic (see :func:`kto_z0`); the α-DPO repo's paired, undetached z₀ is
+    not reproduced (LOSSES.md §6). Defaults: β = 0.1, λ_D = λ_U = 1.
+    Metrics: ``rewards`` βρ [S], ``chosen_rewards`` / ``rejected_rewards`` (desirable / undesirable
+    subsets), ``logps``, ``z0``.
+    """
+    beta = check_positive("beta", beta)
+    wd = check_positive("desirable_weight", desirable_weight, allow_zero=True)
+    wu = check_positive("undesirable_weight", undesirable_weight, allow_zero=True)
+    if not isinstance(labels, Tensor) or labels.dtype != torch.bool:
+        raise TypeError(f"labels must be a bool tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+    if labels.shape != logps.shape:
+        raise ValueError(f"labels must have the shape of logps {tuple(logps.shape)}, got {tuple(labels.shape)}")
+    s, r = floats((None,), logps=logps, ref_logps=ref_logps)
+    z = as_tensor_stat("z0", z0, s.dtype, s.device)
+    rho = s - r.detach()
+    x = beta * (rho - z)
+    # σ(−x) for desirable, σ(x) for undesirable: sign flip keeps one sigmoid call.
+    sign = torch.where(labels, -torch.ones_like(x), torch.ones_like(x))
+    weight = torch.where(labels, torch.full_like(x, wd), torch.full_like(x, wu))
+    loss = (weight * torch.sigmoid(sign * x)).mean()
+    rewards = (beta * rho).detach()
+    metrics = {"logps": s.detach(), "rewards": rewards, "chosen_rewards": rewards[labels],
+               "rejected_rewards": rewards[~labels], "z0": z}
+    return loss, metrics

@@ -1,0 +1,91 @@
+"""VAR: Variational Alignment with Re-weighting (VAR paper, Eqs. 9-10 and Alg. 1; LOSSES.md §1)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._common import LossOutput, Tensor, check_lengths, check_positive, floats
+
+NORMALIZE = ("self", "none")
+POLICY_REDUCTIONS = ("sum", "mean")
+
+
+def _var_log_weights(rewards: Tensor, ref_logps: Optional[Tensor], beta: float) -> Tensor:
+    """lw_i = r_ii/β − logẐ_i, logẐ_i = LSE_j(r_ij/β + Lref_ij) − log B, all in log space."""
+    b = rewards.shape[0]
+    if rewards.dim() == 2:  # cross pairs: Ẑ(x_i) over the responses y_j of the micro-batch
+        return torch.diagonal(rewards) / beta - (torch.logsumexp(rewards / beta + ref_logps, dim=1) - math.log(b))
+    # diagonal form: one Ẑ shared by every prompt; ref_logps=None means π_ref(y_j) taken as 1 (log 0)
+    ref = torch.zeros_like(rewards) if ref_logps is None else ref_logps
+    return rewards / beta - (torch.logsumexp(rewards / beta + ref, dim=0) - math.log(b))
+
+
+def var(logps: Tensor, rewards: Tensor, *, beta: float, ref_logps: Optional[Tensor] = None,
+        normalize: str = "self", lengths: Optional[Tensor] = None, policy_reduction: str = "sum") -> LossOutput:
+    """VAR loss: reward-weighted SFT with in-batch partition estimate (paper Eq. 10, Alg. 1).
+
+    logps [B] = log π_θ(y_i|x_i) (grad); rewards [B, B] with rewards[i, j] = r(x_i, y_j) and ref_logps
+    [B, B] with ref_logps[i, j] = log π_ref(y_j|x_i) (cross pairs, Eq. 9); or the diagonal form with
+    rewards [B] and ref_logps [B] or None.
+
+        logẐ_i = LSE_j(r_ij/β + Lref_ij) − log B      (Eq. 9, Ẑ(x_i) = (1/B) Σ_j e^{r_ij/β} π_ref(y_j|x_i))
+        lw_i   = r_ii/β − logẐ_i,  w_i = sg(e^{lw_i})
+        L      = −(1/B) Σ_i w_i · logps_i
+
+    The paper writes Eq. 10 as an objective to maximize and Alg. 1 says "gradient descent"; this is the
+    minimization of −Σ w log π, so L ≥ 0 when logps ≤ 0 (Thm. 1). Gradient: ∂L/∂logps_i = −w_i/B.
+
+    normalize="self" (default): w̃ = B·softmax(lw), weights sum to B. Same relative weights as the paper,
+    only the per-step scale changes, and e^{lw} (≈ e^{10^2} with summed Lref) never overflows. In the
+    diagonal form Ẑ is shared, so w̃ = B·softmax(r/β) and π_ref drops out.
+    normalize="none": paper-literal w = e^{lw}, computed in log space; ValueError if a weight is not
+    finite (overflow). It needs ref_logps: the literal Ẑ depends on π_ref even in the diagonal form.
+
+    β has no default: the paper reports none; pick it so r/β has O(1) spread within a batch.
+    policy_reduction="mean" uses logps/lengths (token-mean, "SFT-style"); the paper's log π is a sum.
+    Metrics: ``logps`` [B] (as given), ``weights`` [B] (detached), ``log_weights`` [B] (lw, before normalization).
+    """
+    beta = check_positive("beta", beta)
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    if policy_reduction not in POLICY_REDUCTIONS:
+        raise ValueError(f"policy_reduction must be one of {POLICY_REDUCTIONS}, got {policy_reduction!r}")
+    if policy_reduction == "mean" and lengths is None:
+        raise ValueError("lengths is required when policy_reduction='mean'")
+    s, n = floats((None,), logps=logps, lengths=lengths if policy_reduction == "mean" else None)
+    if not isinstance(rewards, Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    b = s.shape[0]
+    if rewards.dim() == 1:
+        (rew, ref) = floats((b,), rewards=rewards, ref_logps=ref_logps)
+        if normalize == "none" and ref is None:
+            raise ValueError("normalize='none' needs ref_logps: the literal Ẑ depends on π_ref")
+    elif rewards.dim() == 2:
+        if ref_logps is None:
+            raise ValueError("ref_logps [B, B] is required with cross-pair rewards [B, B]")
+        rew, ref = floats((b, b), rewards=rewards, ref_logps=ref_logps)
+    else:
+        raise ValueError(f"rewards must be [B] or [B, B] with B = {b}, got shape {tuple(rewards.shape)}")
+    dtype = torch.float64 if torch.float64 in (s.dtype, rew.dtype) else torch.float32
+    s, rew = s.to(dtype), rew.detach().to(dtype)
+    ref = None if ref is None else ref.detach().to(dtype)
+    summed = s
+    if n is not None:
+        (n,) = check_lengths(lengths=n)
+        s = s / n.to(dtype)
+
+    lw = _var_log_weights(rew, ref, beta)
+    if normalize == "self":
+        w = b * torch.softmax(lw, dim=0)
+    else:
+        w = torch.exp(lw)
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(
+                "normalize='none': VAR weights exp(r/β − logẐ) are not finite (overflow); "
+                "use normalize='self' or a larger beta"
+            )
+    w = w.detach()
+    loss = -(w * s).mean()
+    return loss, {"logps": summed.detach(), "weights": w, "log_weights": lw.detach()}

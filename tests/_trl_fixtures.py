@@ -1,0 +1,84 @@
+"""Offline tiny model, tokenizer and preference data for the integration tests (no downloads)."""
+from __future__ import annotations
+
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: a second intra-op thread only adds synchronisation (and stalls on a busy machine).
+    Autouse in every test module that imports it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+WORDS = [f"w{i}" for i in range(40)]
+SPECIALS = ["<pad>", "<unk>", "</s>"]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.add_special_tokens(SPECIALS)
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+
+
+def tiny_llama(seed: int = 0, tied: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=tied, pad_token_id=0, eos_token_id=2,
+                         bos_token_id=None)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).float()
+
+
+def preference_rows(n: int = 8, seed: int = 0, candidates: int = 0):
+    """Prompts of 3-5 words; chosen = the prompt's words shifted by one, rejected = random words."""
+    rng = random.Random(seed)
+    rows = {"prompt": [], "chosen": [], "rejected": [], "chosen_reward": [], "rejected_reward": []}
+    if candidates:
+        rows["candidates"] = []
+    for _ in range(n):
+        prompt = [rng.randrange(len(WORDS)) for _ in range(rng.randint(3, 5))]
+        chosen = [(w + 1) % len(WORDS) for w in prompt][: rng.randint(2, 4)]
+        rejected = [rng.randrange(len(WORDS)) for _ in range(rng.randint(2, 4))]
+        text = lambda ws: " ".join(WORDS[w] for w in ws)  # noqa: E731
+        rows["prompt"].append(text(prompt))
+        rows["chosen"].append(" " + text(chosen))
+        rows["rejected"].append(" " + text(rejected))
+        rows["chosen_reward"].append(1.0 + rng.random())
+        rows["rejected_reward"].append(rng.random() - 1.0)
+        if candidates:
+            cands = [" " + text([rng.randrange(len(WORDS)) for _ in range(rng.randint(2, 4))])
+                     for _ in range(candidates)]
+            rows["candidates"].append(cands)
+            rows["rejected"][-1] = cands[0]
+    from datasets import Dataset
+
+    return Dataset.from_dict(rows)
+
+
+def dpo_config(tmp_path, **overrides):
+    from trl import DPOConfig
+
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=1e-2,
+                   report_to="none", use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+                   logging_steps=1, save_strategy="no", seed=0, dataloader_num_workers=0, beta=0.1,
+                   disable_dropout=True, lr_scheduler_type="constant", warmup_steps=0)
+    options.update(overrides)
+    return DPOConfig(**options)

@@ -1,0 +1,133 @@
+"""FastPrefDPOTrainer: TRL parity for DPO (loss, gradients, a full optimizer step) and other losses training."""
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("datasets")
+
+from _trl_fixtures import dpo_config, one_thread, preference_rows, tiny_llama, tiny_tokenizer  # noqa: E402,F401
+from trl import DPOTrainer  # noqa: E402
+
+from fastpref.integrations.trl import FastPrefDPOTrainer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _pair(tok, tmp_path, *, tied=False, fastpref_kwargs=None, **config):
+    """A TRL DPOTrainer and a FastPrefDPOTrainer from identical weights; the reference differs from the policy."""
+    policy, ref = tiny_llama(seed=0, tied=tied), tiny_llama(seed=1, tied=tied)
+    data = preference_rows(8)
+    trainers = []
+    for cls, extra in ((DPOTrainer, {}), (FastPrefDPOTrainer, dict(fastpref_loss="dpo", **(fastpref_kwargs or {})))):
+        trainers.append(cls(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref),
+                            args=dpo_config(tmp_path / cls.__name__, **config), train_dataset=data,
+                            processing_class=tok, **extra))
+    return trainers
+
+
+def _loss_and_grads(trainer):
+    trainer.model.train()
+    trainer.model.zero_grad()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return loss.detach(), grads, metrics
+
+
+@pytest.mark.parametrize("precompute,tied,label_smoothing", [(False, False, 0.0), (True, True, 0.1)])
+def test_dpo_loss_grads_and_metrics_match_trl(tok, tmp_path, precompute, tied, label_smoothing):
+    ours_trl, ours = _pair(tok, tmp_path, tied=tied, precompute_ref_log_probs=precompute, beta=0.5,
+                           label_smoothing=label_smoothing)
+    loss_t, grads_t, metrics_t = _loss_and_grads(ours_trl)
+    loss_f, grads_f, metrics_f = _loss_and_grads(ours)
+    assert abs(loss_t.item() - 0.6931) > 1e-3  # policy != reference: a real margin, not the log 2 of step 0
+    torch.testing.assert_close(loss_f, loss_t, rtol=1e-5, atol=1e-6)
+    assert grads_f.keys() == grads_t.keys() and len(grads_t) > 0
+    scale = max(g.abs().max().item() for g in grads_t.values())
+    for name in grads_t:
+        torch.testing.assert_close(grads_f[name], grads_t[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected", "num_tokens"):
+        assert metrics_f[key] == pytest.approx(metrics_t[key], rel=1e-5, abs=1e-5), key
+
+
+def test_dpo_training_steps_match_trl(tok, tmp_path):
+    """Two full optimizer steps through Trainer.train() (SGD: a plain step, so parameter deltas equal grads)."""
+    trl_trainer, ours = _pair(tok, tmp_path, max_steps=2, optim="sgd", learning_rate=0.5)
+    before = {n: p.detach().clone() for n, p in ours.model.named_parameters()}
+    head_calls = []
+    ours.model.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
+    trl_trainer.train()
+    ours.train()
+    assert head_calls == []  # the LM head module never ran: no [tokens x vocab] logits
+    moved = 0.0
+    for (name, p_t), (_, p_f) in zip(trl_trainer.model.named_parameters(), ours.model.named_parameters()):
+        torch.testing.assert_close(p_f, p_t, rtol=1e-5, atol=1e-6, msg=name)
+        moved = max(moved, (p_f - before[name]).abs().max().item())
+    assert moved > 1e-3  # the step really changed the weights
+    losses_t = [h["loss"] for h in trl_trainer.state.log_history if "loss" in h]
+    losses_f = [h["loss"] for h in ours.state.log_history if "loss" in h]
+    assert len(losses_f) == 2 and losses_f == pytest.approx(losses_t, rel=1e-5)
+    logged = next(h for h in ours.state.log_history if "loss" in h)
+    assert {"rewards/accuracies", "rewards/margins", "logps/chosen"} <= logged.keys()
+
+
+def _fixed_batch_loss(trainer, batch):
+    trainer.model.eval()
+    torch.manual_seed(123)  # MC-PO's negative sampling
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch).item()
+    trainer.model.train()
+    return loss
+
+
+@pytest.mark.parametrize("loss,loss_kwargs,extra,candidates,expect", [
+    ("var", dict(beta=1.0), {}, 0, "weights"),
+    ("mcpo", dict(beta=0.5), {}, 2, "rewards/accuracies"),
+    ("spo", dict(alpha=0.01, kl_coef=0.1), dict(spo_num_samples=2, spo_resample_every=3, spo_max_new_tokens=6), 0,
+     "kl"),
+    ("alpha_dpo", dict(beta=2.0), {}, 0, "margin"),
+])
+def test_other_losses_train_and_loss_decreases(tok, tmp_path, loss, loss_kwargs, extra, candidates, expect):
+    base = tiny_llama(seed=0)
+    trainer = FastPrefDPOTrainer(
+        model=copy.deepcopy(base), ref_model=copy.deepcopy(base),
+        args=dpo_config(tmp_path, max_steps=8, learning_rate=3e-3, per_device_train_batch_size=8),
+        train_dataset=preference_rows(8, candidates=candidates), processing_class=tok, fastpref_loss=loss,
+        fastpref_loss_kwargs=loss_kwargs, **extra)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    start = _fixed_batch_loss(trainer, batch)
+    trainer.train()
+    end = _fixed_batch_loss(trainer, batch)
+    assert end < start - 1e-3, (start, end)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(history) == 8 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert expect in history[-1]
+    if loss == "spo":
+        assert history[-1]["kl"] > 0  # the policy moved away from the reference on its own samples
+        step, samples = trainer._spo_cache
+        assert step == 6 and samples[2].sum() > 0  # resampled every 3 steps; completions are scored
+
+
+def test_bad_configurations_raise(tok, tmp_path):
+    model, ref = tiny_llama(), tiny_llama()
+    data = preference_rows(4)
+    common = dict(model=model, ref_model=ref, processing_class=tok)
+    with pytest.raises(ValueError, match="fastpref_loss"):
+        FastPrefDPOTrainer(args=dpo_config(tmp_path), train_dataset=data, fastpref_loss="nope", **common)
+    with pytest.raises(ValueError, match="candidates"):
+        FastPrefDPOTrainer(args=dpo_config(tmp_path), train_dataset=data, fastpref_loss="mcpo", **common)
+    with pytest.raises(ValueError, match="loss_type"):
+        FastPrefDPOTrainer(args=dpo_config(tmp_path, loss_type=["hinge"]), train_dataset=data, **common)
+    with pytest.raises(ValueError, match="beta"):
+        FastPrefDPOTrainer(args=dpo_config(tmp_path), train_dataset=data, fastpref_loss="var", **common)
+    with pytest.raises(ValueError, match="chosen_reward"):
+        FastPrefDPOTrainer(args=dpo_config(tmp_path), train_dataset=data.remove_columns(["chosen_reward"]),
+                           fastpref_loss="var", fastpref_loss_kwargs=dict(beta=1.0), **common)
