@@ -20,6 +20,8 @@ test: venv
 
 demo: venv
 	$(VENV)/bin/fastpref check
+	$(VENV)/bin/fastpref bench --quick --out bench/out
+	$(PY) -m fastpref.demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info
