@@ -110,4 +110,8 @@ def fused_logprobs(
         ref_weight=ref_weight, ref_bias=ref_bias, kl=kl, temperature=temperature, softcap=softcap,
         ignore_index=ignore_index, backend=backend, vocab_parallel_group=vocab_parallel_group,
     )
+    if prep.backend == "triton":
+        from .backends import triton_backend  # per-sequence sums come from the kernel epilogue
+
+        return triton_backend.logprob_stats(prep)
     return assemble(prep, *_run_backend(prep))

@@ -327,6 +327,7 @@ def test_vocab_parallel_needs_initialized_group():
 from torch import nn  # noqa: E402
 
 from fastpref.integrations import distributed as fdist  # noqa: E402
+from fastpref.integrations import transformers as hf_integration  # noqa: E402
 
 VOCAB, DIM, PAIRS, SEQ = 13, 8, 4, 5  # global batch: PAIRS chosen + PAIRS rejected sequences
 
@@ -345,6 +346,9 @@ class _TinyLM(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # hidden states, not logits
         return self.backbone(ids)
+
+    def get_output_embeddings(self) -> nn.Module:  # what fastpref.integrations.transformers looks up
+        return self.lm_head
 
 
 def _make_model() -> _TinyLM:
@@ -456,21 +460,31 @@ def _fsdp_worker(rank: int, world: int) -> dict:
             fully_shard(model.lm_head)
         fully_shard(model)
         if mode == "root":
-            # The root keeps its parameters unsharded after forward: the head read outside is the full one.
-            loss = _head_loss(model, model(ids), targets, ref)
+            # The root keeps its parameters unsharded after forward: the head read outside is the full one,
+            # and through_sharded calls the loss directly.
+            hidden = model(ids)
+            assert fdist.sharding_kind(model.lm_head.weight) is None
+            loss = fdist.through_sharded(model.lm_head, lambda: _head_loss(model, hidden, targets, ref))
         else:
-            # A separately sharded head is a DTensor outside its forward: the fused op refuses it ...
+            # A separately sharded head is a DTensor outside its forward: the fused op refuses it, and
+            # gather_lm_head refuses to gather it for a trainable loss (full_tensor's grads are wrong, below) ...
             hidden = model(ids)
             try:
                 _head_loss(model, hidden, targets, ref)
                 raise AssertionError("a DTensor head must be rejected")
             except TypeError as e:
                 assert "forward_through" in str(e)
+            try:
+                with hf_integration.gather_lm_head(model):
+                    raise AssertionError("a trainable FSDP2 head must not be gathered")
+            except RuntimeError as e:
+                assert "through_sharded" in str(e)
 
             # ... and runs inside the head's forward, where FSDP gathers it and reduce-scatters its grads.
             def step(i, t, r):
                 h = model.backbone(i)
-                return fdist.forward_through(model.lm_head, lambda: _head_loss(model, h, t, r))
+                assert fdist.sharding_kind(model.lm_head.weight) == "fsdp2"
+                return fdist.through_sharded(model.lm_head, lambda: _head_loss(model, h, t, r))
 
             loss = fdist.forward_through(model, step, ids, targets, ref)
         loss.backward()
@@ -478,14 +492,18 @@ def _fsdp_worker(rank: int, world: int) -> dict:
             got = p.grad.full_tensor()
             torch.testing.assert_close(got, want[name], rtol=1e-10, atol=1e-12,
                                        msg=lambda m: f"{mode} {name}: {m}")
-        # No-grad read of the sharded head (e.g. as a reference head): the gathered copy is the full weight.
-        with fdist.gathered_params(model.lm_head.weight, model.lm_head.bias) as (w, b):
-            assert not w.requires_grad and w.shape == (VOCAB, DIM)
-            torch.testing.assert_close(w, _make_model().lm_head.weight.detach())
-            torch.testing.assert_close(b, _make_model().lm_head.bias.detach())
+        # No-grad read of the sharded head (e.g. as a reference head): the gathered copy is the full weight;
+        # the caller's grad mode is left alone inside the block.
+        for gathered in (fdist.gathered_params(model.lm_head.weight, model.lm_head.bias),
+                         hf_integration.gather_lm_head(model, detach=True)):
+            with gathered as (w, b):
+                assert torch.is_grad_enabled() and not w.requires_grad and w.shape == (VOCAB, DIM)
+                torch.testing.assert_close(w, _make_model().lm_head.weight.detach())
+                torch.testing.assert_close(b, _make_model().lm_head.bias.detach())
         seen[mode] = True
-    # What forward_through avoids: full_tensor() on a separately sharded head gives the right values
-    # but its backward keeps each rank's own slice of its own gradient (no reduce-scatter).
+    # What forward_through avoids (and why gather_lm_head refuses it): full_tensor() on a separately
+    # sharded head gives the right values but its backward keeps each rank's own slice of its own
+    # gradient (no reduce-scatter). The rest of the model is still right.
     model = _make_model()
     fully_shard(model.lm_head)
     fully_shard(model)
@@ -494,13 +512,16 @@ def _fsdp_worker(rank: int, world: int) -> dict:
     fastpref.FusedDPOLoss(beta=0.5)(w, hidden, targets, bias=b, ref_logps=ref).loss.backward()
     seen["full_tensor head grad correct"] = torch.allclose(model.lm_head.weight.grad.full_tensor(),
                                                            want["lm_head.weight"])
+    seen["full_tensor body grad correct"] = torch.allclose(model.body.weight.grad.full_tensor(),
+                                                           want["body.weight"])
     return seen
 
 
 def test_fsdp2_fully_shard_head(tmp_path):
     """FSDP2 on CPU/gloo: head in the root group, and a separately sharded head via forward_through."""
     results = run_distributed(_fsdp_worker, tmp_path=tmp_path)
-    assert results == [{"root": True, "head-sharded": True, "full_tensor head grad correct": False}] * 2
+    assert results == [{"root": True, "head-sharded": True, "full_tensor head grad correct": False,
+                        "full_tensor body grad correct": True}] * 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,6 +546,37 @@ def test_forward_through_runs_hooks_and_restores_forward():
     assert "forward" not in vars(model)  # restored after an exception too
     with pytest.raises(TypeError, match="fn"):
         fdist.forward_through(model, "not callable")
+
+
+def test_forward_through_keeps_an_instance_forward_and_refuses_nesting():
+    """An instance-level forward (Accelerate's autocast wrapper, enable_hidden_forward) is what fn sees
+    inside and what stays afterwards; redirecting a forward that is still redirected raises."""
+    model = _make_model()
+    ids = torch.tensor([[1, 2]])
+    plain = model(ids)
+    model.forward = lambda x: plain.new_full(plain.shape, 7.0)  # stands for a wrapper's instance forward
+    instance_forward = model.forward
+    out = fdist.forward_through(model, lambda x: model(x) + 1, ids)
+    torch.testing.assert_close(out, plain.new_full(plain.shape, 8.0))
+    assert vars(model)["forward"] is instance_forward
+    # inside fn the redirect is gone, so fn may redirect the same module again
+    assert fdist.forward_through(model, lambda: fdist.forward_through(model, lambda: 3)) == 3
+    # while the redirect is in place (e.g. from a forward pre-hook) a second one would chain wrongly
+    handle = model.register_forward_pre_hook(lambda m, a: fdist.forward_through(model, lambda: None))
+    with pytest.raises(RuntimeError, match="nested"):
+        fdist.forward_through(model, lambda: 1)
+    handle.remove()
+    assert vars(model)["forward"] is instance_forward  # restored after the error too
+
+
+def test_through_sharded_runs_plain_heads_directly_and_refuses_fsdp1():
+    model = _make_model()
+    calls = []
+    model.lm_head.register_forward_pre_hook(lambda *a: calls.append("hook"))
+    assert fdist.through_sharded(model.lm_head, lambda: 5) == 5 and calls == []  # nothing sharded: no hooks
+    model.lm_head.weight._fsdp_flattened = True
+    with pytest.raises(NotImplementedError, match="FSDP1"):
+        fdist.through_sharded(model.lm_head, lambda: 5)
 
 
 class _FakeStatus:
@@ -569,6 +621,7 @@ def test_zero3_detection_and_gather_dispatch(fake_deepspeed):
     assert [fdist.sharding_kind(t) for t in (w, b, plain, None)] == ["zero3", "zero3", None, None]
     with fdist.gathered_params(w, None, b) as (gw, none, gb):
         assert fake_deepspeed == [("enter", [w.ds_id], None)]  # only the partitioned one, read-only
+        assert torch.is_grad_enabled()  # the gather runs without grad; the caller's block keeps its mode
         assert none is None and not gw.requires_grad and not gb.requires_grad
         torch.testing.assert_close(gw, w.detach())
     assert fake_deepspeed[-1] == ("exit",)

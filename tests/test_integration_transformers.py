@@ -260,14 +260,32 @@ def test_enable_hidden_forward_routes_through_the_model_forward():
     torch.testing.assert_close(routed, direct, rtol=0, atol=0)
     # without the flag the model's own forward (with logits) is unchanged
     assert model(input_ids=ids, attention_mask=mask).logits.shape == (3, 10, V)
+    # fastpref_head_fn: the loss inside the forward (hooks fire once), outside autocast as after a forward
+    seen = []
+
+    def head_fn(hidden):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return hf.head_inputs(model, hidden, labels).logprobs().logps
+
+    calls.clear()
+    inside = model(input_ids=ids, attention_mask=mask, fastpref_head_fn=head_fn)
+    assert calls == [1] and seen == [False]
+    torch.testing.assert_close(inside, direct, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, attention_mask=mask, fastpref_head_fn=head_fn)
+    assert seen == [False, False]
 
 
-def test_fsdp2_sharded_head_is_gathered_and_gets_gradients():
-    """Real FSDP2 (fully_shard) on a one-process gloo group: the head weight is a DTensor, gathered with the
-    autograd-aware full_tensor(); the gradient reaching the shard equals the unsharded model's."""
+def test_fsdp2_sharded_head_trainable_gather_refused_loss_through_head_forward():
+    """Real FSDP2 (fully_shard) on a one-process gloo group. A trainable DTensor head is not gathered (a
+    full_tensor() copy's gradient skips the reduce-scatter: wrong with more than one rank, measured in
+    tests/test_distributed.py); a no-grad gather gives the full weight; the loss computed inside the model's
+    forward (fastpref_head_fn) and the head's forward (through_sharded) gives the unsharded model's gradients."""
     dist = pytest.importorskip("torch.distributed")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    from fastpref.integrations.distributed import through_sharded
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialized")
@@ -282,12 +300,27 @@ def test_fsdp2_sharded_head_is_gathered_and_gets_gradients():
         for unit in (sharded.model, sharded.lm_head, sharded):
             fully_shard(unit, mesh=mesh)
         assert hf.sharding_kind(sharded.lm_head.weight) == "fsdp2"
-        hf.enable_hidden_forward(sharded)
-        with hf.gather_lm_head(sharded) as (weight, bias):
+        with pytest.raises(RuntimeError, match="through_sharded"):
+            with hf.gather_lm_head(sharded):
+                pass
+        with hf.gather_lm_head(sharded, detach=True) as (weight, bias):  # no-grad use: the full weight
+            assert torch.is_grad_enabled() and not weight.requires_grad and bias is None
+            torch.testing.assert_close(weight, plain.lm_head.weight.detach())
+        with torch.no_grad(), hf.gather_lm_head(sharded) as (weight, _):
             assert hf.sharding_kind(weight) is None and weight.shape == (V, D)
-            stats = hf.lm_head_inputs(sharded, ids, mask, labels, weight=weight, bias=bias).logprobs()
-        stats.logps.sum().backward()
+        hf.enable_hidden_forward(sharded)
+
+        def head_loss(hidden):
+            def loss():
+                assert hf.sharding_kind(sharded.lm_head.weight) is None  # unsharded inside the head's forward
+                return hf.head_inputs(sharded, hidden, labels).logprobs().logps.sum()
+            return through_sharded(sharded.lm_head, loss)
+
+        sharded(input_ids=ids, attention_mask=mask, fastpref_head_fn=head_loss).backward()
+        assert hf.sharding_kind(sharded.lm_head.weight) == "fsdp2"  # resharded after
         grad = sharded.lm_head.weight.grad.to_local()
         torch.testing.assert_close(grad, plain.lm_head.weight.grad, rtol=1e-5, atol=1e-6)
+        emb = sharded.model.embed_tokens.weight.grad.to_local()
+        torch.testing.assert_close(emb, plain.model.embed_tokens.weight.grad, rtol=1e-5, atol=1e-6)
     finally:
         dist.destroy_process_group()

@@ -131,3 +131,90 @@ def test_bad_configurations_raise(tok, tmp_path):
     with pytest.raises(ValueError, match="chosen_reward"):
         FastPrefDPOTrainer(args=dpo_config(tmp_path), train_dataset=data.remove_columns(["chosen_reward"]),
                            fastpref_loss="var", fastpref_loss_kwargs=dict(beta=1.0), **common)
+
+
+# ---- two gloo processes (tests/test_distributed.py's harness): DDP through the Trainer, FSDP2 by hand ----
+# One pair of processes for both (starting them and importing TRL there dominates the cost).
+
+def _ddp_training_step(rank: int, world: int, out_dir: str) -> dict:
+    """One SGD step of FastPrefDPOTrainer under the Trainer's own DDP wrapping, this rank's two pairs."""
+    trainer = FastPrefDPOTrainer(
+        model=tiny_llama(seed=0), ref_model=tiny_llama(seed=1),
+        args=dpo_config(f"{out_dir}/ddp{rank}", per_device_train_batch_size=2, optim="sgd", learning_rate=0.5),
+        train_dataset=preference_rows(2 * world), processing_class=tiny_tokenizer(), fastpref_loss="dpo")
+    trainer.train()
+    ddp = trainer.model_wrapped
+    assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel), type(ddp)
+    return dict(find_unused=ddp.find_unused_parameters,
+                params={n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+
+
+def _fsdp2_gradients(rank: int, world: int, out_dir: str) -> dict:
+    """FastPrefDPOTrainer's loss on an FSDP2 policy whose LM head is its own fully_shard unit, this rank's pairs."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fastpref.integrations.distributed import sharding_kind
+
+    trainer = FastPrefDPOTrainer(
+        model=tiny_llama(seed=0), ref_model=tiny_llama(seed=1),
+        args=dpo_config(f"{out_dir}/fsdp{rank}", per_device_train_batch_size=2),
+        train_dataset=preference_rows(2 * world), processing_class=tiny_tokenizer(), fastpref_loss="dpo")
+    policy = trainer.model
+    for unit in (policy.lm_head, policy.model, policy):
+        fully_shard(unit)
+    assert sharding_kind(policy.lm_head.weight) == "fsdp2"  # a DTensor outside its forward
+    policy.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in (2 * rank, 2 * rank + 1)])
+    trainer.compute_loss(policy, batch).backward()
+    return {n: p.grad.full_tensor() for n, p in policy.named_parameters()}
+
+
+def _distributed_trainer_worker(rank: int, world: int, out_dir: str) -> dict:
+    import os
+
+    # the launcher variables Accelerate reads (MULTI_CPU); the harness's process group already exists
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", OMP_NUM_THREADS="1")
+    return dict(ddp=_ddp_training_step(rank, world, out_dir), fsdp2=_fsdp2_gradients(rank, world, out_dir))
+
+
+def test_ddp_and_fsdp2_match_single_process(tok, tmp_path):
+    """Two processes with two pairs each equal one process on all four pairs.
+
+    DDP, with the Trainer's default options (find_unused_parameters on, as without gradient checkpointing): after
+    one SGD step both ranks hold the single process's weights. A head read after the wrapped forward fails in
+    backward there ("marked as ready twice"); the trainer runs the fused loss inside the forward instead.
+
+    FSDP2 with the LM head as its own fully_shard unit: every gradient equals the single process's, the head's
+    included, which a full_tensor() gather of the head gets wrong on every rank (no error); the trainer runs the
+    head's part inside the head's forward instead."""
+    from test_distributed import run_distributed
+
+    results = run_distributed(_distributed_trainer_worker, str(tmp_path), tmp_path=tmp_path)
+
+    def single(**config):
+        return FastPrefDPOTrainer(
+            model=tiny_llama(seed=0), ref_model=tiny_llama(seed=1),
+            args=dpo_config(tmp_path / "single", per_device_train_batch_size=4, **config),
+            train_dataset=preference_rows(4), processing_class=tok, fastpref_loss="dpo")
+
+    stepped = single(optim="sgd", learning_rate=0.5)
+    before = {n: p.detach().clone() for n, p in stepped.model.named_parameters()}
+    stepped.train()
+    assert [r["ddp"]["find_unused"] for r in results] == [True, True]  # the Trainer's default, not ours
+    moved = 0.0
+    for name, p in stepped.model.named_parameters():
+        for rank, r in enumerate(results):
+            torch.testing.assert_close(r["ddp"]["params"][name], p.detach(), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"DDP rank {rank} {name}: {m}")
+        moved = max(moved, (p.detach() - before[name]).abs().max().item())
+    assert moved > 1e-3  # the step changed the weights
+
+    _, want, _ = _loss_and_grads(single())
+    assert "lm_head.weight" in want
+    scale = max(g.abs().max().item() for g in want.values())
+    for rank, r in enumerate(results):
+        assert r["fsdp2"].keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(r["fsdp2"][name], want[name], rtol=1e-4, atol=1e-6 * scale,
+                                       msg=lambda m: f"FSDP2 rank {rank} {name}: {m}")

@@ -56,7 +56,10 @@ def _target_logit(z: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
 
 
 class _OnlineLSE:
-    """Running max and sum-exp of one row block; ``update`` returns exp(z - new_max) and the rescale."""
+    """Running max and sum-exp of one row block; ``update`` returns exp(z - new_max) and the rescale.
+
+    ``exp_out`` may be ``z`` itself (the tile is then overwritten with its exponentials).
+    """
 
     def __init__(self, rows: int, dtype: torch.dtype, device: torch.device):
         self.max = torch.full((rows,), float("-inf"), dtype=dtype, device=device)
@@ -149,7 +152,7 @@ def _forward(prep: Prepared, rows: torch.Tensor, all_rows: bool):
 
     part = _Partials(n, has_ref, kl, cd, device)
     bn, bv = min(BLOCK_N, max(n, 1)), min(BLOCK_V, vocab)
-    tiles = _Tiles(4 if kl else (3 if has_ref else 2), bn, bv, cd, device)
+    tiles = _Tiles(3 if kl else (2 if has_ref else 1), bn, bv, cd, device)
     for n0 in range(0, n, bn):
         n1 = min(n0 + bn, n)
         rb = n1 - n0
@@ -166,28 +169,32 @@ def _forward(prep: Prepared, rows: torch.Tensor, all_rows: bool):
         for v0 in range(0, vocab, bv):
             v1 = min(v0 + bv, vocab)
             cols = v1 - v0
+            # Target logits are picked up first: the exponentials below overwrite the tiles in place.
             z = _logits_tile(h, prep.weight[v0:v1], None if prep.bias is None else prep.bias[v0:v1],
                              prep.temperature, prep.softcap, tiles.get(0, rb, cols))
             tz += _target_logit(z, tgt - (offset + v0))
-            e, rescale = pol.update(z, tiles.get(1, rb, cols))
             if not has_ref:
+                pol.update(z, z)
                 continue
             r = _logits_tile(hr, prep.ref_weight[v0:v1],
                              None if prep.ref_bias is None else prep.ref_bias[v0:v1],
-                             prep.temperature, prep.softcap, tiles.get(2, rb, cols))
+                             prep.temperature, prep.softcap, tiles.get(1, rb, cols))
             tr += _target_logit(r, tgt - (offset + v0))
             if kl == "forward":
                 # acc = sum_v exp(z - max) * (z - r), rescaled with the policy's running max.
-                d = torch.sub(z, r, out=tiles.get(3, rb, cols)).mul_(e)
-                acc.mul_(rescale).add_(d.sum(dim=1))
-                ref.update(r, tiles.get(1, rb, cols))
+                d = torch.sub(z, r, out=tiles.get(2, rb, cols))
+                e, rescale = pol.update(z, z)
+                acc.mul_(rescale).add_(d.mul_(e).sum(dim=1))
+                ref.update(r, r)
             elif kl == "reverse":
                 # acc = sum_v exp(r - max_r) * (r - z), rescaled with the reference's running max.
-                d = torch.sub(r, z, out=tiles.get(3, rb, cols))
-                er, rescale_r = ref.update(r, tiles.get(1, rb, cols))
+                d = torch.sub(r, z, out=tiles.get(2, rb, cols))
+                pol.update(z, z)
+                er, rescale_r = ref.update(r, r)
                 acc.mul_(rescale_r).add_(d.mul_(er).sum(dim=1))
             else:
-                ref.update(r, tiles.get(1, rb, cols))
+                pol.update(z, z)
+                ref.update(r, r)
         part.max[n0:n1], part.sum[n0:n1], part.target[n0:n1] = pol.max, pol.sum, tz
         if has_ref:
             part.ref_max[n0:n1], part.ref_sum[n0:n1], part.ref_target[n0:n1] = ref.max, ref.sum, tr
@@ -233,17 +240,17 @@ def _backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor]
             _all_reduce_sum(d_hidden, group)  # every rank of the group joins the collective
         return d_hidden, d_weight, d_bias
 
-    hidden = prep.hidden.index_select(0, rows)
-    targets = prep.targets.index_select(0, rows)
-    a, lse = a.index_select(0, rows), lse.index_select(0, rows)
+    def take(t: torch.Tensor) -> torch.Tensor:
+        """The active rows of a per-position tensor (no copy when every position is active)."""
+        return t if n == prep.num_positions else t.index_select(0, rows)
+
+    hidden, targets, a, lse = take(prep.hidden), take(prep.targets), take(a), take(lse)
     use_ref = b is not None
     if use_ref:
-        b = b.index_select(0, rows)
-        ref_hidden = prep.ref_hidden.index_select(0, rows)
-        ref_lse = ref_lse.index_select(0, rows)
+        b, ref_hidden, ref_lse = take(b), take(prep.ref_hidden), take(ref_lse)
         if kl == "forward":
             # dKL(p||q)/dz = p * ((z - lse) - (r - lse_r) - KL) = p * ((z - r) - shift)
-            shift = lse - ref_lse + token_kl.index_select(0, rows)
+            shift = lse - ref_lse + take(token_kl)
 
     bn, bv = min(BLOCK_N, n), min(BLOCK_V, vocab)
     tiles = _Tiles(3 if use_ref else 2, bn, bv, cd, device)

@@ -55,9 +55,22 @@ through the head module as well::
 
     loss = forward_through(model, step, input_ids, targets)
 
+:func:`through_sharded` does the inner step only when the head is sharded at that point (and calls
+``fn`` directly otherwise, e.g. for a head in the root's parameter group), so one code path serves
+every layout.
+
 For no-grad reads of a sharded head (a reference model's head, a no-grad scoring pass) use
 :func:`gathered_params`. :func:`assert_replicas_in_sync` checks, while debugging, that parameters or
 gradients are equal on every rank.
+
+This module is the one place that detects and gathers sharded parameters; the Hugging Face helpers
+build on it: :func:`fastpref.integrations.transformers.gather_lm_head` refuses a trainable
+FSDP-sharded head (pointing here) and gathers no-grad ones with :func:`gathered_params`;
+:func:`~fastpref.integrations.transformers.enable_hidden_forward` lets a loss run inside a
+``transformers`` model's forward (``model(..., fastpref_head_fn=fn)``), which is how
+``FastPrefDPOTrainer`` stays correct under the Trainer's DDP (``find_unused_parameters=True`` by
+default) and FSDP2 with a head sharded on its own (both tested with two processes in
+``tests/test_integration_trl.py``).
 
 Vocabulary parallelism (each rank of a group holds a contiguous slice of the head's rows, see
 ``vocab_parallel_group`` in :func:`fastpref.fused_logprobs` and the fused modules)::
@@ -77,10 +90,12 @@ from torch import nn
 
 __all__ = [
     "forward_through",
+    "through_sharded",
     "vocab_range",
     "unwrap_model",
     "sharding_kind",
     "gathered_params",
+    "fsdp1_summoned",
     "assert_replicas_in_sync",
 ]
 
@@ -103,28 +118,63 @@ def forward_through(module: nn.Module, fn: Callable[..., Any], *args: Any, **kwa
       gradient hooks are armed for the outputs, with the head reachable from them (so
       ``find_unused_parameters=True`` sees it used).
     - FSDP2 ``fully_shard`` modules and DeepSpeed ZeRO-3: the module's parameters are gathered before
-      ``fn`` and its backward hooks gather them again and reduce-scatter their gradients.
+      ``fn`` and its backward hooks gather them again and reduce-scatter their gradients. ``fn`` must
+      return its tensors as a tensor, tuple, list or dict (what these hooks look into), not another
+      object: FSDP2 arms its backward on the tensors it finds there.
 
-    Inside ``fn`` the original forward is back in place, so ``fn`` may call the unwrapped module or its
-    submodules normally (for a sharded head, call the head's loss through ``forward_through(head, ...)``
-    from within the outer ``fn``). ``fn``'s return value is returned (e.g. the loss tensor).
+    Inside ``fn`` the module's own forward is back in place (an instance-level forward, e.g. one that
+    Accelerate's autocast or :func:`~fastpref.integrations.transformers.enable_hidden_forward` set,
+    included), so ``fn`` may call the unwrapped module or its submodules normally (for a sharded head,
+    call the head's loss through ``forward_through(head, ...)`` from within the outer ``fn``). ``fn``'s
+    return value is returned (e.g. the loss tensor).
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     inner = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-    if "forward" in vars(inner):
-        raise RuntimeError(f"{type(inner).__name__} already has an instance-level forward; forward_through "
-                           "cannot redirect it (nested forward_through on the same module?)")
+    own = vars(inner)
+    if getattr(own.get("forward"), "_fastpref_redirect", False):
+        raise RuntimeError(f"forward_through is already redirecting the forward of {type(inner).__name__} "
+                           "(nested forward_through on the same module)")
+    missing = object()
+    previous = own.get("forward", missing)  # an instance-level forward is put back, not dropped
+
+    def restore() -> None:
+        if previous is missing:
+            own.pop("forward", None)
+        else:
+            own["forward"] = previous
 
     def redirected(*a: Any, **k: Any) -> Any:
-        del inner.forward  # restore the class forward before fn runs: fn may call the module itself
+        restore()  # before fn runs: fn may call the module itself
         return fn(*a, **k)
 
-    inner.forward = redirected
+    redirected._fastpref_redirect = True  # type: ignore[attr-defined]
+    own["forward"] = redirected
     try:
         return module(*args, **kwargs)
     finally:
-        vars(inner).pop("forward", None)
+        if own.get("forward") is redirected:  # the wrapper never called forward (or raised first)
+            restore()
+
+
+def through_sharded(module: nn.Module, fn: Callable[[], Any]) -> Any:
+    """``fn()``, run as ``module``'s forward (:func:`forward_through`) when ``module``'s own parameters
+    are sharded at this point, directly otherwise.
+
+    For the head part of a fused loss: a head that FSDP2 sharded on its own (``fully_shard(head)``) is
+    a ``DTensor`` outside its forward, and only its forward's hooks gather it correctly for a
+    trainable loss (a ``full_tensor()`` all-gather's backward returns each rank's slice of its *own*
+    gradient, without the reduction: wrong on every rank). Inside the forward of a parent that holds
+    the head in its own parameter group the head is already unsharded, and ``fn`` runs directly.
+    DeepSpeed ZeRO-3 parameters are routed the same way (untested: no DeepSpeed here). FSDP1 flat
+    parameters raise ``NotImplementedError``. ``fn`` must return tensors in a tensor, tuple, list or
+    dict (see :func:`forward_through`).
+    """
+    kinds = {sharding_kind(p) for p in module.parameters(recurse=False)} - {None}
+    if "fsdp1" in kinds:
+        raise NotImplementedError(f"through_sharded: {type(module).__name__} has FSDP1 flat parameters; "
+                                  "use FSDP2 (fully_shard) for a trainable fused head")
+    return forward_through(module, fn) if kinds else fn()
 
 
 def vocab_range(vocab_size: int, group: Any = None) -> Tuple[int, int]:
@@ -198,21 +248,43 @@ def gathered_params(*params: Optional[torch.Tensor]) -> Iterator[Tuple[Optional[
       **Untested with a real DeepSpeed** (not installed where this was written); the dispatch is
       unit-tested with a stand-in parameter;
     - ``DTensor`` parameters (FSDP2): ``full_tensor()`` (an all-gather; every rank must call);
-    - FSDP1 flat parameters: ``NotImplementedError`` (use ``summon_full_params`` on the owning unit).
+    - FSDP1 flat parameters: ``NotImplementedError`` (use :func:`fsdp1_summoned` on the owning unit).
 
     Meant for reference heads and no-grad passes. A gradient through a gathered copy would bypass the
     framework's gradient reduction, so the yielded tensors are detached; for a trainable head use
-    :func:`forward_through`. Every rank of the sharding group must enter the context.
+    :func:`forward_through` / :func:`through_sharded`. Grad mode inside the ``with`` block is the
+    caller's (only the gather itself runs without grad). Every rank of the sharding group must enter
+    the context.
     """
     kinds = [sharding_kind(p) for p in params]
     if "fsdp1" in kinds:
         raise NotImplementedError("gathered_params: FSDP1 flat parameters are gathered with "
-                                  "FullyShardedDataParallel.summon_full_params on the owning unit")
+                                  "FullyShardedDataParallel.summon_full_params on the owning unit "
+                                  "(fastpref.integrations.distributed.fsdp1_summoned)")
     zero3 = [p for p, k in zip(params, kinds) if k == "zero3"]
-    ctx = _zero3_gather(zero3) if zero3 else contextlib.nullcontext()
-    with ctx, torch.no_grad():
-        yield tuple(None if p is None else (p.full_tensor() if k == "fsdp2" else p.detach())
-                    for p, k in zip(params, kinds))
+    with _zero3_gather(zero3) if zero3 else contextlib.nullcontext():
+        with torch.no_grad():
+            full = tuple(None if p is None else (p.full_tensor() if k == "fsdp2" else p.detach())
+                         for p, k in zip(params, kinds))
+        yield full  # outside no_grad: the caller's body keeps its own grad mode
+
+
+@contextlib.contextmanager
+def fsdp1_summoned(root: nn.Module, module: nn.Module) -> Iterator[nn.Module]:
+    """``FullyShardedDataParallel.summon_full_params`` (no writeback) on the innermost FSDP1 unit of
+    ``root`` that contains ``module``; yields ``module``, whose parameters are full inside the context.
+    FSDP1 does not return gradients taken there to the shards: for no-grad use only."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    owner = None
+    for unit in root.modules():
+        if isinstance(unit, FSDP) and any(m is module for m in unit.modules()):
+            owner = unit  # modules() walks outer to inner: keep the last (innermost) match
+    if owner is None:
+        raise TypeError(f"{type(module).__name__} is FSDP-flattened but no FullyShardedDataParallel unit "
+                        "contains it")
+    with FSDP.summon_full_params(owner, recurse=False, writeback=False):
+        yield module
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ weight/bias and that elementwise map. This module extracts them:
 - tied embeddings need nothing special: the head weight *is* the embedding parameter, so its gradient
   accumulates once into that one parameter;
 - sharded heads: :func:`gather_lm_head` gathers a DeepSpeed ZeRO-3 or FSDP-sharded head weight with that
-  framework's own mechanism, and is a no-op when neither is in use (``deepspeed`` is imported only then).
+  framework's own mechanism (through :mod:`fastpref.integrations.distributed`, which owns the detection), and is
+  a no-op when neither is in use (``deepspeed`` is imported only then). A *trainable* FSDP-sharded head cannot be
+  gathered correctly outside its forward; it raises and points to ``distributed.through_sharded``.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import contextlib
 import functools
 import types
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -99,13 +101,24 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def enable_hidden_forward(model: torch.nn.Module) -> torch.nn.Module:
-    """Let ``model(..., fastpref_hidden=True)`` return the backbone's output (final hidden states, no logits).
+    """Let ``model(..., fastpref_hidden=True)`` return the backbone's output (final hidden states, no logits), and
+    ``model(..., fastpref_head_fn=fn)`` return ``fn(hidden_states)`` computed inside the model's forward.
 
     Calling the backbone directly skips whatever hooks sit on the model's own forward: DDP's, or FSDP2's root
     unit, which unshards the parameters it owns (e.g. the embeddings) only around ``model.forward``. After this
     call, :func:`lm_head_inputs` (and ``FastPrefDPOTrainer``) go through ``model(...)`` -- so through every
-    wrapper -- and only the head is skipped. Without the flag the model's forward runs unchanged (generation,
-    other trainers' paths). Patches the inner ``transformers`` model in place and returns ``model``.
+    wrapper -- and only the head is skipped.
+
+    ``fastpref_head_fn`` puts the fused loss itself inside the forward, which is what DDP needs when it looks for
+    unused parameters (``find_unused_parameters=True``, the Hugging Face Trainer's default without gradient
+    checkpointing): DDP marks every parameter that the forward's outputs do not reach as unused, so a head read
+    *after* the forward gets its gradient reduced twice and backward fails ("marked as ready twice"). Return
+    tensors in a tensor, tuple, list or dict (what DDP and FSDP2 look into), e.g. ``(loss, metrics)``. ``fn`` runs
+    with autocast disabled, as it would after the forward returned (the fused op wants one dtype; the head's inputs
+    are cast to the head's dtype by :func:`head_inputs`).
+
+    Without either flag the model's forward runs unchanged (generation, other trainers' paths). Patches the inner
+    ``transformers`` model in place and returns ``model``.
     """
     inner = _unwrap(model)
     if getattr(inner, "_fastpref_hidden_forward", False):
@@ -113,11 +126,17 @@ def enable_hidden_forward(model: torch.nn.Module) -> torch.nn.Module:
     previous = inner.forward
 
     @functools.wraps(type(inner).forward)  # generate() validates its kwargs against this signature
-    def forward(self, *args, fastpref_hidden: bool = False, **kwargs):
-        if not fastpref_hidden:
+    def forward(self, *args, fastpref_hidden: bool = False,
+                fastpref_head_fn: Optional[Callable[[torch.Tensor], Any]] = None, **kwargs):
+        if not fastpref_hidden and fastpref_head_fn is None:
             return previous(*args, **kwargs)
         kwargs["use_cache"] = False
-        return backbone(self)(*args, **kwargs)
+        outputs = backbone(self)(*args, **kwargs)
+        if fastpref_head_fn is None:
+            return outputs
+        hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return fastpref_head_fn(hidden)
 
     inner.forward = types.MethodType(forward, inner)
     inner._fastpref_hidden_forward = True
@@ -213,9 +232,11 @@ def head_inputs(
     """Build :class:`LMHeadInputs` from backbone output ``hidden_states [B, T, D]`` and unshifted ``labels [B, T]``.
 
     ``labels`` follow the ``transformers`` convention (same positions as ``input_ids``, ``ignore_index`` where
-    no loss); they are shifted here. ``weight``/``bias`` default to the model's head (pass gathered ones
-    under ZeRO-3/FSDP, see :func:`gather_lm_head`). Hidden states are cast to the head's dtype when they differ
-    (e.g. bf16 autocast output with an fp32 head), since the fused op wants one dtype.
+    no loss); they are shifted here. ``weight``/``bias`` default to the model's head (for a sharded head, pass
+    the one :func:`gather_lm_head` yields, or build the inputs inside the head's forward with
+    ``fastpref.integrations.distributed.through_sharded`` when the head is trainable under FSDP). Hidden states
+    are cast to the head's dtype when they differ (e.g. bf16 autocast output with an fp32 head), since the fused
+    op wants one dtype.
     """
     if hidden_states.dim() != 3:
         raise ValueError(f"hidden_states must be [B, T, D], got shape {tuple(hidden_states.shape)}")
@@ -263,7 +284,7 @@ def lm_head_inputs(
             tensor those positions, a ``[B, T]`` bool mask those positions packed to ``[N, D]`` (with
             ``seq_ids``). Targets are shifted before slicing, so kept position t still predicts token t + 1.
         ignore_index: marks unscored labels.
-        weight, bias: a gathered head to use instead of the model's own parameters.
+        weight, bias: a gathered head to use instead of the model's own parameters (see :func:`gather_lm_head`).
         **backbone_kwargs: passed to the backbone (``position_ids``, ``inputs_embeds``...).
     """
     if labels is None:
@@ -284,88 +305,61 @@ def lm_head_inputs(
 # Sharded heads
 # ----------------------------------------------------------------------------------------------------------
 
-def sharding_kind(param: Optional[torch.Tensor]) -> Optional[str]:
-    """``"zero3"`` (DeepSpeed partitioned parameter), ``"fsdp2"`` (DTensor), ``"fsdp1"`` (flattened by FSDP) or None.
-
-    Detection reads only attributes/types the frameworks attach, so it needs neither framework installed:
-    ZeRO-3 gives each parameter ``ds_id``/``ds_status``; FSDP2 parameters are ``DTensor``; FSDP1 marks the
-    parameters it flattened with ``_fsdp_flattened``.
-    """
-    if param is None:
-        return None
-    if hasattr(param, "ds_id") and hasattr(param, "ds_status"):
-        return "zero3"
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        DTensor = ()  # type: ignore[assignment]
-    if DTensor and isinstance(param, DTensor):
-        return "fsdp2"
-    if getattr(param, "_fsdp_flattened", False):
-        return "fsdp1"
-    return None
-
-
-def _fsdp1_owner(model: torch.nn.Module, head: torch.nn.Module) -> torch.nn.Module:
-    """The innermost FSDP1 unit that contains ``head``."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    owner = None
-    for module in model.modules():
-        if isinstance(module, FSDP) and any(m is head for m in module.modules()):
-            owner = module  # modules() walks outer to inner: keep the last (innermost) match
-    if owner is None:
-        raise TypeError("the LM head is FSDP-flattened but no FullyShardedDataParallel unit contains it")
-    return owner
+from .distributed import sharding_kind  # noqa: E402  (re-exported: one detection for every integration)
 
 
 @contextlib.contextmanager
-def gather_lm_head(model: torch.nn.Module) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+def gather_lm_head(model: torch.nn.Module, *, detach: bool = False
+                   ) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """Context manager yielding the full ``(weight, bias)`` of the LM head, gathered only if sharded.
 
-    - Not sharded (plain, DDP, ZeRO-1/2): yields the parameters themselves; nothing is imported.
+    Detection and gathering are :mod:`fastpref.integrations.distributed`'s (``sharding_kind``,
+    ``gathered_params``); this picks the head and applies the rule for gradients:
+
+    - Not sharded (plain, DDP, ZeRO-1/2, or FSDP2 inside a forward that unsharded the head): yields the
+      parameters themselves (detached copies with ``detach=True``); nothing is imported.
     - DeepSpeed ZeRO-3: ``deepspeed.zero.GatheredParameters`` over the head parameters that are not already
       available (with tied embeddings the embedding's own gather may have made the weight available; gathering it
       twice would corrupt ZeRO's bookkeeping). The torch backend recomputes logit tiles in backward, so the
       backward of anything computed from the yielded weight must also run inside the context (or the loss must run
-      inside the model's forward, where ZeRO-3's hooks keep the head gathered).
-    - FSDP2 (``fully_shard``, DTensor parameters): yields ``full_tensor()``, an autograd-aware all-gather, so
-      gradients flow back to the shards.
-    - FSDP1: ``FullyShardedDataParallel.summon_full_params`` on the unit that owns the head. FSDP1 does not route
-      gradients taken inside that context back to the shards, so this path is for no-grad use (reference model,
-      evaluation); with grad enabled it raises.
+      inside the head's forward, see :func:`fastpref.integrations.distributed.through_sharded`). Untested with a
+      real DeepSpeed.
+    - FSDP2 (``fully_shard``, DTensor parameters): for no-grad use only -- ``detach=True``, grad mode off, or a
+      frozen head -- yields ``full_tensor()`` copies. A *trainable* FSDP2 head raises ``RuntimeError``: the
+      backward of ``full_tensor()`` keeps each rank's slice of its own gradient without the reduce-scatter, so the
+      head's gradient would be silently wrong on every rank with more than one rank (measured with two processes in
+      ``tests/test_distributed.py``). Compute the head's loss inside the head's forward instead
+      (``fastpref.integrations.distributed.through_sharded(head, fn)``), where FSDP unshards it and reduces its
+      gradient; ``FastPrefDPOTrainer`` does so.
+    - FSDP1: ``FullyShardedDataParallel.summon_full_params`` on the unit that owns the head, for no-grad use only
+      (FSDP1 does not route gradients taken there back to the shards); a trainable head raises.
     """
-    outer = model
+    from . import distributed as fdist
+
     weight, bias = head_parameters(model)
-    kind = sharding_kind(weight)
+    kind = fdist.sharding_kind(weight)
+    trainable = not detach and torch.is_grad_enabled() and any(
+        p is not None and p.requires_grad for p in (weight, bias))
+    if kind in ("fsdp1", "fsdp2") and trainable:
+        framework = "an FSDP1" if kind == "fsdp1" else "an FSDP2 (fully_shard)"
+        raise RuntimeError(
+            f"gather_lm_head: {framework}-sharded LM head cannot be gathered for a trainable loss: the gathered "
+            "copy's gradient would not be reduced across ranks (wrong head gradients, no error). Run the head's "
+            "loss inside the head's forward with fastpref.integrations.distributed.through_sharded(head, fn) "
+            "(or forward_through), or gather with detach=True / under torch.no_grad() for no-grad use"
+        )
     if kind is None:
-        yield weight, bias
+        yield _detached(weight, bias) if detach else (weight, bias)
     elif kind == "zero3":
-        import deepspeed  # only reached when DeepSpeed already partitioned the parameters
-
-        available = _zero3_available_status()
-        params = {id(p): p for p in (weight, bias) if p is not None and p.ds_status != available}
-        if not params:
-            yield weight, bias
-        else:
-            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-                yield weight, bias
+        with fdist._zero3_gather([p for p in (weight, bias) if p is not None]):
+            yield _detached(weight, bias) if detach else (weight, bias)
     elif kind == "fsdp2":
-        yield weight.full_tensor(), (bias.full_tensor() if bias is not None and sharding_kind(bias) else bias)
-    else:  # fsdp1
-        if torch.is_grad_enabled() and weight.requires_grad:
-            raise RuntimeError(
-                "gather_lm_head: an FSDP1-sharded head can only be gathered for no-grad use (summon_full_params does "
-                "not return gradients to the shards); use FSDP2 (fully_shard) for a trainable fused head"
-            )
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        head = _unwrap(outer).get_output_embeddings()
-        with FSDP.summon_full_params(_fsdp1_owner(outer, head), recurse=False, writeback=False):
-            yield head.weight, getattr(head, "bias", None)
+        with fdist.gathered_params(weight, bias) as full:
+            yield full
+    else:  # fsdp1: no-grad only (checked above)
+        with fdist.fsdp1_summoned(model, _unwrap(model).get_output_embeddings()) as head:
+            yield _detached(head.weight, getattr(head, "bias", None))
 
 
-def _zero3_available_status():
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    return ZeroParamStatus.AVAILABLE
+def _detached(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    return weight.detach(), (None if bias is None else bias.detach())

@@ -8,9 +8,14 @@ Swap-in::
     trainer.train()
 
 Everything TRL does around the loss is kept (dataset preparation, collation, precomputed reference log-probs,
-reference model handling, logging); only ``_compute_loss`` changes. The policy runs its *backbone* only (through
-the wrapped model, so DDP hooks still fire), and the LM head, log-softmax, target gather, per-sequence sums, the
-reference pass and the loss happen in one fastpref fused module, which never builds the logits.
+reference model handling, logging); only ``_compute_loss`` changes. The policy runs its *backbone* only, and the LM
+head, log-softmax, target gather, per-sequence sums, the reference pass and the loss happen in one fastpref fused
+module, which never builds the logits. All of it runs *inside* the wrapped model's forward
+(``model(..., fastpref_head_fn=...)``, see :func:`~fastpref.integrations.transformers.enable_hidden_forward`), so
+DDP sees the head used even with ``find_unused_parameters=True`` (the Trainer's default without gradient
+checkpointing; a head read after the forward fails there with "marked as ready twice"), and a head that FSDP2
+sharded on its own is used inside its own forward
+(:func:`~fastpref.integrations.distributed.through_sharded`), where FSDP reduce-scatters its gradient.
 
 Losses and what each needs from the data:
 
@@ -52,8 +57,10 @@ Not supported: KTO (unpaired data; use TRL's KTOTrainer), vision datasets, TRL's
 (these are TRL's own loss options; choose the loss with ``fastpref_loss``; they raise), DeepSpeed ZeRO-3
 (raises: the fused backward recomputes from the head weight, which ZeRO-3 re-partitions before ``Trainer``
 calls backward; see
-:func:`fastpref.integrations.transformers.gather_lm_head`). DDP and FSDP2 go through the model's own forward
-(:func:`~fastpref.integrations.transformers.enable_hidden_forward`); neither is exercised by the tests here.
+:func:`fastpref.integrations.transformers.gather_lm_head`). Tested with two CPU/gloo processes: DDP through the
+Trainer (one SGD step equals one process on the whole batch), and the loss's gradients on a policy sharded by hand
+with FSDP2 (``fully_shard`` on the backbone, the LM head and the root). Accelerate's FSDP plugin driving FSDP2 is
+not exercised.
 """
 from __future__ import annotations
 
@@ -65,6 +72,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from trl import DPOTrainer
 
+from .distributed import through_sharded
 from .transformers import (backbone, enable_hidden_forward, gather_lm_head, head_inputs, logit_transform,
                            shift_labels)
 
@@ -308,8 +316,6 @@ class FastPrefDPOTrainer(DPOTrainer):
         input_ids, attention_mask, completion_mask = rows
         labels = input_ids.masked_fill(completion_mask == 0, -100)
         keep = shift_labels(labels) != -100  # only the scored positions reach the head (packed layout)
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask, fastpref_hidden=True).last_hidden_state
-
         extra: Dict[str, Any] = {}
         if name == "var":
             rewards = torch.cat([inputs["chosen_reward"], inputs["rejected_reward"]])
@@ -317,11 +323,31 @@ class FastPrefDPOTrainer(DPOTrainer):
         elif name == "mcpo":
             extra["group_size"] = int(inputs["group_size"])
 
+        def head_loss(hidden: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+            # Runs inside the (wrapped) model's forward, so DDP sees the head used by the output (the HF Trainer
+            # turns on find_unused_parameters without gradient checkpointing; a head read after the forward then
+            # fails in backward), and FSDP2's root keeps its parameters unsharded. A head that FSDP2 sharded on its
+            # own is still a DTensor here: through_sharded runs the loss as the head's forward, where FSDP gathers
+            # it and reduce-scatters its gradient (a full_tensor() gather would give wrong head gradients).
+            head = _base_hf_model(model).get_output_embeddings()
+            return through_sharded(head, lambda: self._fused_loss(
+                model, hidden, input_ids, attention_mask, labels, keep, num_main, kl_rows, inputs, extra))
+
+        loss, metrics = model(input_ids=input_ids, attention_mask=attention_mask, fastpref_head_fn=head_loss)
+        self._log_metrics(mode, metrics, inputs, num_main)
+        if return_outputs:
+            return loss, types.SimpleNamespace(logits=None, metrics=metrics)
+        return loss
+
+    def _fused_loss(self, model, hidden, input_ids, attention_mask, labels, keep, num_main, kl_rows, inputs,
+                    extra) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """``(loss, metrics)`` of the fused loss on the policy's final hidden states (head, reference, KL)."""
+        call: Dict[str, Any] = {}
         with contextlib.ExitStack() as stack:
             weight, bias = stack.enter_context(gather_lm_head(model))
             main = head_inputs(model, hidden[:num_main], labels[:num_main], logits_to_keep=keep[:num_main],
                                weight=weight, bias=bias)
-            call = dict(bias=main.bias, seq_ids=main.seq_ids, num_seqs=main.num_seqs)
+            call.update(bias=main.bias, seq_ids=main.seq_ids, num_seqs=main.num_seqs)
             ref_head = None
             if self._needs_reference or kl_rows is not None:
                 ref_head = stack.enter_context(self._reference_head())
@@ -335,24 +361,18 @@ class FastPrefDPOTrainer(DPOTrainer):
                                       weight=ref_head[0], bias=ref_head[1])
                     call.update(ref_hidden=ref.hidden, ref_weight=ref.weight, ref_bias=ref.bias)
             if kl_rows is not None:
-                extra.update(self._spo_kl_inputs(model, hidden, input_ids, attention_mask, labels, keep, num_main,
-                                                 weight, bias, ref_head))
+                extra = {**extra, **self._spo_kl_inputs(model, hidden, input_ids, attention_mask, labels, keep,
+                                                        num_main, weight, bias, ref_head)}
                 call.update(ref_weight=ref_head[0], ref_bias=ref_head[1])
-            out = loss_fn(main.weight, main.hidden, main.targets, **call, **extra)
-
-        self._log_metrics(mode, out.metrics, inputs, num_main)
-        if return_outputs:
-            return out.loss, types.SimpleNamespace(logits=None, metrics=out.metrics)
-        return out.loss
+            out = self.fastpref_loss_fn(main.weight, main.hidden, main.targets, **call, **extra)
+        return out.loss, out.metrics
 
     @contextlib.contextmanager
     def _reference_head(self):
-        if self.ref_model is not None:
-            with gather_lm_head(self.ref_model) as head:
-                yield tuple(t.detach() if t is not None else None for t in head)
-        else:  # PEFT without ref_model: the reference is the base model, whose head the adapter leaves alone
-            with gather_lm_head(self.model) as head:
-                yield tuple(t.detach() if t is not None else None for t in head)
+        # detach=True: the reference head gets no gradient, so a sharded one may be gathered outright.
+        # PEFT without ref_model: the reference is the base model, whose head the adapter leaves alone.
+        with gather_lm_head(self.ref_model if self.ref_model is not None else self.model, detach=True) as head:
+            yield head
 
     def _reference_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states of the reference model, no grad."""

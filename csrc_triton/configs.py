@@ -1,0 +1,77 @@
+"""Autotune plumbing shared by the kernels: per-architecture config lists and the pruning hook.
+
+Each kernel file lists its configurations per (architecture, input precision) next to the kernel:
+``{("sm_80", "half"): [...], ("sm_80", "fp32"): [...], ("sm_90a", ...): ...}``. "half" (bf16/fp16)
+runs on tensor cores; "fp32" uses an exact ``ieee`` dot (FMA), whose operands live in registers,
+so it needs smaller tiles; "tf32" is fp32 input with ``torch.backends.cuda.matmul.allow_tf32`` set
+(TF32 tensor cores, as torch.matmul would use). The autotuner gets the union; ``prune_to_device``
+keeps only the list for the GPU it runs on and the input dtype, so an A100 never benchmarks
+H100-sized tiles.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import triton
+
+ARCHS = ("sm_80", "sm_90a")
+PRECISIONS = ("half", "fp32", "tf32")
+ConfigTable = Dict[Tuple[str, str], List[triton.Config]]
+
+
+def config(block_n: int, block_v: Optional[int], block_d: Optional[int], num_warps: int,
+           num_stages: int) -> triton.Config:
+    """A config; ``block_v``/``block_d`` are None for kernels without those tiles."""
+    blocks = {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_D": block_d}
+    return triton.Config({k: v for k, v in blocks.items() if v is not None},
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+def config_tuple(cfg: triton.Config) -> Tuple[int, Optional[int], Optional[int], int, int]:
+    """The arguments of ``config`` that rebuild ``cfg`` (picklable, for compile workers)."""
+    kw = cfg.kwargs
+    return kw["BLOCK_N"], kw.get("BLOCK_V"), kw.get("BLOCK_D"), cfg.num_warps, cfg.num_stages
+
+
+def config_name(cfg: triton.Config) -> str:
+    """E.g. ``n64_v128_d32_w8_s3``: BLOCK_N, BLOCK_V, BLOCK_D, warps, stages."""
+    kw = cfg.kwargs
+    blocks = "_".join(f"{k[6:].lower()}{kw[k]}" for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D") if k in kw)
+    return f"{blocks}_w{cfg.num_warps}_s{cfg.num_stages}"
+
+
+def union(table: ConfigTable) -> List[triton.Config]:
+    seen, out = set(), []
+    for key in table:
+        for cfg in table[key]:
+            if config_name(cfg) not in seen:
+                seen.add(config_name(cfg))
+                out.append(cfg)
+    return out
+
+
+def device_arch() -> str:
+    """'sm_90a' on Hopper and newer, 'sm_80' otherwise (Ampere/Ada)."""
+    import torch
+
+    major, _ = torch.cuda.get_device_capability()
+    return "sm_90a" if major >= 9 else "sm_80"
+
+
+def precision_of(dtype) -> str:
+    """The config-table column for an input dtype (must agree with the backend's dot precision)."""
+    import torch
+
+    if dtype != torch.float32:
+        return "half"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
+def pruner(table: ConfigTable):
+    """An ``early_config_prune`` hook keeping the configurations listed for the current GPU and dtype."""
+
+    def prune_to_device(configs, named_args, **kwargs):
+        key = (device_arch(), precision_of(named_args["hidden_ptr"].dtype))
+        wanted = {config_name(c) for c in table[key]}
+        kept = [c for c in configs if config_name(c) in wanted]
+        return kept or configs
+
+    return prune_to_device

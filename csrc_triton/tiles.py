@@ -1,0 +1,83 @@
+"""Pieces shared by the kernels: the logits tile and the forward's per-position epilogue."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    """tanh(x) = sign(x) * (1 - e) / (1 + e) with e = exp(-2|x|): never overflows."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, stride_h, stride_w,
+                inv_temperature, softcap,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PRECISION: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """z[i, j] = softcap(((H[rows[i]] . W[cols[j]]) + b[cols[j]]) / T), fp32; -inf where cols >= V.
+
+    The projection is a K-loop over D in BLOCK_D slices with fp32 accumulation; bf16/fp16 slices
+    feed ``tl.dot`` directly (tensor cores). ``UPCAST`` converts them to fp32 first: the Triton
+    interpreter's bf16 dot is wrong, so the CPU interpreter path sets it.
+    """
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        h = tl.load(h_rows + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_rows + offs_d[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    acc = acc * inv_temperature
+    if SOFTCAP:
+        acc = softcap * tanh(acc / softcap)
+    return tl.where(col_mask[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def online_lse_start(BLOCK_N: tl.constexpr):
+    """(running max, sum-exp, target logit) of a row block before any tile: (-inf, 0, 0)."""
+    return (tl.full((BLOCK_N,), float("-inf"), tl.float32), tl.zeros((BLOCK_N,), tl.float32),
+            tl.zeros((BLOCK_N,), tl.float32))
+
+
+@triton.jit
+def write_row_results(rows, row_mask, seq_ids_ptr, m, s, target_logit, m_ref, s_ref, ref_target_logit, kl_acc,
+                      token_logps_ptr, lse_ptr, ref_token_logps_ptr, ref_lse_ptr, token_kl_ptr,
+                      seq_logps_ptr, seq_ref_logps_ptr, seq_kl_ptr,
+                      HAS_REF: tl.constexpr, KL_MODE: tl.constexpr):
+    """Finish the online log-sum-exp of a row block: store per-position results at positions ``rows``
+    and atomically add them into the per-sequence sums by ``seq_ids``.
+
+    lse = m + log s; token log-prob = target logit - lse; the KL accumulator ``kl_acc`` is
+    sum_v exp(z - m)(z - r) (forward) or sum_v exp(r - m_ref)(r - z) (reverse), so
+    KL(p||q) = kl_acc / s - lse + lse_ref and KL(q||p) = kl_acc / s_ref - lse_ref + lse.
+    """
+    seq = tl.load(seq_ids_ptr + rows, mask=row_mask, other=0)
+    lse = m + tl.log(s)
+    token_logp = target_logit - lse
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(token_logps_ptr + rows, token_logp, mask=row_mask)
+    tl.atomic_add(seq_logps_ptr + seq, token_logp, mask=row_mask)
+    if HAS_REF:
+        lse_ref = m_ref + tl.log(s_ref)
+        ref_token_logp = ref_target_logit - lse_ref
+        tl.store(ref_lse_ptr + rows, lse_ref, mask=row_mask)
+        tl.store(ref_token_logps_ptr + rows, ref_token_logp, mask=row_mask)
+        tl.atomic_add(seq_ref_logps_ptr + seq, ref_token_logp, mask=row_mask)
+        if KL_MODE != 0:
+            if KL_MODE == 1:
+                token_kl = kl_acc / s - lse + lse_ref
+            else:
+                token_kl = kl_acc / s_ref - lse_ref + lse
+            tl.store(token_kl_ptr + rows, token_kl, mask=row_mask)
+            tl.atomic_add(seq_kl_ptr + seq, token_kl, mask=row_mask)
