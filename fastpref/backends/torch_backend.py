@@ -267,6 +267,13 @@ def _backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor]
             ref_lse_blk = ref_lse[n0:n1].unsqueeze(1)
             if kl == "forward":
                 shift_blk = shift[n0:n1].unsqueeze(1)
+        # Per-row factors commute with the GEMMs: apply them to the [rows, D] operands (h for dW, the
+        # accumulated dH) instead of the [rows, BLOCK_V] tile. Without KL the tile is then just p - onehot.
+        row_scale = -a_blk if not use_ref else None  # [rows, 1] or None
+        if prep.temperature != 1.0:
+            ones = torch.ones(rb, 1, dtype=cd, device=device)
+            row_scale = (ones if row_scale is None else row_scale) / prep.temperature
+        h_scaled = h if row_scale is None else h * row_scale
         dh_blk = torch.zeros(rb, dim, dtype=cd, device=device) if need_h else None
         for v0 in range(0, vocab, bv):
             v1 = min(v0 + bv, vocab)
@@ -275,9 +282,7 @@ def _backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor]
             z = _logits_tile(h, w_blk, None if prep.bias is None else prep.bias[v0:v1],
                              prep.temperature, prep.softcap, tiles.get(0, rb, cols))
             g = torch.sub(z, lse_blk, out=tiles.get(1, rb, cols)).exp_()  # p
-            if not use_ref:
-                g.mul_(a_blk.neg())
-            else:
+            if use_ref:
                 r = _logits_tile(hr, prep.ref_weight[v0:v1],
                                  None if prep.ref_bias is None else prep.ref_bias[v0:v1],
                                  prep.temperature, prep.softcap, tiles.get(2, rb, cols))
@@ -289,24 +294,28 @@ def _backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor]
                     # g = (b - a) * p - b * q
                     q = r.sub_(ref_lse_blk).exp_().mul_(b_blk)
                     g.mul_(b_blk - a_blk).sub_(q)
-            # The target's onehot: + a at (i, target_i) when the target lies in this block.
+            # The target's onehot: + a at (i, target_i) when the target lies in this block (-1 in the
+            # unscaled tile p - onehot of the no-KL path).
             local = tgt - (prep.vocab_offset + v0)
             inside = ((local >= 0) & (local < cols)).nonzero().squeeze(1)
             if inside.numel():
-                g.index_put_((inside, local.index_select(0, inside)), a[n0:n1].index_select(0, inside),
-                             accumulate=True)
+                onehot = a[n0:n1].index_select(0, inside) if use_ref else g.new_full((inside.numel(),), -1.0)
+                g.index_put_((inside, local.index_select(0, inside)), onehot, accumulate=True)
             if prep.softcap is not None:
                 # d(c * tanh(u / c))/du = 1 - (z / c)^2, with z the capped logits.
                 g.mul_(z.div_(prep.softcap).square_().neg_().add_(1.0))
-            if prep.temperature != 1.0:
-                g.div_(prep.temperature)
             if need_h:
                 dh_blk.addmm_(g, w_blk.to(cd))
             if need_w:
-                d_weight[v0:v1].addmm_(g.t(), h)
+                d_weight[v0:v1].addmm_(g.t(), h_scaled)
             if need_b:
-                d_bias[v0:v1] += g.sum(dim=0)
+                if row_scale is None:
+                    d_bias[v0:v1] += g.sum(dim=0)
+                else:
+                    d_bias[v0:v1].addmv_(g.t(), row_scale.squeeze(1))
         if need_h:
+            if row_scale is not None:
+                dh_blk.mul_(row_scale)
             d_hidden.index_copy_(0, rows[n0:n1], dh_blk)
     if need_h and group is not None:
         _all_reduce_sum(d_hidden, group)
