@@ -363,6 +363,11 @@ class FusedSimPOLoss(_PairwiseLoss):
 
     ``u = beta (S_w/n_w - S_l/n_l) - gamma``, ``loss = mean[-log sigma(u)] - sft_weight * mean(S_w/n_w)``.
 
+    ``gamma`` is the absolute margin (default 0.5, API.md). SimPOConfig parameterizes it as
+    ``gamma_beta_ratio`` (default 0.25) with gamma = ratio * beta, so the two defaults agree only at
+    beta = 2; at another beta pass ``gamma = 0.25 * beta`` to keep SimPOConfig's ratio (the head
+    :func:`fastpref.losses.simpo` also takes ``gamma_beta_ratio=``).
+
     Difference from Liger-Kernel's ``LigerFusedLinearSimPOLoss``: Liger adds, by default
     (``compute_nll_loss=True``, ``alpha=1``), the chosen responses' token-mean NLL and its default beta
     is 0.1 (ours 2.0, the SimPO config); with ``compute_nll_loss=False`` and the same beta/gamma the two agree.
@@ -469,7 +474,9 @@ class FusedKTOLoss(FusedLossBase):
     Call keywords: ``labels`` [S] bool (True = desirable), required; and either ``z0`` (a float or a
     scalar tensor) or the mismatched pairs ``kl_hidden``, ``kl_targets`` (+ ``kl_seq_ids``/``kl_num_seqs``
     when packed) with ``kl_ref_hidden`` or precomputed ``kl_ref_logps``: a no-grad fused pass gives
-    S', R', and z0 is their mean over all ranks when torch.distributed is initialized.
+    S', R', and z0 is their mean over all ranks when torch.distributed is initialized. A ``z0`` passed
+    directly is used as given: it must be finite, but it is not clamped at 0 (a negative value is
+    accepted), like Liger's ``kl`` input; only the mismatched-pair estimate is clamped.
 
     Equal to Liger-Kernel's ``LigerFusedLinearKTOLoss`` (``use_ref_model=True``, summed log-probs) when
     its ``kl`` argument is our z0; Liger takes the KL reference point as an input and does not clamp it
@@ -544,14 +551,25 @@ class FusedVARLoss(FusedLossBase):
     or [B, B] (cross pairs, e.g. from :func:`var_cross_pair_ref_logps`), or ``ref_hidden`` for the
     diagonal (same fused pass), or nothing (then, with self-normalization, w = B softmax(r / beta)).
     ``beta`` has no default (the paper reports none).
+
+    Options (see :func:`fastpref.losses.var`; the response lengths n_j come from the fused op):
+    ``policy_reduction`` "sum" (default, the paper) or "mean" (S_i / n_i, token-mean SFT style);
+    ``ref_reduction`` "sum" (default, the paper's Eq. 9) or "mean" (L_ij / n_j inside Z, a documented
+    deviation from the paper that tames the weights' preference for short responses).
     """
 
     reference_mode = "optional"
 
-    def __init__(self, beta: float, normalize: str = "self", policy_reduction: str = "sum", **options) -> None:
+    def __init__(self, beta: float, normalize: str = "self", policy_reduction: str = "sum",
+                 ref_reduction: str = "sum", **options) -> None:
         super().__init__(**options)
         self.beta = _check_scalar("beta", beta, allow_none=False)
-        self.normalize, self.policy_reduction = normalize, policy_reduction
+        for name, value in (("normalize", normalize), ("policy_reduction", policy_reduction),
+                            ("ref_reduction", ref_reduction)):
+            allowed = ("self", "none") if name == "normalize" else ("sum", "mean")
+            if value not in allowed:  # fail at construction, not at the first batch
+                raise ValueError(f"FusedVARLoss: {name} must be one of {allowed}, got {value!r}")
+        self.normalize, self.policy_reduction, self.ref_reduction = normalize, policy_reduction, ref_reduction
 
     def ref_logps_shapes(self, num_seqs: int) -> List[Tuple[int, ...]]:
         return [(num_seqs,), (num_seqs, num_seqs)]
@@ -562,7 +580,8 @@ class FusedVARLoss(FusedLossBase):
             raise ValueError("FusedVARLoss needs rewards: [B] (r(x_i, y_i)) or [B, B] (r(x_i, y_j))")
         rewards = _as_stat("rewards", rewards, batch.logps, [(b,), (b, b)])
         return losses.var(batch.logps, rewards, beta=self.beta, ref_logps=batch.ref_logps,
-                          normalize=self.normalize, lengths=batch.lengths, policy_reduction=self.policy_reduction)
+                          normalize=self.normalize, lengths=batch.lengths, policy_reduction=self.policy_reduction,
+                          ref_reduction=self.ref_reduction)
 
 
 def _backbone_hidden(output) -> Tensor:
@@ -671,9 +690,20 @@ class FusedAlphaDPOLoss(_PairwiseLoss):
     the number of updates k. In training mode they are updated *before* use from the batch's M,
     gathered over all ranks when torch.distributed is initialized (global batch >= 2 pairs). The
     statistics used are the bias-corrected ``ema / (1 - momentum^k)`` (default) or, with
-    ``bias_correction=False``, the raw EMA exactly as the public code (``junkangwu/alpha-DPO``). In
-    ``eval()`` they are frozen (not updated); before any update, eval uses the batch's own statistics.
-    Needs the reference.
+    ``bias_correction=False``, the raw EMA. In ``eval()`` they are frozen (not updated); before any
+    update, eval uses the batch's own statistics.
+
+    Relation to the public code (``junkangwu/alpha-DPO``, ``update_and_sync_ref_mean_std``): with
+    ``bias_correction=False`` the *training-mode* update is the same (EMA from 0 with momentum 0.9 of
+    the gathered batch's mean and unbiased std, updated before use), but the module is not identical
+    to it: (1) the public code also updates the EMA on evaluation batches, the module freezes it in
+    ``eval()``; (2) an ``eval()`` call before any training update uses the batch statistics, where
+    the public code would update from the zero initialization; (3) the std is floored at 1e-6
+    (:func:`fastpref.losses.alpha_dpo`), where the public code divides by the raw EMA (infinite or
+    NaN margin at std 0); (4) the buffers are float64 (the public code's are float32).
+    Default: API.md (binding) makes bias correction the default; LOSSES.md §2 suggests it only as an
+    opt-in. The default follows API.md; pass ``bias_correction=False`` for the public code's scale
+    (whose first step z-scores with 0.1·std, inflating M* tenfold). Needs the reference.
     """
 
     def __init__(self, beta: float = 10.0, gamma_beta_ratio: float = 0.4, alpha: float = 0.05,

@@ -6,6 +6,7 @@ Extreme inputs are checked separately for finiteness and against fp64 truths.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -93,20 +94,25 @@ def ref_kto(s, r, labels, z0, beta, wd, wu):
     return mean_of(terms)
 
 
-def ref_var(s, rew, ref, beta, normalize):
+def ref_var(s, rew, ref, beta, normalize, lengths=None, policy_mean=False, ref_mean=False):
+    """Eq. 9-10 spelled out; ``ref_mean`` divides log π_ref(y_j|x_i) by y_j's length n_j (LOSSES.md §1
+    ambiguity 2), ``policy_mean`` divides log π_θ(y_i|x_i) by n_i."""
     b = len(s)
+
+    def lref(i, j):
+        value = float(ref[i, j] if rew.dim() == 2 else ref[j])
+        return value / float(lengths[j]) if ref_mean else value
+
     w = []
     for i in range(b):
-        if rew.dim() == 2:
-            z = sum(math.exp(rew[i, j] / beta) * math.exp(ref[i, j]) for j in range(b)) / b
-            w.append(math.exp(rew[i, i] / beta) / z)
-        else:
-            z = sum(math.exp(rew[j] / beta) * math.exp(ref[j]) for j in range(b)) / b
-            w.append(math.exp(rew[i] / beta) / z)
+        z = sum(math.exp(float(rew[i, j] if rew.dim() == 2 else rew[j]) / beta) * math.exp(lref(i, j))
+                for j in range(b)) / b
+        w.append(math.exp(float(rew[i, i] if rew.dim() == 2 else rew[i]) / beta) / z)
     w = torch.tensor(w, dtype=F64)
     if normalize == "self":
         w = b * w / w.sum()
-    return -(w * s).sum() / b, w
+    policy = [s[i] / float(lengths[i]) if policy_mean else s[i] for i in range(b)]
+    return -sum(w[i] * policy[i] for i in range(b)) / b, w
 
 
 def ref_alpha_dpo(d, beta, gamma_r, alpha, mean, std, eps):
@@ -124,10 +130,10 @@ def ref_mcpo(s, r, negatives, beta):
     return mean_of(terms)
 
 
-def ref_spo_weight(probs_sets, gamma):
-    """μ per row from Eq. 12: 2σ((Σ π)^γ − mean over rows of the same)."""
+def ref_spo_weight(probs_sets, gamma, baseline=None):
+    """μ per row from Eq. 12: 2σ((Σ π)^γ − Ê), Ê = the mean over rows of the same unless given."""
     mass = torch.stack([p.sum() ** gamma for p in probs_sets]).detach()
-    return 2 * torch.sigmoid(mass - mass.mean())
+    return 2 * torch.sigmoid(mass - (mass.mean() if baseline is None else baseline))
 
 
 def ref_spo(sw, sl, alpha, gamma, kl, kl_coef):
@@ -140,21 +146,27 @@ def ref_spo(sw, sl, alpha, gamma, kl, kl_coef):
     return pref.mean() + (kl_coef * kl.mean() if kl is not None else 0.0)
 
 
+def ref_best_term(s_row, win, alpha):
+    """One best-of-n term of Eq. 14 without μ: −(1/α) log(π_win^α / Σ π^α); α = 0: the gradient-limit
+    form (as Eq. 11 for pairs), (1/n) Σ_j log π_j − log π_win."""
+    if alpha == 0:
+        return sum(s_row[j] for j in range(len(s_row))) / len(s_row) - s_row[win]
+    p = torch.exp(s_row)
+    return -(1 / alpha) * torch.log(p[win] ** alpha / (p ** alpha).sum())
+
+
 def ref_spo_best(s, best, alpha, gamma):
-    p = torch.exp(s)
-    mu = ref_spo_weight(list(p), gamma)
-    terms = [-(mu[b] / alpha) * torch.log(p[b, best[b]] ** alpha / (p[b] ** alpha).sum()) for b in range(len(p))]
-    return mean_of(terms)
+    mu = ref_spo_weight(list(torch.exp(s)), gamma)
+    return mean_of([mu[b] * ref_best_term(s[b], int(best[b]), alpha) for b in range(len(s))])
 
 
-def ref_spo_ranked(s, alpha, gamma):
+def ref_spo_ranked(s, alpha, gamma, baseline=None):
     p = torch.exp(s)
     n = s.shape[1]
     total = 0.0
     for k in range(n - 1):
-        mu = ref_spo_weight([row[k:] for row in p], gamma)
-        total = total + torch.stack([-(mu[b] / alpha) * torch.log(p[b, k] ** alpha / (p[b, k:] ** alpha).sum())
-                                     for b in range(len(p))])
+        mu = ref_spo_weight([row[k:] for row in p], gamma, None if baseline is None else baseline[k])
+        total = total + torch.stack([mu[b] * ref_best_term(s[b, k:], 0, alpha) for b in range(len(p))])
     return total.mean()
 
 
@@ -555,8 +567,8 @@ def _finite(loss, *wrt):
         assert g is None or bool(torch.isfinite(g).all())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_extreme_summed_logps_are_finite(dtype):
+def _extreme_heads(dtype):
+    """Every head at extreme summed log-probs (−1e4), β·h up to 1e4 and r/β = 1e3: (name, loss, metrics), leaves."""
     b = 4
     sw = torch.tensor([-1e4, -2.0, -9e3, -1.0], dtype=dtype, requires_grad=True)
     sl = torch.tensor([-1.0, -1e4, -8e3, -1e4], dtype=dtype, requires_grad=True)
@@ -564,19 +576,55 @@ def test_extreme_summed_logps_are_finite(dtype):
     rl = torch.tensor([-1e4, -2.0, -1.0, -1e4], dtype=dtype)
     n = torch.tensor([500, 3, 400, 1000], dtype=dtype)
     labels = torch.tensor([True, False, True, False])
-    heads = [
-        L.dpo(sw, sl, rw, rl, beta=1.0), L.ipo(sw, sl, rw, rl, n, n), L.simpo(sw, sl, n, n),
-        L.slic(sw, sl), L.dpop(sw, sl, rw, rl), L.orpo(sw, sl, n, n), L.cpo(sw, sl, n),
-        L.kto(sw, rw, labels, z0=L.kto_z0(sl, rl)), L.spo(sw, sl, gamma=0.01), L.spo(sw, sl, alpha=1.0, gamma=1.0),
-        L.alpha_dpo(sw, sl, rw, rl, n, n, margin_mean=0.0, margin_std=1.0),
-        L.mcpo(torch.stack([sw, sl, sw + sl], 1), torch.stack([rw, rl, rl], 1), beta=1.0,
-               negatives=torch.tensor([[1, 2]] * b)),
-        L.spo_ranked(torch.stack([sw, sl, sw + 1], 1), gamma=0.01),
-    ]
-    for loss, metrics in heads:
-        assert loss.dtype == dtype
+    grouped = torch.stack([sw, sl, sw + sl], 1)
+    heads = {
+        "dpo": L.dpo(sw, sl, rw, rl, beta=1.0), "ipo": L.ipo(sw, sl, rw, rl, n, n), "simpo": L.simpo(sw, sl, n, n),
+        "slic": L.slic(sw, sl), "dpop": L.dpop(sw, sl, rw, rl), "orpo": L.orpo(sw, sl, n, n),
+        "cpo": L.cpo(sw, sl, n), "kto": L.kto(sw, rw, labels, z0=L.kto_z0(sl, rl)),
+        "spo": L.spo(sw, sl, gamma=0.01), "spo_alpha1": L.spo(sw, sl, alpha=1.0, gamma=1.0),
+        "alpha_dpo": L.alpha_dpo(sw, sl, rw, rl, n, n, margin_mean=0.0, margin_std=1.0),
+        "mcpo": L.mcpo(grouped, torch.stack([rw, rl, rl], 1), beta=1.0, negatives=torch.tensor([[1, 2]] * b)),
+        "spo_ranked": L.spo_ranked(torch.stack([sw, sl, sw + 1], 1), gamma=0.01),
+        "spo_best_of_n": L.spo_best_of_n(grouped, torch.tensor([0, 1, 2, 0]), alpha=0.5, gamma=0.01),
+        "var": L.var(sw, torch.tensor([[10.0, -10.0, 5.0, 0.0]] * b, dtype=dtype), beta=0.01,
+                     ref_logps=torch.stack([rw, rl, rw + rl, rl - 1.0])),
+        "var_mean": L.var(sw, torch.tensor([[10.0, -10.0, 5.0, 0.0]] * b, dtype=dtype), beta=0.01,
+                          ref_logps=torch.stack([rw, rl, rw + rl, rl - 1.0]), lengths=n, policy_reduction="mean",
+                          ref_reduction="mean"),
+    }
+    return heads, (sw, sl)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_summed_logps_are_finite(dtype):
+    heads, (sw, sl) = _extreme_heads(dtype)
+    for name, (loss, metrics) in heads.items():
+        assert loss.dtype == dtype, name
         _finite(loss, sw, sl)
-        assert all(bool(torch.isfinite(v).all()) for v in metrics.values() if v.is_floating_point())
+        assert all(bool(torch.isfinite(v).all()) for v in metrics.values() if v.is_floating_point()), name
+
+
+def test_extreme_inputs_fp32_matches_fp64():
+    """Not only finite: fp32 loss, gradients and metrics at the extreme inputs agree with float64."""
+    h32, leaves32 = _extreme_heads(torch.float32)
+    h64, leaves64 = _extreme_heads(torch.float64)
+    for name in h64:
+        (l32, m32), (l64, m64) = h32[name], h64[name]
+        scale = max(1.0, abs(l64.item()))
+        assert l32.item() == pytest.approx(l64.item(), rel=1e-5, abs=1e-6 * scale), name
+        g32 = torch.autograd.grad(l32, leaves32, allow_unused=True)
+        g64 = torch.autograd.grad(l64, leaves64, allow_unused=True)
+        for a, b in zip(g32, g64):
+            if b is None:
+                assert a is None or not bool(a.any()), name
+                continue
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6 * max(1.0, b.abs().max().item()),
+                                       msg=name)
+        for key, v64 in m64.items():
+            if v64.is_floating_point():
+                v32 = m32[key].double()
+                torch.testing.assert_close(v32, v64, rtol=1e-5, atol=1e-6 * max(1.0, v64.abs().max().item()),
+                                           msg=f"{name}: {key}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -690,6 +738,9 @@ def test_validation_errors_name_the_argument():
         (lambda: L.var(sw, rw, beta=1.0, normalize="none"), "ref_logps"),
         (lambda: L.var(sw, rw, beta=1.0, policy_reduction="mean"), "lengths"),
         (lambda: L.var(sw, rw, beta=1.0, policy_reduction="max"), "policy_reduction"),
+        (lambda: L.var(sw, rw, beta=1.0, ref_reduction="max"), "ref_reduction"),
+        (lambda: L.var(sw, rw, beta=1.0, ref_logps=rl, ref_reduction="mean"), "lengths"),
+        (lambda: L.var(sw, rw, beta=1.0, ref_logps=rl, lengths=nw * 0, ref_reduction="mean"), "lengths"),
         (lambda: L.alpha_dpo(sw, sl, rw, rl, nw, nl, margin_mean=0.0, margin_std=float("nan")), "margin_std"),
         (lambda: L.alpha_dpo(sw, sl, rw, rl, nw, nl, margin_mean=torch.zeros(2), margin_std=1.0), "margin_mean"),
         (lambda: L.mcpo(s3, s3[:, :2], negatives=torch.ones(6, 1, dtype=torch.int64)), "ref_logps"),
@@ -730,3 +781,346 @@ def test_exports():
     for name in fastpref.losses.__all__:
         fn = getattr(fastpref.losses, name)
         assert fn.__doc__ and len(fn.__doc__) > 80, name
+
+
+# ---------------------------------------------------------------- VAR reduction options (LOSSES.md §1)
+
+@pytest.mark.parametrize("policy_reduction", ["sum", "mean"])
+@pytest.mark.parametrize("normalize", ["self", "none"])
+@pytest.mark.parametrize("form", ["cross", "diagonal"])
+def test_var_ref_reduction_mean_matches_eager_fp64(form, normalize, policy_reduction):
+    b, beta = 5, 2.0
+    s = uniform(b, -40, -5, 0).requires_grad_(True)
+    n = torch.tensor([3, 8, 15, 40, 1])  # integer token counts are accepted as lengths
+    shape = (b, b) if form == "cross" else (b,)
+    rew, ref = uniform(shape, -3, 3, 1), uniform(shape, -80, -5, 2)
+    loss, m = L.var(s, rew, beta=beta, ref_logps=ref, normalize=normalize, lengths=n,
+                    policy_reduction=policy_reduction, ref_reduction="mean")
+    ref_loss, w = ref_var(s, rew, ref, beta, normalize, lengths=n, policy_mean=policy_reduction == "mean",
+                          ref_mean=True)
+    assert_parity(loss, ref_loss, [s])
+    torch.testing.assert_close(m["weights"], w, **TOL)
+    # c_i = w_i / B (÷ n_i for the token mean)
+    denom = n.to(F64) if policy_reduction == "mean" else 1.0
+    torch.testing.assert_close(torch.autograd.grad(loss, s)[0], -w / b / denom, **TOL)
+    # The option matters exactly where π_ref does not cancel (not the diagonal self-normalized form).
+    _, m_sum = L.var(s, rew, beta=beta, ref_logps=ref, normalize=normalize, lengths=n,
+                     policy_reduction=policy_reduction)
+    if form == "diagonal" and normalize == "self":
+        torch.testing.assert_close(m_sum["weights"], m["weights"], **TOL)
+    else:
+        assert (m_sum["weights"] - m["weights"]).abs().max() > 1e-3
+
+
+def test_var_ref_reduction_divides_column_j_by_the_length_of_y_j():
+    """Lref[i, j] = log π_ref(y_j | x_i): the length is y_j's (the column's), not x_i's response's."""
+    b = 3
+    s = uniform(b, -20, -5, 0)
+    rew = torch.zeros(b, b, dtype=F64)
+    n = torch.tensor([1.0, 2.0, 4.0], dtype=F64)
+    ref = torch.tensor([[-2.0, -4.0, -8.0]] * b, dtype=F64)  # per-token −2 for every response
+    _, m = L.var(s, rew, beta=1.0, ref_logps=ref, lengths=n, ref_reduction="mean", normalize="none")
+    # Lref/n = −2 everywhere: Ẑ_i = e^{−2}, lw_i = 0 − (−2) = 2 for every prompt.
+    torch.testing.assert_close(m["log_weights"], torch.full((b,), 2.0, dtype=F64), **TOL)
+    _, m_rows = L.var(s, rew, beta=1.0, ref_logps=ref.T.contiguous(), lengths=n, ref_reduction="mean",
+                      normalize="none")
+    assert (m_rows["log_weights"] - 2.0).abs().max() > 0.1  # dividing rows instead would be caught
+
+
+def test_var_ref_reduction_without_reference_is_a_no_op():
+    s, rew, n = uniform(4, -20, -5, 0), uniform(4, -1, 1, 1), torch.tensor([2, 3, 4, 5])
+    a = L.var(s, rew, beta=1.0, lengths=n, ref_reduction="mean")
+    c = L.var(s, rew, beta=1.0)
+    torch.testing.assert_close(a[0], c[0], **TOL)
+
+
+# ---------------------------------------------------------------- α-DPO std floor, SimPO γ, KTO z0
+
+def _exact_alpha_dpo_batch(deltas):
+    """Dyadic inputs with S̄_w − S̄_l = 0.375 and M_i = 0.5 + deltas_i exactly (no rounding in S/n or M)."""
+    k = len(deltas)
+    d = {"sw": torch.full((k,), -38.5, dtype=F64), "sl": torch.full((k,), -40.0, dtype=F64),
+         "rl": torch.full((k,), -36.0, dtype=F64), "nw": torch.full((k,), 4.0, dtype=F64),
+         "nl": torch.full((k,), 4.0, dtype=F64)}
+    # M = 0.375 − (rw/4 + 9)  =>  rw = −34.5 − 4M
+    d["rw"] = -34.5 - 4.0 * (0.5 + torch.tensor(deltas, dtype=F64))
+    d["sw"].requires_grad_(True)
+    d["sl"].requires_grad_(True)
+    return d
+
+
+def test_alpha_dpo_zero_std_is_floored_at_1e_6():
+    d = _exact_alpha_dpo_batch([j * 2.0 ** -23 for j in (-2, -1, 0, 1, 3)])  # |M − μ| ≤ 3.6e-7
+    m = L.alpha_dpo_margin(d["sw"], d["sl"], d["rw"], d["rl"], d["nw"], d["nl"])
+    torch.testing.assert_close(m, 0.5 + torch.tensor([-2, -1, 0, 1, 3], dtype=F64) * 2.0 ** -23, rtol=0, atol=0)
+    args = (d["sw"], d["sl"], d["rw"], d["rl"], d["nw"], d["nl"])
+    kw = dict(beta=10.0, gamma_beta_ratio=0.4, alpha=0.05, margin_mean=0.5)
+    floored, _ = L.alpha_dpo(*args, margin_std=0.0, **kw)
+    # The produced value: M* = (M − μ)/1e-6, i.e. exactly the loss at σ = 1e-6.
+    assert_parity(floored, ref_alpha_dpo(d, 10.0, 0.4, 0.05, 0.5, 1e-6, 0.0), [d["sw"], d["sl"]])
+    # Non-vacuous: σ = 2e-6 gives a different loss (the floor value itself is what is pinned).
+    other, _ = L.alpha_dpo(*args, margin_std=2e-6, **kw)
+    assert abs(other.item() - floored.item()) > 1e-3
+    # A std below the floor is floored too, a std above it is used as is.
+    below, _ = L.alpha_dpo(*args, margin_std=1e-9, **kw)
+    assert below.item() == floored.item()
+
+
+@pytest.mark.parametrize("bad", [-1e-3, -1.0, float("inf"), float("nan"), torch.tensor(-0.5, dtype=F64)])
+def test_alpha_dpo_rejects_negative_or_non_finite_std(bad):
+    d = batch()
+    with pytest.raises(ValueError, match="margin_std"):
+        L.alpha_dpo(d["sw"], d["sl"], d["rw"], d["rl"], d["nw"], d["nl"], margin_mean=0.0, margin_std=bad)
+
+
+def test_simpo_gamma_is_absolute_and_gamma_beta_ratio_scales_with_beta():
+    d = batch()
+    args = (d["sw"], d["sl"], d["nw"], d["nl"])
+    for beta, ratio in ((3.0, 0.25), (6.0, 0.1)):
+        loss, _ = L.simpo(*args, beta=beta, gamma_beta_ratio=ratio)
+        assert_parity(loss, ref_simpo(d, beta, beta * ratio, 0.0), [d["sw"], d["sl"]])
+    # Defaults: γ = 0.5 absolute, which is SimPOConfig's ratio 0.25 only at β = 2.
+    assert_parity(L.simpo(*args)[0], ref_simpo(d, 2.0, 0.5, 0.0), [d["sw"], d["sl"]])
+    assert_parity(L.simpo(*args, gamma_beta_ratio=0.25)[0], L.simpo(*args)[0], [d["sw"], d["sl"]])
+    assert abs(L.simpo(*args, beta=4.0)[0].item() - L.simpo(*args, beta=4.0, gamma_beta_ratio=0.25)[0].item()) > 1e-4
+    with pytest.raises(ValueError, match="gamma_beta_ratio"):
+        L.simpo(*args, gamma=1.0, gamma_beta_ratio=0.25)
+    with pytest.raises(ValueError, match="gamma_beta_ratio"):
+        L.simpo(*args, gamma_beta_ratio=float("nan"))
+
+
+def test_kto_given_z0_is_used_unclamped():
+    s = uniform(6, -50, -5, 1).requires_grad_(True)
+    r = uniform(6, -50, -5, 2)
+    labels = torch.tensor([True, False, True, True, False, False])
+    loss, m = L.kto(s, r, labels, z0=-2.5, beta=0.3)
+    assert_parity(loss, ref_kto(s, r, labels, -2.5, 0.3, 1.0, 1.0), [s])
+    assert m["z0"].item() == -2.5
+    clamped, _ = L.kto(s, r, labels, z0=0.0, beta=0.3)
+    assert abs(clamped.item() - loss.item()) > 1e-3
+    for bad in (float("nan"), float("inf"), torch.tensor(float("inf")), torch.tensor([float("nan")])):
+        with pytest.raises(ValueError, match="z0"):
+            L.kto(s, r, labels, z0=bad)
+
+
+# ---------------------------------------------------------------- input types
+
+def test_non_floating_statistics_are_rejected_by_name():
+    d = batch()
+    sw, sl, rw, rl, nw, nl = (d[k].detach() for k in ("sw", "sl", "rw", "rl", "nw", "nl"))
+    ints = torch.tensor([-10, -20, -30, -5, -7, -9])
+    s3 = uniform((6, 3), -20, -5, 0)
+    cases = [
+        (lambda: L.dpo(ints, sl, rw, rl), "chosen_logps"),
+        (lambda: L.dpo(sw, sl, rw, ints), "ref_rejected_logps"),
+        (lambda: L.simpo(sw, ints, nw, nl), "rejected_logps"),
+        (lambda: L.kto(ints, rw, sw > -30, z0=0.0), "logps"),
+        (lambda: L.kto([1.0] * 6, rw, sw > -30, z0=0.0), "logps"),
+        (lambda: L.kto(sw, rw.tolist(), sw > -30, z0=0.0), "ref_logps"),
+        (lambda: L.var(sw, ints, beta=1.0), "rewards"),
+        (lambda: L.var(ints, rw, beta=1.0), "logps"),
+        (lambda: L.mcpo(s3.long(), s3, negatives=torch.ones(6, 1, dtype=torch.int64)), "logps"),
+        (lambda: L.spo(sw, sl, kl=torch.ones(3, dtype=torch.int64)), "kl"),
+        (lambda: L.spo_ranked(s3.long()), "logps"),
+        (lambda: L.kto_z0(ints, rw), "mismatched_logps"),
+    ]
+    for call, name in cases:
+        with pytest.raises(TypeError, match=name):
+            call()
+    # Lengths may be integer token counts: same result as float lengths.
+    a, _ = L.simpo(sw, sl, nw.long(), nl.int())
+    b, _ = L.simpo(sw, sl, nw, nl)
+    torch.testing.assert_close(a, b, **TOL)
+
+
+# ---------------------------------------------------------------- SPO α = 0 branch and the switch
+
+def test_spo_best_of_n_and_ranked_alpha_zero_match_eager_fp64():
+    s = uniform((5, 4), -6, -0.5, 0).requires_grad_(True)
+    best = torch.tensor([0, 3, 1, 2, 3])
+    loss, _ = L.spo_best_of_n(s, best, alpha=0.0, gamma=0.6)
+    assert_parity(loss, ref_spo_best(s, best, 0.0, 0.6), [s])
+    loss, _ = L.spo_ranked(s, alpha=0.0, gamma=0.6)
+    assert_parity(loss, ref_spo_ranked(s, 0.0, 0.6), [s])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_spo_ranked_with_per_k_weight_baseline_matches_eager_fp64(alpha):
+    s = uniform((5, 4), -6, -0.5, 1).requires_grad_(True)
+    baseline = torch.tensor([0.9, 0.7, 0.4], dtype=F64)  # one Ê per suffix k = 1..n−1
+    loss, m = L.spo_ranked(s, alpha=alpha, gamma=0.6, weight_baseline=baseline)
+    assert_parity(loss, ref_spo_ranked(s, alpha, 0.6, baseline), [s])
+    mass = torch.exp(0.6 * torch.logcumsumexp(s.detach().flip(1), 1).flip(1))[:, :3]
+    torch.testing.assert_close(m["weights"], 2 * torch.sigmoid(mass - baseline), **TOL)
+    # the baseline is used (not the batch mean): a different one changes the loss
+    other, _ = L.spo_ranked(s, alpha=alpha, gamma=0.6)
+    assert abs(other.item() - loss.item()) > 1e-4
+
+
+def _spo_forms(alpha):
+    s = uniform((6, 3), -60, -5, 4).requires_grad_(True)
+    best = torch.tensor([0, 1, 2, 0, 1, 2])
+    return s, {
+        "pairs": (L.spo(s[:, 0], s[:, 1], alpha=alpha, gamma=0.01), math.log(2)),
+        "best_of_n": (L.spo_best_of_n(s, best, alpha=alpha, gamma=0.01), math.log(3)),
+        "ranked": (L.spo_ranked(s, alpha=alpha, gamma=0.01), None),
+    }
+
+
+def test_spo_alpha_switch_is_continuous_in_gradient_and_jumps_by_log_n_over_alpha():
+    above, below = 1.1e-6, 0.9e-6  # either side of the 1e-6 switch to the α = 0 form
+    s_hi, hi = _spo_forms(above)
+    s_lo, lo = _spo_forms(below)
+    for name in hi:
+        (l_hi, m_hi), log_n = hi[name]
+        (l_lo, m_lo), _ = lo[name]
+        g_hi = torch.autograd.grad(l_hi, s_hi)[0]
+        g_lo = torch.autograd.grad(l_lo, s_lo)[0]
+        torch.testing.assert_close(g_hi, g_lo, rtol=1e-4, atol=1e-4 * g_lo.abs().max().item(), msg=name)
+        # The value is the paper's (1/α)·LSE above the switch: it carries mean(μ_k)·log(n_k)/α.
+        mu = m_hi["weights"]
+        if name == "ranked":
+            offset = (mu * torch.tensor([math.log(3), math.log(2)], dtype=F64)).sum(1).mean() / above
+        else:
+            offset = mu.mean() * log_n / above
+        assert offset.item() > 5e5
+        assert (l_hi - offset).item() == pytest.approx(l_lo.item(), abs=1e-2)
+        assert abs(l_hi.item() - l_lo.item()) > 1e5  # the documented jump
+
+
+# ---------------------------------------------------------------- defaults (API.md §2, LOSSES.md)
+
+EXPECTED_DEFAULTS = {
+    "dpo": dict(beta=0.1, label_smoothing=0.0),
+    "ipo": dict(chosen_lengths=None, rejected_lengths=None, tau=0.1, length_normalize=True),
+    "simpo": dict(beta=2.0, gamma=0.5, sft_weight=0.0, gamma_beta_ratio=None),
+    "slic": dict(delta=1.0, reg_weight=0.1, sft_logps=None),
+    "dpop": dict(beta=0.3, dpop_lambda=50.0),
+    "kto": dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0),
+    "orpo": dict(orpo_lambda=0.1),
+    "cpo": dict(beta=0.1, nll_weight=1.0),
+    "var": dict(ref_logps=None, normalize="self", lengths=None, policy_reduction="sum", ref_reduction="sum"),
+    "alpha_dpo": dict(beta=10.0, gamma_beta_ratio=0.4, alpha=0.05, label_smoothing=0.0),
+    "mcpo": dict(beta=0.01),
+    "mcpo_sample_negatives": dict(beta=0.01, num_negatives=1, generator=None, include_positive=False),
+    "spo": dict(alpha=0.01, gamma=0.0, kl=None, kl_coef=0.01, weight_baseline=None),
+    "spo_best_of_n": dict(alpha=0.01, gamma=0.0, kl=None, kl_coef=0.01, weight_baseline=None),
+    "spo_ranked": dict(alpha=0.01, gamma=0.0, kl=None, kl_coef=0.01, weight_baseline=None),
+}
+# Keyword-only arguments with no default: VAR's β (unreported by the paper), the batch statistics.
+REQUIRED = {"var": {"beta"}, "alpha_dpo": {"margin_mean", "margin_std"}, "mcpo": {"negatives"}, "kto": {"z0"}}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_DEFAULTS))
+def test_head_defaults_are_pinned(name):
+    params = inspect.signature(getattr(L, name)).parameters
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    assert defaults == EXPECTED_DEFAULTS[name]
+    for k in EXPECTED_DEFAULTS[name]:  # every hyper-parameter is keyword-only, as in API.md
+        assert params[k].kind is inspect.Parameter.KEYWORD_ONLY or k in ("chosen_lengths", "rejected_lengths")
+    required_kw = {k for k, p in params.items()
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty}
+    assert required_kw == REQUIRED.get(name, set())
+
+
+# ---------------------------------------------------------------- MC-PO sampler: rows, include_positive, M > 1
+
+def test_mcpo_sampler_rows_follow_their_own_softmax():
+    draws, beta = 20000, 0.5
+    s = torch.tensor([[-10.0, -12.0, -9.0, -14.0, -11.0],
+                      [-30.0, -20.0, -20.0, -26.0, -23.0],
+                      [-5.0, -9.0, -7.5, -6.0, -4.0]])
+    r = torch.tensor([[-11.0, -11.5, -11.0, -11.0, -12.5],
+                      [-25.0, -22.0, -21.0, -24.0, -25.0],
+                      [-5.0, -5.0, -5.0, -5.0, -5.0]])
+    rows = s.shape[0]
+    neg = L.mcpo_sample_negatives(s.repeat_interleave(draws, 0), r.repeat_interleave(draws, 0), beta=beta,
+                                  generator=torch.Generator().manual_seed(99))
+    neg = neg.view(rows, draws)
+    for i in range(rows):
+        probs = torch.softmax(beta * (s[i, 1:] - r[i, 1:]).double(), 0)
+        counts = torch.bincount(neg[i], minlength=5).double()
+        assert counts[0] == 0
+        assert _chi_square(counts[1:], probs) < CHI2_999[3], i
+    # the rows really differ (a sampler ignoring the row would fail above for some row)
+    p = [torch.softmax(beta * (s[i, 1:] - r[i, 1:]), 0) for i in range(rows)]
+    assert (p[0] - p[1]).abs().max() > 0.2 and (p[1] - p[2]).abs().max() > 0.2
+
+
+def test_mcpo_sampler_include_positive_with_two_draws():
+    """include_positive=True, M = 2: Gumbel-top-2 over all K+1 columns, so y₀ is among the draws with
+    P(0 ∈ Z) = p_0 + Σ_{j≠0} p_j p_0 / (1 − p_j), and Eq. 7 is applied literally (y₀ counted twice)."""
+    draws, beta = 20000, 1.0
+    s = torch.tensor([[-5.0, -6.0, -4.5, -7.0, -5.5]])
+    r = torch.full_like(s, -6.0)
+    neg = L.mcpo_sample_negatives(s.expand(draws, 5), r.expand(draws, 5), beta=beta, num_negatives=2,
+                                  include_positive=True, generator=torch.Generator().manual_seed(21))
+    assert bool((neg[:, 0] != neg[:, 1]).all())
+    p = torch.softmax(beta * (s - r)[0].double(), 0)
+    pairs = [(i, j) for i in range(5) for j in range(i + 1, 5)]
+    probs = torch.stack([p[i] * p[j] / (1 - p[i]) + p[j] * p[i] / (1 - p[j]) for i, j in pairs])
+    lo, hi = neg.min(1).values, neg.max(1).values
+    counts = torch.stack([((lo == i) & (hi == j)).sum() for i, j in pairs]).double()
+    assert _chi_square(counts, probs) < 27.877  # dof 9, upper 0.1% point
+    with_y0 = (neg == 0).any(1)
+    assert with_y0.float().mean().item() == pytest.approx(float(probs[:4].sum()), abs=0.015)
+    # The loss on such a draw is Eq. 7 literally: −βr_0 + log(2e^{βr_0} + e^{βr_j}).
+    sg = uniform((2, 5), -20, -5, 3).requires_grad_(True)
+    rg = uniform((2, 5), -20, -5, 4)
+    two = torch.tensor([[0, 3], [2, 0]])
+    loss, _ = L.mcpo(sg, rg, beta=0.5, negatives=two)
+    assert_parity(loss, ref_mcpo(sg, rg, two, 0.5), [sg])
+    x = 0.5 * (sg - rg).detach()
+    by_hand = ((-x[0, 0] + torch.log(2 * torch.exp(x[0, 0]) + torch.exp(x[0, 3])))
+               + (-x[1, 0] + torch.log(2 * torch.exp(x[1, 0]) + torch.exp(x[1, 2])))) / 2
+    assert loss.item() == pytest.approx(by_hand.item(), abs=1e-12)
+
+
+# ---------------------------------------------------------------- metric values by hand
+
+def test_mcpo_metrics_by_hand():
+    s = torch.tensor([[-10.0, -12.0, -9.0], [-17.0, -18.0, -25.0]], dtype=F64)
+    r = torch.tensor([[-11.0, -11.0, -11.0], [-19.0, -19.0, -19.0]], dtype=F64)
+    neg = torch.tensor([[1, 2], [2, 1]])
+    loss, m = L.mcpo(s, r, beta=0.5, negatives=neg)
+    # β r = [[0.5, −0.5, 1.0], [1.0, 0.5, −3.0]]
+    torch.testing.assert_close(m["chosen_rewards"], torch.tensor([0.5, 1.0], dtype=F64), **TOL)
+    torch.testing.assert_close(m["rejected_rewards"], torch.tensor([[-0.5, 1.0], [-3.0, 0.5]], dtype=F64), **TOL)
+    torch.testing.assert_close(m["reward_margin"], torch.tensor([0.25, 2.25], dtype=F64), **TOL)
+    torch.testing.assert_close(m["reward_accuracy"], torch.tensor([0.0, 1.0], dtype=F64), **TOL)
+    torch.testing.assert_close(m["rejected_logps"], torch.tensor([[-12.0, -9.0], [-25.0, -18.0]], dtype=F64), **TOL)
+    e = math.exp
+    want = ((-0.5 + math.log(e(0.5) + e(-0.5) + e(1.0))) + (-1.0 + math.log(e(1.0) + e(-3.0) + e(0.5)))) / 2
+    assert loss.item() == pytest.approx(want, abs=1e-12)
+
+
+def test_spo_metrics_by_hand():
+    sw = torch.tensor([-1.0, -3.0], dtype=F64)
+    sl = torch.tensor([-2.0, -2.5], dtype=F64)
+    _, m = L.spo(sw, sl, alpha=0.5, gamma=1.0, kl=torch.tensor([0.3, 0.1], dtype=F64))
+    torch.testing.assert_close(m["reward_margin"], torch.tensor([1.0, -0.5], dtype=F64), **TOL)
+    torch.testing.assert_close(m["reward_accuracy"], torch.tensor([1.0, 0.0], dtype=F64), **TOL)
+    torch.testing.assert_close(m["chosen_rewards"], sw, **TOL)
+    # μ = 2σ((π_w + π_l) − mean over the batch), γ = 1
+    mass = [math.exp(-1) + math.exp(-2), math.exp(-3) + math.exp(-2.5)]
+    mean = sum(mass) / 2
+    want = torch.tensor([2 / (1 + math.exp(-(x - mean))) for x in mass], dtype=F64)
+    torch.testing.assert_close(m["weights"], want, **TOL)
+    torch.testing.assert_close(m["kl"], torch.tensor([0.3, 0.1], dtype=F64), **TOL)
+
+
+def test_alpha_dpo_metrics_by_hand():
+    sw = torch.tensor([-5.0, -30.0], dtype=F64)
+    sl = torch.tensor([-20.0, -10.0], dtype=F64)
+    rw = torch.tensor([-12.0, -28.0], dtype=F64)
+    rl = torch.tensor([-18.0, -12.0], dtype=F64)
+    nw = torch.tensor([5.0, 10.0], dtype=F64)
+    nl = torch.tensor([10.0, 5.0], dtype=F64)
+    _, m = L.alpha_dpo(sw, sl, rw, rl, nw, nl, beta=2.0, margin_mean=0.0, margin_std=1.0)
+    # S̄_w = [−1, −3], S̄_l = [−2, −2]; rewards β S̄
+    torch.testing.assert_close(m["chosen_rewards"], torch.tensor([-2.0, -6.0], dtype=F64), **TOL)
+    torch.testing.assert_close(m["rejected_rewards"], torch.tensor([-4.0, -4.0], dtype=F64), **TOL)
+    torch.testing.assert_close(m["reward_margin"], torch.tensor([2.0, -2.0], dtype=F64), **TOL)
+    torch.testing.assert_close(m["reward_accuracy"], torch.tensor([1.0, 0.0], dtype=F64), **TOL)
+    # M = (S̄_w − S̄_l) − (R̄_w − R̄_l) = [1 − (−2.4 + 1.8), −1 − (−2.8 + 2.4)]
+    torch.testing.assert_close(m["margin"], torch.tensor([1.6, -0.6], dtype=F64), **TOL)

@@ -580,3 +580,43 @@ def test_drop_in_training_loop_lowers_the_loss():
     assert history[0] == pytest.approx(math.log(2), rel=1e-5)  # policy == reference at step 0
     assert history[-1] < 0.5 * history[0]
     assert float(out.metrics["reward_accuracy"].mean()) == 1.0
+
+
+# ------------------------------------------------------------------------------------------- VAR reductions
+
+
+def _var_by_hand(logps, lengths, rewards, ref, beta, policy_mean, ref_mean):
+    """Paper-literal (normalize="none") VAR loss from per-sequence statistics, written as loops."""
+    b = len(logps)
+    total = 0.0
+    for i in range(b):
+        z = sum(math.exp(float(rewards[i, j]) / beta + float(ref[i, j]) / (float(lengths[j]) if ref_mean else 1.0))
+                for j in range(b)) / b
+        w = math.exp(float(rewards[i, i]) / beta) / z
+        total = total - w * logps[i] / (lengths[i] if policy_mean else 1.0)
+    return total / b
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("policy_reduction,ref_reduction", [("mean", "sum"), ("sum", "mean"), ("mean", "mean")])
+def test_var_reduction_options_match_eager_and_a_formula(policy_reduction, ref_reduction, packed):
+    case = make_case("FusedVARLoss", torch.float64, packed=packed, seed=67, ref="logps")  # cross pairs [B, B]
+    ctor = dict(beta=1.5, normalize="none", policy_reduction=policy_reduction, ref_reduction=ref_reduction)
+    fused = run_case(fastpref.FusedVARLoss(**ctor), case)
+    eager = run_case(reference.FusedVARLoss(**ctor), case)
+    assert max(_errors(fused, eager)) < 1e-10
+    assert all(g.abs().max() > 0 for g in fused[1])
+    pol = reference.fused_logprobs(case.main.hidden, case.weight, case.main.targets, bias=case.bias,
+                                   **case.main.layout())
+    want = _var_by_hand(pol.logps, pol.lengths, case.call["rewards"], case.call["ref_logps"], 1.5,
+                        policy_reduction == "mean", ref_reduction == "mean")
+    torch.testing.assert_close(fused[0], want.detach(), rtol=1e-10, atol=1e-12)
+    # The options change the loss (the lengths differ across sequences).
+    plain = run_case(fastpref.FusedVARLoss(beta=1.5, normalize="none"), case)
+    assert abs(float(plain[0] - fused[0])) > 1e-6
+
+
+def test_var_reduction_options_are_validated_at_construction():
+    for bad in (dict(ref_reduction="max"), dict(policy_reduction="token"), dict(normalize="batch")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            fastpref.FusedVARLoss(beta=1.0, **bad)

@@ -82,7 +82,9 @@ def floats(shape: Sequence[Optional[int]], **named: Optional[Tensor]) -> Tuple[T
 
     ``shape`` gives the expected dims; ``None`` entries are free but must agree across all the
     tensors (e.g. ``(None,)`` = equal-length 1-D). ``None`` arguments pass through as ``None``.
-    Integer tensors are accepted (lengths), everything else must be a float tensor.
+    Statistics must be floating tensors (an integer log-prob is almost certainly a caller's bug);
+    only token counts, the arguments named ``*lengths``, may also be integer tensors and are
+    converted to the compute dtype.
     """
     present = {k: v for k, v in named.items() if v is not None}
     sizes = list(shape)
@@ -91,6 +93,8 @@ def floats(shape: Sequence[Optional[int]], **named: Optional[Tensor]) -> Tuple[T
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"{name} must be a real float tensor, got {t.dtype}")
+        if not t.dtype.is_floating_point and not name.endswith("lengths"):
+            raise TypeError(f"{name} must be a floating tensor (float32/float64/bf16/fp16), got {t.dtype}")
         if t.dim() != len(sizes):
             raise ValueError(f"{name} must have {len(sizes)} dim(s), got shape {tuple(t.shape)}")
         for d, n in enumerate(t.shape):

@@ -44,7 +44,9 @@ def alpha_dpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Te
     This is paper Eq. 12, −ls(u − sg[γ + αM*]), in the code's parameterization: the paper's (γ, α) are
     (β·γ_r, β·α) here, and the paper's β inside M cancels in the z-score. The paper z-scores over the
     training set; the code uses an EMA of all-gathered batch statistics (owned by the module, passed in
-    as ``margin_mean`` / ``margin_std``, both treated as constants). ``max(std, 1e-6)`` guards σ = 0.
+    as ``margin_mean`` / ``margin_std``, both treated as constants). ``margin_std`` must be finite and
+    >= 0 (a negative std is a caller's bug: ValueError); σ = 0 (identical margins) is floored at 1e-6,
+    i.e. M* = (M − μ)/1e-6 there, not an infinite or NaN margin.
     α = 0 gives SimPO with γ = β·γ_r.
     Gradient (x = u − m, k = (1−ε)σ(−x) − εσ(x)): g_w = −βk/n_w, g_l = +βk/n_l; nothing flows through m.
     Defaults: β = 10, γ_r = 0.4, α = 0.05 (paper App. B.1; Gemma2 config). Metrics: ``margin`` M [B],
@@ -62,8 +64,10 @@ def alpha_dpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Te
     nw, nl = check_lengths(chosen_lengths=nw, rejected_lengths=nl)
     mean = as_tensor_stat("margin_mean", margin_mean, sw.dtype, sw.device)
     std = as_tensor_stat("margin_std", margin_std, sw.dtype, sw.device)
-    if not bool(torch.isfinite(mean) & torch.isfinite(std)):
-        raise ValueError(f"margin_mean and margin_std must be finite, got {float(mean)}, {float(std)}")
+    if not bool(torch.isfinite(mean)):
+        raise ValueError(f"margin_mean must be finite, got {float(mean)}")
+    if not bool(torch.isfinite(std)) or bool(std < 0):
+        raise ValueError(f"margin_std must be finite and >= 0, got {float(std)}")
     margin = _margin(sw, sl, rw, rl, nw, nl)
     m = beta * (gamma_r + alpha * (margin - mean) / torch.clamp(std, min=MIN_MARGIN_STD))
     x = beta * (sw / nw - sl / nl) - m

@@ -20,26 +20,33 @@ def kto_z0(mismatched_logps: Tensor, mismatched_ref_logps: Tensor) -> Tensor:
 
 def kto(logps: Tensor, ref_logps: Tensor, labels: Tensor, *, z0: Union[Tensor, float], beta: float = 0.1,
         desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> LossOutput:
-    """KTO loss over S unpaired sequences; ``labels`` [S] bool, True = desirable.
+    """KTO loss over S unpaired sequences (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect
+    Theoretic Optimization", arXiv:2402.01306, Eq. 8); ``labels`` [S] bool, True = desirable.
 
     ρ = S − R, x = β(ρ − z₀):
       desirable:   ℓ = λ_D·σ(−x),  g = −λ_D·β·σ(x)σ(−x)
       undesirable: ℓ = λ_U·σ(x),   g = +λ_U·β·σ(x)σ(−x)
     L = mean over all S examples (the paper's λ_y − v(x, y) up to the constant λ_y).
-    z₀ is a detached batch statistic (see :func:`kto_z0`); the α-DPO repo's paired, undetached z₀ is
-    not reproduced (LOSSES.md §6). Defaults: β = 0.1, λ_D = λ_U = 1.
+    z₀ is the reference point, treated as a constant (detached). The paper's z₀ is the clamped
+    estimate max(0, mean(S′ − R′)) that :func:`kto_z0` computes; ``z0`` given here is **used as
+    given, not clamped**: it must be a finite scalar (ValueError otherwise), but a negative value is
+    accepted, for parity with Liger-Kernel's KTO, which takes the reference point as an input and does
+    not clamp it. To get the paper's behaviour pass ``z0=kto_z0(S′, R′)``. The α-DPO repo's paired,
+    undetached z₀ is not reproduced (LOSSES.md §6). Defaults: β = 0.1, λ_D = λ_U = 1.
     Metrics: ``rewards`` βρ [S], ``chosen_rewards`` / ``rejected_rewards`` (desirable / undesirable
     subsets), ``logps``, ``z0``.
     """
     beta = check_positive("beta", beta)
     wd = check_positive("desirable_weight", desirable_weight, allow_zero=True)
     wu = check_positive("undesirable_weight", undesirable_weight, allow_zero=True)
+    s, r = floats((None,), logps=logps, ref_logps=ref_logps)
     if not isinstance(labels, Tensor) or labels.dtype != torch.bool:
         raise TypeError(f"labels must be a bool tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
-    if labels.shape != logps.shape:
-        raise ValueError(f"labels must have the shape of logps {tuple(logps.shape)}, got {tuple(labels.shape)}")
-    s, r = floats((None,), logps=logps, ref_logps=ref_logps)
+    if labels.shape != s.shape:
+        raise ValueError(f"labels must have the shape of logps {tuple(s.shape)}, got {tuple(labels.shape)}")
     z = as_tensor_stat("z0", z0, s.dtype, s.device)
+    if not bool(torch.isfinite(z)):
+        raise ValueError(f"z0 must be finite, got {float(z)}")
     rho = s - r.detach()
     x = beta * (rho - z)
     # σ(−x) for desirable, σ(x) for undesirable: sign flip keeps one sigmoid call.

@@ -25,8 +25,11 @@ def mcpo_sample_negatives(logps: Tensor, ref_logps: Tensor, *, beta: float = 0.0
     not say which for M > 1; LOSSES.md §3 recommends distinct). For M = 1 this is exactly Cat(softmax(βr)).
     ``include_positive=False`` (default) samples from the softmax renormalized over candidates 1..K, so
     y₀ is never returned: drawing z = 0 (allowed by Alg. 1, ``include_positive=True``) makes ℓ = log 2
-    with zero gradient, a wasted step. Returns int64 [B, M] column indices; ``generator`` seeds the
-    Gumbel noise (seed it per rank).
+    with zero gradient, a wasted step. ``include_positive=True`` with M > 1: the M distinct draws come
+    from all K+1 columns, so y₀ may be one of them (at most once). :func:`mcpo` then applies Eq. 7
+    literally, LSE over i = 0..M with y_i the draws: y₀'s term appears twice (as i = 0 and as a
+    drawn negative), which is not a wasted step when the other draws are candidates. Returns int64
+    [B, M] column indices; ``generator`` seeds the Gumbel noise (seed it per rank).
     """
     beta = check_positive("beta", beta)
     s, r = _check_grouped(logps, ref_logps)
@@ -45,11 +48,14 @@ def mcpo_sample_negatives(logps: Tensor, ref_logps: Tensor, *, beta: float = 0.0
 def mcpo(logps: Tensor, ref_logps: Tensor, *, beta: float = 0.01, negatives: Tensor) -> LossOutput:
     """MC-PO loss (Eq. 7; the RNCE objective with MC-kernel negatives), r_i = S_i − R_i:
 
-        ℓ = −βr_0 + LSE_{i ∈ {0} ∪ Z}(βr_i)        (M = 1: ℓ = −ls(β(r_0 − r_z)), DPO on (y₀, y_z))
+        ℓ = −βr_0 + LSE_{i ∈ (0, z_1, …, z_M)}(βr_i)   (M = 1: ℓ = −ls(β(r_0 − r_z)), DPO on (y₀, y_z))
+
+    The LSE runs over the list (0, z_1, …, z_M), duplicates kept (Eq. 7's sum over i = 0..M).
 
     logps/ref_logps [B, K+1] (only columns 0 and ``negatives`` need gradient/values that matter);
     negatives [B, M] int64 in 1..K (0 is accepted too: it is Alg. 1's literal draw of y₀, giving
-    ℓ = log 2 with zero gradient for M = 1). Gradient with p = softmax over {0} ∪ Z of βr:
+    ℓ = log 2 with zero gradient for M = 1; for M > 1 its term enters the LSE a second time, Eq. 7
+    literally). Gradient with p = softmax over {0} ∪ Z of βr:
     g_0 = −β(1 − p_0), g_j = βp_j (j ∈ Z), 0 for unselected candidates.
     Default β = 0.01 (paper App. B.2, also inside the kernel). Metrics: ``negatives``, ``chosen_logps``
     [B], ``rejected_logps`` [B, M], implicit rewards β r (``rejected_rewards`` [B, M]),

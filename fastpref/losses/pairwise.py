@@ -15,6 +15,8 @@ from ._common import LossOutput, Tensor, check_finite, check_lengths, check_posi
 
 # Keep ORPO's mean log-prob strictly below 0: log-odds and 1/(1 − e^a) diverge as p → 1.
 ORPO_MAX_MEAN_LOGP = -1e-6
+# simpo's γ default (absolute, API.md); gamma_beta_ratio may only replace it when γ is left at it.
+SIMPO_DEFAULT_GAMMA = 0.5
 
 
 def dpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
@@ -66,15 +68,24 @@ def ipo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, 
 
 
 def simpo(chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor,
-          *, beta: float = 2.0, gamma: float = 0.5, sft_weight: float = 0.0) -> LossOutput:
+          *, beta: float = 2.0, gamma: float = 0.5, sft_weight: float = 0.0,
+          gamma_beta_ratio: Optional[float] = None) -> LossOutput:
     """Simple Preference Optimization (Meng et al. 2024; MC-PO paper Table 5), reference-free.
 
     u = β(S̄_w − S̄_l) − γ;  ℓ = −ls(u) − λ_sft·S̄_w.
     Gradient: g_w = −βσ(−u)/n_w − λ_sft/n_w, g_l = +βσ(−u)/n_l.
-    Defaults: β = 2.0, γ = 0.5 (= 0.25β, SimPOConfig), λ_sft = 0. Rewards: βS̄.
+    Defaults: β = 2.0, γ = 0.5 absolute (API.md), λ_sft = 0. Rewards: βS̄.
+    SimPOConfig's ``gamma_beta_ratio`` (default 0.25) means γ = ratio·β, which equals γ = 0.5 only at
+    β = 2. Pass ``gamma_beta_ratio`` instead of ``gamma`` to set γ = ratio·β (then ``gamma`` must stay at
+    its default: giving both is ambiguous and raises ValueError).
     """
     beta = check_positive("beta", beta)
     gamma = check_finite("gamma", gamma)
+    if gamma_beta_ratio is not None:
+        if gamma != SIMPO_DEFAULT_GAMMA:
+            raise ValueError(f"pass gamma or gamma_beta_ratio, not both (got gamma={gamma}, "
+                             f"gamma_beta_ratio={gamma_beta_ratio})")
+        gamma = check_finite("gamma_beta_ratio", gamma_beta_ratio) * beta
     sft_weight = check_finite("sft_weight", sft_weight)
     sw, sl, nw, nl = floats((None,), chosen_logps=chosen_logps, rejected_logps=rejected_logps,
                             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)

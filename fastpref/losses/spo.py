@@ -12,7 +12,10 @@ import torch
 
 from ._common import LossOutput, Tensor, check_positive, floats, pair_metrics
 
-# Below this α the α = 0 form (Eq. 11) replaces (1/α)·LSE, whose value grows like log(n)/α.
+# Below this α the α = 0 form (Eq. 11) replaces (1/α)·LSE. The switch is continuous in the gradient
+# but not in the value: (1/α)·LSE_j(α d_j) = log(n)/α + mean_j d_j + O(α), so the loss jumps by
+# ≈ μ·log(n)/α (pairs: μ·log 2/α ≈ 6.9e5·μ at α = 1e-6). The paper defines L⁰ this way on purpose
+# ("not the pointwise limit", after Eq. 9); only the gradient limit matters.
 ALPHA_ZERO = 1e-6
 
 
@@ -51,7 +54,8 @@ def _listwise_term(s: Tensor, winner: Tensor, alpha: float) -> Tensor:
     """Per row, −S_win + (1/α)·LSE_j(αS_j) computed as (1/α)·LSE_j(α(S_j − S_win)), no cancellation.
 
     For α < 1e-6 uses the α = 0 form mean_j(S_j − S_win), whose gradient is the α → 0 limit
-    (Eq. 11; for n = 2 it is −½(S_w − S_l)).
+    (Eq. 11; for n = 2 it is −½(S_w − S_l)). Its value is the α → 0 limit minus the constant
+    log(n)/α, which has no gradient (see ALPHA_ZERO).
     """
     d = s - s.gather(1, winner[:, None])
     if alpha < ALPHA_ZERO:
@@ -91,7 +95,12 @@ def spo(chosen_logps: Tensor, rejected_logps: Tensor, *, alpha: float = 0.01, ga
     KL(π_θ‖π_ref) of online samples from π_θ; the paper's Alg. 1 adds it with coefficient 1, but β
     (here ``kl_coef``) is swept in the experiments, so it is exposed (LOSSES.md §5).
     Gradient (ŝ = σ(α(S_l − S_w))): g_w = −μŝ, g_l = +μŝ (α = 0: ∓μ/2); the KL gradient is kl_coef/B_on
-    per online sequence. Defaults: α = 0.01, kl_coef = 0.01 (best in the paper's Table 7), γ = 0.
+    per online sequence.
+    The α ≥ 1e-6 value is the paper's Eq. 10, which carries the constant (μ/α)·softplus(0) = μ·log 2/α
+    at S_w = S_l (6.9e5·μ at α = 1e-6). The α = 0 form is Eq. 11, defined by the paper as the
+    *gradient* limit (SPO §3, App. A: "not the pointwise limit"). So at the α = 1e-6 switch the loss
+    value jumps by ≈ mean(μ)·log 2/α while the gradient is continuous; compare loss values only at a
+    fixed α. Defaults: α = 0.01, kl_coef = 0.01 (best in the paper's Table 7), γ = 0.
     Metrics: ``chosen_logps``, ``rejected_logps``, ``weights`` μ [B], ``kl`` [B_on] when given, and
     ``reward_margin`` S_w − S_l / ``reward_accuracy`` 1[S_w > S_l] (the model's preference, Eq. 6, has
     the summed log-probs as its rewards; these are also reported as ``chosen_rewards``/``rejected_rewards``).
@@ -116,6 +125,8 @@ def spo_best_of_n(logps: Tensor, best: Tensor, *, alpha: float = 0.01, gamma: fl
 
     μ generalizes Eq. 12 to the n responses (the paper only requires a symmetric positive μ here);
     for n = 2 this equals :func:`spo`. Gradient: g_j = μ(softmax_j(αS) − 1[j = i*]).
+    As in :func:`spo`, the α ≥ 1e-6 value (paper Eq. 14) contains μ·log(n)/α at equal log-probs; the α = 0
+    form drops it, so the value jumps by ≈ mean(μ)·log(n)/α at the switch, the gradient does not.
     KL term, defaults and ``weight_baseline`` as in :func:`spo`. Metrics: ``logps``, ``weights`` [B], ``kl``.
     """
     (s,) = floats((None, None), logps=logps)
@@ -139,6 +150,8 @@ def spo_ranked(logps: Tensor, *, alpha: float = 0.01, gamma: float = 0.0, kl: Op
         μ_k    = sg(2σ((Σ_{j≥k} π_j)^γ − Ê[(Σ_{j≥k} π'_j)^γ]))     (Eq. 12 on the suffix set, Ê per k)
 
     A Plackett-Luce-style sum of best-of-(n−k+1) terms; the k = n term is identically 0 and omitted.
+    The α ≥ 1e-6 value (paper Eq. 15) contains Σ_k μ_k·log(n−k+1)/α; the α = 0 form drops it (value jump
+    at the switch, continuous gradient; see :func:`spo`).
     ``weight_baseline``: a scalar or [n−1] (one Ê per k, see :func:`spo_weight_baseline` with ranked=True).
     KL term and defaults as in :func:`spo`. Metrics: ``logps``, ``weights`` [B, n−1], ``kl``.
     """

@@ -10,6 +10,7 @@ from ._common import LossOutput, Tensor, check_lengths, check_positive, floats
 
 NORMALIZE = ("self", "none")
 POLICY_REDUCTIONS = ("sum", "mean")
+REF_REDUCTIONS = ("sum", "mean")
 
 
 def _var_log_weights(rewards: Tensor, ref_logps: Optional[Tensor], beta: float) -> Tensor:
@@ -23,7 +24,8 @@ def _var_log_weights(rewards: Tensor, ref_logps: Optional[Tensor], beta: float) 
 
 
 def var(logps: Tensor, rewards: Tensor, *, beta: float, ref_logps: Optional[Tensor] = None,
-        normalize: str = "self", lengths: Optional[Tensor] = None, policy_reduction: str = "sum") -> LossOutput:
+        normalize: str = "self", lengths: Optional[Tensor] = None, policy_reduction: str = "sum",
+        ref_reduction: str = "sum") -> LossOutput:
     """VAR loss: reward-weighted SFT with in-batch partition estimate (paper Eq. 10, Alg. 1).
 
     logps [B] = log π_θ(y_i|x_i) (grad); rewards [B, B] with rewards[i, j] = r(x_i, y_j) and ref_logps
@@ -44,7 +46,17 @@ def var(logps: Tensor, rewards: Tensor, *, beta: float, ref_logps: Optional[Tens
     finite (overflow). It needs ref_logps: the literal Ẑ depends on π_ref even in the diagonal form.
 
     β has no default: the paper reports none; pick it so r/β has O(1) spread within a batch.
-    policy_reduction="mean" uses logps/lengths (token-mean, "SFT-style"); the paper's log π is a sum.
+
+    ``lengths`` [B]: response token counts n_j (the fused op's ``lengths``), needed by either "mean" option.
+    policy_reduction="sum" (default, the paper's log π_θ(y|x)); "mean" uses logps_i/n_i (token mean,
+    "SFT-style", LOSSES.md §1 ambiguity 3): L = −(1/B) Σ_i w_i·logps_i/n_i.
+    ref_reduction="sum" (default, the paper's Eq. 9); "mean" replaces Lref_ij by Lref_ij/n_j inside Ẑ
+    (response y_j's length; diagonal form: R_i/n_i). This is a **deviation from the paper** (LOSSES.md
+    §1 ambiguity 2): Eq. 9 drops the proposal density of y_j ~ π_ref(·|x_j), so summed Lref favours
+    short responses and makes the weights extremely peaked; the token mean tames them. It changes the
+    weights only where π_ref does not cancel: the cross-pair form, and the diagonal form with
+    normalize="none" (with "self" the diagonal weights are B·softmax(r/β) either way). Without
+    ref_logps it has nothing to act on and is a no-op.
     Metrics: ``logps`` [B] (as given), ``weights`` [B] (detached), ``log_weights`` [B] (lw, before normalization).
     """
     beta = check_positive("beta", beta)
@@ -52,9 +64,13 @@ def var(logps: Tensor, rewards: Tensor, *, beta: float, ref_logps: Optional[Tens
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
     if policy_reduction not in POLICY_REDUCTIONS:
         raise ValueError(f"policy_reduction must be one of {POLICY_REDUCTIONS}, got {policy_reduction!r}")
-    if policy_reduction == "mean" and lengths is None:
-        raise ValueError("lengths is required when policy_reduction='mean'")
-    s, n = floats((None,), logps=logps, lengths=lengths if policy_reduction == "mean" else None)
+    if ref_reduction not in REF_REDUCTIONS:
+        raise ValueError(f"ref_reduction must be one of {REF_REDUCTIONS}, got {ref_reduction!r}")
+    needs_lengths = "mean" in (policy_reduction, ref_reduction)
+    if needs_lengths and lengths is None:
+        raise ValueError(f"lengths is required when policy_reduction={policy_reduction!r}, "
+                         f"ref_reduction={ref_reduction!r} (a 'mean' option divides by response lengths)")
+    s, n = floats((None,), logps=logps, lengths=lengths if needs_lengths else None)
     if not isinstance(rewards, Tensor):
         raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
     b = s.shape[0]
@@ -74,7 +90,12 @@ def var(logps: Tensor, rewards: Tensor, *, beta: float, ref_logps: Optional[Tens
     summed = s
     if n is not None:
         (n,) = check_lengths(lengths=n)
-        s = s / n.to(dtype)
+        n = n.to(dtype)
+    if policy_reduction == "mean":
+        s = s / n
+    if ref_reduction == "mean" and ref is not None:
+        # Lref[i, j] = log π_ref(y_j | x_i) is a sum over y_j's n_j tokens: divide column j (diagonal: entry i).
+        ref = ref / n
 
     lw = _var_log_weights(rew, ref, beta)
     if normalize == "self":
