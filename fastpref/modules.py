@@ -110,38 +110,75 @@ def _is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def gather_across_ranks(values: Tensor) -> Tensor:
-    """Concatenate a 1-D tensor over all ranks (sizes may differ per rank); identity when not distributed.
+def _stats_contributes(replica_group: Optional[object]) -> bool:
+    """Whether this rank's values enter a statistic deduplicated over ``replica_group`` (its rank 0 only)."""
+    return replica_group is None or torch.distributed.get_rank(replica_group) == 0
+
+
+def gather_across_ranks(values: Tensor, *, group: Optional[object] = None,
+                        replica_group: Optional[object] = None) -> Tensor:
+    """Concatenate a 1-D tensor over the ranks of ``group`` (default: the world); sizes may differ per rank.
 
     Used for the batch statistics that the papers compute on the global batch (alpha-DPO's margin
-    statistics, KTO's z0). The result is detached.
+    statistics, KTO's z0). The result is detached and identical on every rank of ``group``; identity
+    when torch.distributed is not initialized.
+
+    ``replica_group``: ranks that hold the *same* batch (a vocabulary-parallel group: every rank of it
+    makes the same call on the same sequences). Only its rank 0 contributes, so each distinct batch is
+    counted once; without it a vocabulary-parallel group of size n would enter every value n times
+    (same mean, a smaller unbiased std). Every rank of ``group`` must call (a collective).
     """
     values = values.detach().reshape(-1)
-    if not _is_distributed() or torch.distributed.get_world_size() == 1:
+    if not _is_distributed():
         return values
     dist = torch.distributed
-    world = dist.get_world_size()
+    world = dist.get_world_size(group)
+    if not _stats_contributes(replica_group):
+        values = values[:0]
+    if world == 1:
+        return values
     size = torch.tensor([values.numel()], dtype=torch.long, device=values.device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
+    dist.all_gather(sizes, size, group=group)
     counts = [int(s.item()) for s in sizes]
+    if max(counts) == 0:
+        return values
     # all_gather needs equal shapes: pad to the largest rank, then trim.
     padded = values.new_zeros(max(counts))
     padded[: values.numel()] = values
     parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
+    dist.all_gather(parts, padded, group=group)
     return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
-def global_mean(local_mean: Tensor, count: int) -> Tensor:
-    """Mean over all ranks of per-rank means of ``count`` items each (identity when not distributed)."""
+def global_mean(local_mean: Tensor, count: int, *, group: Optional[object] = None,
+                replica_group: Optional[object] = None) -> Tensor:
+    """Mean over the ranks of ``group`` (default: the world) of per-rank means of ``count`` items each.
+
+    Identity when torch.distributed is not initialized. ``replica_group``: as in
+    :func:`gather_across_ranks`, ranks holding the same batch, counted once (its rank 0 contributes).
+    """
     local_mean = local_mean.detach()
-    if not _is_distributed() or torch.distributed.get_world_size() == 1:
+    if not _is_distributed() or torch.distributed.get_world_size(group) == 1:
         return local_mean
-    total = torch.cat([local_mean.reshape(-1).double() * count,
-                       torch.tensor([float(count)], dtype=torch.float64, device=local_mean.device)])
-    torch.distributed.all_reduce(total)
+    weight = float(count) if _stats_contributes(replica_group) else 0.0
+    flat = local_mean.reshape(-1).double()
+    total = torch.cat([flat * weight if weight else torch.zeros_like(flat),
+                       torch.tensor([weight], dtype=torch.float64, device=local_mean.device)])
+    torch.distributed.all_reduce(total, group=group)
     return (total[:-1] / total[-1]).to(local_mean.dtype).reshape(local_mean.shape)
+
+
+def _check_stats_group(stats_group: Optional[object]) -> Optional[object]:
+    if stats_group is None or stats_group == "local":
+        return stats_group
+    if isinstance(stats_group, str):
+        raise ValueError(f"stats_group must be None, 'local' or a torch.distributed process group, got {stats_group!r}")
+    process_group = getattr(torch.distributed, "ProcessGroup", None) if torch.distributed.is_available() else None
+    if process_group is None or not isinstance(stats_group, process_group):
+        raise TypeError("stats_group must be None, 'local' or a torch.distributed process group, got "
+                        f"{type(stats_group).__name__}")
+    return stats_group
 
 
 def _check_group_size(name: str, value, minimum: int) -> int:
@@ -196,6 +233,18 @@ class FusedLossBase(nn.Module):
 
     Subclasses set :attr:`reference_mode` and implement :meth:`compute_loss`; the eager twins in
     ``fastpref.reference`` override only :attr:`fused_logprobs`.
+
+    Distributed options (every module accepts them):
+
+    - ``vocab_parallel_group``: a process group over which the LM head is split by vocabulary rows
+      (see :func:`fastpref.fused_logprobs`); every rank of it makes the same call on the same batch.
+    - ``stats_group``: where global-batch statistics (alpha-DPO's margin EMA, KTO's z0, SPO's weight
+      baseline) are collected when torch.distributed is initialized. ``None`` (default): the whole
+      world, each distinct batch counted once -- with a ``vocab_parallel_group``, only that group's
+      rank 0 contributes, since its other ranks hold copies of the same batch (counting them would
+      leave means unchanged but shrink alpha-DPO's unbiased std). A process group (typically the
+      data-parallel group): gathered over it, every member contributing, so its members must hold
+      different batches. ``"local"``: this rank's batch only, no communication.
     """
 
     #: The per-sequence log-prob op (the fused one here; ``fastpref.reference`` swaps in the eager one).
@@ -207,7 +256,8 @@ class FusedLossBase(nn.Module):
     extra_pass_reads_ref_head: bool = False
 
     def __init__(self, *, temperature: float = 1.0, softcap: Optional[float] = None, ignore_index: int = -100,
-                 backend: str = "auto", vocab_parallel_group: Optional[object] = None) -> None:
+                 backend: str = "auto", vocab_parallel_group: Optional[object] = None,
+                 stats_group: Optional[object] = None) -> None:
         super().__init__()
         self.temperature = temperature
         self.softcap = softcap
@@ -215,8 +265,18 @@ class FusedLossBase(nn.Module):
         self.backend = backend
         # Vocabulary-parallel LM head (see fastpref.fused_logprobs): ``weight``/``bias`` (and the
         # reference head) are this rank's vocabulary slice; every rank of the group makes the same call
-        # with the same hidden states, targets and loss-specific inputs (MC-PO: the same generator seed).
+        # with the same hidden states, targets and loss-specific inputs (MC-PO: its negatives are
+        # broadcast from the group's rank 0).
         self.vocab_parallel_group = vocab_parallel_group
+        # Where global-batch statistics (alpha-DPO's margin EMA, KTO's z0, SPO's weight baseline) are
+        # collected, when torch.distributed is initialized:
+        # - None (default): the whole world, each distinct batch once: with a vocab_parallel_group only
+        #   the group's rank 0 contributes (its other ranks hold the same batch), so any layout of
+        #   data-parallel x vocabulary-parallel ranks gives the statistics of the global batch;
+        # - a process group (e.g. the data-parallel group): that group, every member contributing (its
+        #   members must hold different batches);
+        # - "local": this rank's batch only, no communication.
+        self.stats_group = _check_stats_group(stats_group)
 
     # -- fused passes --------------------------------------------------------------------------------
 
@@ -227,6 +287,20 @@ class FusedLossBase(nn.Module):
         if self.vocab_parallel_group is not None:
             options["vocab_parallel_group"] = self.vocab_parallel_group
         return options
+
+    def gather_statistic(self, values: Tensor) -> Tensor:
+        """``values`` (1-D, detached) concatenated over the ranks that ``stats_group`` selects."""
+        if self.stats_group == "local":
+            return values.detach().reshape(-1)
+        replicas = self.vocab_parallel_group if self.stats_group is None else None
+        return gather_across_ranks(values, group=self.stats_group, replica_group=replicas)
+
+    def mean_statistic(self, local_mean: Tensor, count: int) -> Tensor:
+        """Mean of per-rank means of ``count`` items over the ranks that ``stats_group`` selects."""
+        if self.stats_group == "local":
+            return local_mean.detach()
+        replicas = self.vocab_parallel_group if self.stats_group is None else None
+        return global_mean(local_mean, count, group=self.stats_group, replica_group=replicas)
 
     def ref_logps_shapes(self, num_seqs: int) -> List[Tuple[int, ...]]:
         """Accepted shapes of a user-supplied ``ref_logps``."""
@@ -474,7 +548,8 @@ class FusedKTOLoss(FusedLossBase):
     Call keywords: ``labels`` [S] bool (True = desirable), required; and either ``z0`` (a float or a
     scalar tensor) or the mismatched pairs ``kl_hidden``, ``kl_targets`` (+ ``kl_seq_ids``/``kl_num_seqs``
     when packed) with ``kl_ref_hidden`` or precomputed ``kl_ref_logps``: a no-grad fused pass gives
-    S', R', and z0 is their mean over all ranks when torch.distributed is initialized. A ``z0`` passed
+    S', R', and z0 is their mean over the global batch when torch.distributed is initialized
+    (``stats_group``, see :class:`FusedLossBase`). A ``z0`` passed
     directly is used as given: it must be finite, but it is not clamped at 0 (a negative value is
     accepted), like Liger's ``kl`` input; only the mismatched-pair estimate is clamped.
 
@@ -516,7 +591,7 @@ class FusedKTOLoss(FusedLossBase):
         ref = stats.ref_logps if kl_ref_hidden is not None else _as_stat(
             "kl_ref_logps", kl_ref_logps, stats.logps, [stats.logps.shape])
         # Mean over the global batch: gather S' - R' (the head takes the pair as two vectors).
-        diffs = gather_across_ranks(stats.logps - ref)
+        diffs = self.gather_statistic(stats.logps - ref)
         return losses.kto_z0(diffs, torch.zeros_like(diffs))
 
     def compute_loss(self, batch: SequenceBatch, labels: Optional[Tensor] = None, **reference_point) -> Tuple[Tensor, Metrics]:
@@ -688,7 +763,8 @@ class FusedAlphaDPOLoss(_PairwiseLoss):
     Running statistics (buffers): ``margin_mean`` and ``margin_std`` hold the raw exponential moving
     averages (momentum 0.9, initialized at 0) of the batch mean and unbiased std of M, ``num_updates``
     the number of updates k. In training mode they are updated *before* use from the batch's M,
-    gathered over all ranks when torch.distributed is initialized (global batch >= 2 pairs). The
+    gathered over the global batch when torch.distributed is initialized (``stats_group``, see
+    :class:`FusedLossBase`: each vocabulary-parallel replica counted once; global batch >= 2 pairs). The
     statistics used are the bias-corrected ``ema / (1 - momentum^k)`` (default) or, with
     ``bias_correction=False``, the raw EMA. In ``eval()`` they are frozen (not updated); before any
     update, eval uses the batch's own statistics.
@@ -719,12 +795,12 @@ class FusedAlphaDPOLoss(_PairwiseLoss):
         self.register_buffer("margin_std", torch.zeros((), dtype=torch.float64))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
-    @staticmethod
-    def _batch_statistics(margin: Tensor) -> Tuple[Tensor, Tensor]:
-        gathered = gather_across_ranks(margin).double()
+    def _batch_statistics(self, margin: Tensor) -> Tuple[Tensor, Tensor]:
+        # over the ranks stats_group selects, each distinct batch once (see FusedLossBase)
+        gathered = self.gather_statistic(margin).double()
         if gathered.numel() < 2:
             raise ValueError("FusedAlphaDPOLoss needs a global batch of at least 2 pairs to estimate the margin "
-                             f"std, got {gathered.numel()}")
+                             f"std, got {gathered.numel()} (stats_group={self.stats_group!r})")
         return gathered.mean(), gathered.std(unbiased=True)
 
     @torch.no_grad()
@@ -786,6 +862,18 @@ class FusedMCPOLoss(FusedLossBase):
     Options: ``group_size`` (G = K + 1; also a call keyword), ``num_negatives`` (M), ``include_positive``,
     ``generator`` (a ``torch.Generator`` on the statistics' device, seeding the sampling; also a call
     keyword). Needs the reference (``ref_hidden`` or ``ref_logps`` [S]). Metrics include ``negatives``.
+
+    Precomputed negatives: the call keyword ``negatives`` ([B, M] int64 column indices in 0..G-1 of this
+    call's groups) skips the sampling. With it a caller can run the no-grad pass itself on all K + 1
+    sequences (:meth:`sample_negatives` on their statistics), then call the module with grad on the
+    preferred and the selected sequences only, e.g. G = 1 + M rows per prompt (the preferred one, then
+    the M selected ones in order), ``ref_logps`` of those rows and ``negatives = [1..M]`` for every prompt:
+    the loss and the gradients equal the full call's with the same negatives, and the unselected
+    sequences get no forward with grad at all (``FastPrefDPOTrainer`` does this).
+
+    With ``vocab_parallel_group``, the negatives (sampled or given) are broadcast from the group's rank 0,
+    so every rank of the group uses the same ones (with ``generator=None`` the ranks' draws would
+    otherwise differ, silently mixing the gradients of different negatives).
     """
 
     def __init__(self, beta: float = 0.01, group_size: Optional[int] = None, num_negatives: int = 1,
@@ -795,8 +883,28 @@ class FusedMCPOLoss(FusedLossBase):
         self.group_size = None if group_size is None else _check_group_size("group_size", group_size, 2)
         self.generator = generator
 
+    def sample_negatives(self, logps: Tensor, ref_logps: Tensor,
+                         generator: Optional[torch.Generator] = None) -> Tensor:
+        """MC-kernel negatives [B, M] from grouped statistics ``logps``/``ref_logps`` [B, G] (detached), with
+        this module's ``beta``, ``num_negatives`` and ``include_positive``; ``generator`` defaults to the
+        module's. Broadcast from rank 0 of ``vocab_parallel_group`` when one is set (every rank must call)."""
+        negatives = losses.mcpo_sample_negatives(
+            logps.detach(), ref_logps.detach(), beta=self.beta, num_negatives=self.num_negatives,
+            generator=generator if generator is not None else self.generator, include_positive=self.include_positive)
+        return self._same_on_vocab_ranks(negatives)
+
+    def _same_on_vocab_ranks(self, negatives: Tensor) -> Tensor:
+        """``negatives`` of rank 0 of the vocabulary-parallel group, on every rank of it."""
+        group = self.vocab_parallel_group
+        if group is None or not _is_distributed() or torch.distributed.get_world_size(group) == 1:
+            return negatives
+        negatives = negatives.contiguous()
+        torch.distributed.broadcast(negatives, src=torch.distributed.get_global_rank(group, 0), group=group)
+        return negatives
+
     def compute_loss(self, batch: SequenceBatch, group_size: Optional[int] = None,
-                     generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Metrics]:
+                     generator: Optional[torch.Generator] = None,
+                     negatives: Optional[Tensor] = None) -> Tuple[Tensor, Metrics]:
         g = group_size if group_size is not None else self.group_size
         if g is None:
             raise ValueError("FusedMCPOLoss needs group_size (K + 1 sequences per prompt), in the constructor or "
@@ -804,9 +912,21 @@ class FusedMCPOLoss(FusedLossBase):
         g = _check_group_size("group_size", g, 2)
         b = _check_grouped(batch.num_seqs, g)
         logps, ref_logps = batch.logps.view(b, g), batch.ref_logps.view(b, g)
-        negatives = losses.mcpo_sample_negatives(
-            logps.detach(), ref_logps, beta=self.beta, num_negatives=self.num_negatives,
-            generator=generator if generator is not None else self.generator, include_positive=self.include_positive)
+        if negatives is None:
+            negatives = self.sample_negatives(logps, ref_logps, generator)
+        else:
+            if generator is not None:
+                raise ValueError("FusedMCPOLoss: pass either negatives (precomputed) or generator (to sample), "
+                                 "not both")
+            if not isinstance(negatives, torch.Tensor) or negatives.dtype != torch.int64:
+                raise TypeError("negatives must be an int64 tensor [B, M] of column indices, got "
+                                f"{getattr(negatives, 'dtype', type(negatives).__name__)}")
+            if negatives.dim() != 2 or negatives.shape[0] != b or negatives.shape[1] < 1:
+                raise ValueError(f"negatives must have shape ({b}, M) with M >= 1 (B = {b} groups of {g}), got "
+                                 f"{tuple(negatives.shape)}")
+            if bool(((negatives < 0) | (negatives >= g)).any()):
+                raise ValueError(f"negatives must be column indices in 0..{g - 1} of the groups of {g}")
+            negatives = self._same_on_vocab_ranks(negatives.to(logps.device))
         return losses.mcpo(logps, ref_logps, beta=self.beta, negatives=negatives)
 
 
@@ -831,7 +951,8 @@ class FusedSPOLoss(FusedLossBase):
     ``bias``. The reference head is ``ref_weight``/``ref_bias`` (default: the policy head, detached).
     Without ``kl_hidden`` the loss is the preference term only. ``weight_baseline`` (call keyword)
     overrides the batch estimate E_batch; when torch.distributed is initialized and it is not given, E is
-    the mean over all ranks (LOSSES.md §5 recommends the global batch).
+    the mean over the global batch (``stats_group``, see :class:`FusedLossBase`; LOSSES.md §5 recommends
+    the global batch).
     """
 
     reference_mode = "none"
@@ -872,10 +993,10 @@ class FusedSPOLoss(FusedLossBase):
             logps = torch.stack(_split_pairs(batch.logps), dim=1)
         else:
             logps = batch.logps.view(_check_grouped(batch.num_seqs, self.group_size), self.group_size)
-        if weight_baseline is None and _is_distributed():
+        if weight_baseline is None and _is_distributed() and self.stats_group != "local":
             # Eq. 12's E over the global batch (LOSSES.md §5): all-reduce this rank's estimate.
             local = losses.spo_weight_baseline(logps, gamma=self.gamma, ranked=self.mode == "ranked")
-            weight_baseline = global_mean(local, logps.shape[0])
+            weight_baseline = self.mean_statistic(local, logps.shape[0])
         common = dict(alpha=self.alpha, gamma=self.gamma, kl=kl, kl_coef=self.kl_coef,
                       weight_baseline=weight_baseline)
         if self.mode == "pairs":

@@ -254,8 +254,10 @@ def _vocab_parallel_errors_worker(rank: int, world: int) -> bool:
 
 
 def _vocab_parallel_modules_worker(rank: int, world: int) -> int:
-    """The fused modules with ``vocab_parallel_group=``: loss and gradients equal the unsharded module."""
+    """The fused modules with ``vocab_parallel_group=``: loss, gradients and batch statistics equal the
+    unsharded module run on this rank alone (``stats_group="local"``: what one process would compute)."""
     group = dist.group.WORLD
+    singletons = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
     g = torch.Generator().manual_seed(7)
     vocab, dim, splits = 23, 6, (9, 14)
     lo, hi = sum(splits[:rank]), sum(splits[: rank + 1])
@@ -264,34 +266,90 @@ def _vocab_parallel_modules_worker(rank: int, world: int) -> int:
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
     weight, bias, ref_weight = randn(vocab, dim), randn(vocab), randn(vocab, dim)
-    hidden, ref_hidden = randn(4, 5, dim), randn(4, 5, dim)  # 2 pairs
-    targets = torch.randint(0, vocab, (4, 5), generator=g)
+    hidden, ref_hidden = randn(6, 5, dim), randn(6, 5, dim)  # 3 pairs, or 2 MC-PO groups of 3
+    targets = torch.randint(0, vocab, (6, 5), generator=g)
     targets[:, 0] = -100
     kl_hidden, kl_ref_hidden = randn(3, 4, dim), randn(3, 4, dim)
     kl_targets = torch.randint(0, vocab, (3, 4), generator=g)
-    cases = [
-        (fastpref.FusedDPOLoss, dict(beta=0.3, temperature=0.9, softcap=4.0),
-         dict(ref_hidden=ref_hidden, ref_weight="ref_weight")),
-        (fastpref.FusedSPOLoss, dict(alpha=0.5, kl_coef=0.7),
-         dict(kl_hidden=kl_hidden, kl_ref_hidden=kl_ref_hidden, kl_targets=kl_targets)),
+    with_ref = dict(ref_hidden=ref_hidden, ref_weight="ref_weight")
+    cases = [  # (class, options, call keywords, steps)
+        (fastpref.FusedDPOLoss, dict(beta=0.3, temperature=0.9, softcap=4.0), with_ref, 1),
+        (fastpref.FusedSPOLoss, dict(alpha=0.5, kl_coef=0.7, gamma=0.3),
+         dict(kl_hidden=kl_hidden, kl_ref_hidden=kl_ref_hidden, kl_targets=kl_targets), 1),
+        # two steps: the margin EMA is updated from the batch statistics, then used
+        (fastpref.FusedAlphaDPOLoss, dict(beta=2.0, alpha=0.5), with_ref, 2),
+        (fastpref.FusedKTOLoss, dict(beta=0.7),
+         dict(with_ref, labels=torch.tensor([True, False, True, True, False, False]), kl_hidden=kl_hidden,
+              kl_ref_hidden=kl_ref_hidden, kl_targets=kl_targets), 1),
     ]
-    checked = 0
-    for cls, options, call in cases:
+
+    def run(cls, options, call, steps, sharded, **extra):
+        sl = slice(lo, hi) if sharded else slice(None)
+        loss_fn = cls(**options, vocab_parallel_group=group if sharded else None, **extra)
         outs = []
-        for sharded in (False, True):
-            sl = slice(lo, hi) if sharded else slice(None)
+        for _ in range(steps):
             h = hidden.clone().requires_grad_(True)
             w, b = weight[sl].clone().requires_grad_(True), bias[sl].clone().requires_grad_(True)
-            kw = {k: (ref_weight[sl] if v == "ref_weight" else v) for k, v in call.items()}
-            loss_fn = cls(**options, vocab_parallel_group=group if sharded else None)
+            kw = {k: (ref_weight[sl] if isinstance(v, str) else v) for k, v in call.items()}
             out = loss_fn(w, h, targets, bias=b, **kw)
-            outs.append((out.loss, *torch.autograd.grad(out.loss, (h, w, b))))
-        (loss, dh, dw, db), (vp_loss, vp_dh, vp_dw, vp_db) = outs
-        for name, got, want in (("loss", vp_loss, loss), ("dH", vp_dh, dh), ("dW", vp_dw, dw[lo:hi]),
-                                ("db", vp_db, db[lo:hi])):
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12,
-                                       msg=lambda m: f"{cls.__name__} {name}: {m}")
+            outs.append((out, *torch.autograd.grad(out.loss, (h, w, b))))
+        return loss_fn, outs
+
+    checked = 0
+    for cls, options, call, steps in cases:
+        single_fn, single = run(cls, options, call, steps, sharded=False, stats_group="local")
+        vp_fn, vp = run(cls, options, call, steps, sharded=True)  # default stats_group
+        for step, ((out, dh, dw, db), (vp_out, vp_dh, vp_dw, vp_db)) in enumerate(zip(single, vp)):
+            pairs = [("loss", vp_out.loss, out.loss), ("dH", vp_dh, dh), ("dW", vp_dw, dw[lo:hi]),
+                     ("db", vp_db, db[lo:hi])]
+            pairs += [(key, vp_out.metrics[key], out.metrics[key]) for key in ("margin_mean", "margin_std", "z0")
+                      if key in out.metrics]
+            for name, got, want in pairs:
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12,
+                                           msg=lambda m: f"{cls.__name__} step {step} {name}: {m}")
+                checked += 1
+        for name, buf in single_fn.named_buffers():
+            torch.testing.assert_close(dict(vp_fn.named_buffers())[name], buf, rtol=1e-12, atol=0)
             checked += 1
+
+    # alpha-DPO's statistics over an explicit data-parallel group (here one rank each) equal the local
+    # ones; over the world, every vocabulary rank's copy of the batch counts (the duplicated batch
+    # that the default avoids): the mean stays, the unbiased std shrinks.
+    cls, options, call, steps = cases[2]
+    local_fn, _ = run(cls, options, call, 1, sharded=False, stats_group="local")
+    dp_fn, _ = run(cls, options, call, 1, sharded=True, stats_group=singletons[rank])
+    dup_fn, _ = run(cls, options, call, 1, sharded=True, stats_group=group)
+    torch.testing.assert_close(dp_fn.margin_std, local_fn.margin_std, rtol=1e-12, atol=0)
+    torch.testing.assert_close(dup_fn.margin_mean, local_fn.margin_mean, rtol=1e-12, atol=1e-15)
+    n = hidden.shape[0] // 2
+    shrink = (2 * (n - 1) / (2 * n - 1)) ** 0.5  # unbiased std of the batch twice vs once
+    torch.testing.assert_close(dup_fn.margin_std, local_fn.margin_std * shrink, rtol=1e-12, atol=0)
+    checked += 3
+
+    # MC-PO with generator=None and a different global seed per rank: the ranks would draw different
+    # negatives; the sharded module uses rank 0's, and equals the unsharded module given those negatives.
+    mc = dict(beta=0.2, group_size=3)
+    stats = fastpref.fused_logprobs(hidden, weight, targets, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    draws = []
+    for seed in (11, 12):
+        torch.manual_seed(seed)
+        draws.append(fastpref.FusedMCPOLoss(**mc).sample_negatives(stats.logps.view(2, 3), stats.ref_logps.view(2, 3)))
+    assert not torch.equal(draws[0], draws[1])  # non-vacuous: independent draws disagree
+    torch.manual_seed(11 + rank)
+    h = hidden.clone().requires_grad_(True)
+    w, b = weight[lo:hi].clone().requires_grad_(True), bias[lo:hi].clone().requires_grad_(True)
+    vp_out = fastpref.FusedMCPOLoss(**mc, vocab_parallel_group=group)(
+        w, h, targets, bias=b, ref_hidden=ref_hidden, ref_weight=ref_weight[lo:hi])
+    assert torch.equal(vp_out.metrics["negatives"], draws[0]), (rank, vp_out.metrics["negatives"], draws[0])
+    vp_grads = torch.autograd.grad(vp_out.loss, (h, w, b))
+    h1, w1, b1 = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+    want = fastpref.FusedMCPOLoss(**mc)(w1, h1, targets, bias=b1, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                        negatives=draws[0])
+    want_grads = torch.autograd.grad(want.loss, (h1, w1, b1))
+    for name, got, ref in (("loss", vp_out.loss, want.loss), ("dH", vp_grads[0], want_grads[0]),
+                           ("dW", vp_grads[1], want_grads[1][lo:hi]), ("db", vp_grads[2], want_grads[2][lo:hi])):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12, msg=lambda m: f"MC-PO {name}: {m}")
+        checked += 1
     return checked
 
 
@@ -308,11 +366,14 @@ def test_vocab_parallel_matches_unsharded(tmp_path):
     """Two-process vocabulary parallel: logps, ref logps, KL (forward/reverse), dH, dW and db of every
     slice equal the unsharded head (fp64 to 1e-12, fp32 to 1e-5, bf16 by the eager-error rule), over
     unequal slices, bias, a separate or shared reference head, temperature, softcap, ignored
-    positions, padded and packed layouts; the fused modules (DPO with a reference head, SPO with its online-sample KL) with the group; and
-    the error paths (target beyond the global vocabulary, triton backend, eager reference)."""
+    positions, padded and packed layouts; the fused modules with the group (DPO with a reference head,
+    SPO with its online-sample KL and weight baseline, alpha-DPO's margin EMA over two steps, KTO's z0,
+    each equal to one process on the batch: the vocabulary ranks' copies of the batch count once; MC-PO's
+    negatives taken from rank 0 even with per-rank random seeds); and the error paths (target beyond the
+    global vocabulary, triton backend, eager reference)."""
     results = run_distributed(_vocab_parallel_all, tmp_path=tmp_path)
     # every field and gradient of every case was compared, in every dtype
-    assert results == [dict(float64=36, float32=36, bfloat16=5, errors=True, modules=8)] * 2
+    assert results == [dict(float64=36, float32=36, bfloat16=5, errors=True, modules=35)] * 2
 
 
 def test_vocab_parallel_needs_initialized_group():

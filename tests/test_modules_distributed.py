@@ -1,6 +1,7 @@
 """Batch statistics across ranks: two gloo processes with unequal shares equal one process on the whole batch.
 
 alpha-DPO's running margin statistics, KTO's z0 and SPO's weight baseline are global-batch statistics.
+Also single-process checks of the ``stats_group`` option and of MC-PO's precomputed negatives.
 """
 from __future__ import annotations
 
@@ -79,3 +80,50 @@ def test_batch_statistics_are_global(tmp_path):
                                        rtol=1e-12, atol=0)
     # Non-vacuous: rank 0's pair alone would give a different (undefined) std, and local SPO weights differ.
     assert not torch.allclose(_run([1, 2, 3], [2, 3, 4, 5])["spo_weights"][0], ranks[1]["spo_weights"][0])
+
+
+def test_stats_group_option_is_validated_and_local_needs_no_process_group():
+    with pytest.raises(ValueError, match="stats_group"):
+        fastpref.FusedAlphaDPOLoss(stats_group="world")
+    with pytest.raises(TypeError, match="process group"):
+        fastpref.FusedKTOLoss(stats_group=0)
+    # "local" and None agree without torch.distributed; the statistic is this batch's
+    weight, seq, ref_logps, _ = _data(0)
+    outs = [fastpref.FusedAlphaDPOLoss(stats_group=sg)(weight, seq.hidden, seq.targets, ref_logps=ref_logps)
+            for sg in (None, "local")]
+    torch.testing.assert_close(outs[0].metrics["margin_std"], outs[1].metrics["margin_std"], rtol=0, atol=0)
+    margins = outs[0].metrics["margin"].double()
+    torch.testing.assert_close(outs[0].metrics["margin_std"].double(), margins.std(), rtol=1e-6, atol=0)
+
+
+def test_mcpo_precomputed_negatives_on_selected_rows_equal_the_full_call():
+    """MC-PO's no-grad pass done by the caller: the module called on the preferred + selected rows only
+    (negatives [1..M]) gives the full call's loss and gradients with the same negatives."""
+    gen = torch.Generator().manual_seed(3)
+    b, g, m = 3, 4, 2
+    weight = (0.3 * torch.randn(50, 16, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    hidden = torch.randn(b * g, 6, 16, generator=gen, dtype=torch.float64).requires_grad_(True)
+    targets = torch.randint(0, 50, (b * g, 6), generator=gen)
+    ref_logps = -10.0 * torch.rand(b * g, generator=gen, dtype=torch.float64)
+    loss_fn = fastpref.FusedMCPOLoss(beta=0.5, group_size=g, num_negatives=m)
+    with torch.no_grad():
+        stats = fastpref.fused_logprobs(hidden, weight, targets)
+    negatives = loss_fn.sample_negatives(stats.logps.view(b, g), ref_logps.view(b, g),
+                                         generator=torch.Generator().manual_seed(0))
+    full = loss_fn(weight, hidden, targets, ref_logps=ref_logps, negatives=negatives)
+    rows = torch.cat([torch.cat([torch.tensor([i * g]), i * g + negatives[i]]) for i in range(b)])
+    compact = loss_fn(weight, hidden[rows], targets[rows], ref_logps=ref_logps[rows], group_size=1 + m,
+                      negatives=torch.arange(1, m + 1).expand(b, m))
+    torch.testing.assert_close(compact.loss, full.loss, rtol=1e-12, atol=1e-14)
+    for got, want in zip(torch.autograd.grad(compact.loss, (weight, hidden)),
+                         torch.autograd.grad(full.loss, (weight, hidden))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    assert float(full.loss) > 0
+    with pytest.raises(ValueError, match="not both"):
+        loss_fn(weight, hidden, targets, ref_logps=ref_logps, negatives=negatives, generator=torch.Generator())
+    with pytest.raises(ValueError, match="column indices in 0..3"):
+        loss_fn(weight, hidden, targets, ref_logps=ref_logps, negatives=negatives + g)
+    with pytest.raises(TypeError, match="int64"):
+        loss_fn(weight, hidden, targets, ref_logps=ref_logps, negatives=negatives.float())
+    with pytest.raises(ValueError, match="shape"):
+        loss_fn(weight, hidden, targets, ref_logps=ref_logps, negatives=negatives[:1])
