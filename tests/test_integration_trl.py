@@ -163,6 +163,13 @@ def _fsdp2_gradients(rank: int, world: int, out_dir: str) -> dict:
     for unit in (policy.lm_head, policy.model, policy):
         fully_shard(unit)
     assert sharding_kind(policy.lm_head.weight) == "fsdp2"  # a DTensor outside its forward
+    # The reference sharded the common way (each decoder layer, then the root): its embeddings, final norm
+    # and head belong to the root unit, unsharded only around the root's forward, which the trainer must run.
+    ref = trainer.ref_model
+    for layer in ref.model.layers:
+        fully_shard(layer)
+    fully_shard(ref)
+    assert sharding_kind(ref.model.embed_tokens.weight) == "fsdp2"
     policy.train()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in (2 * rank, 2 * rank + 1)])
     trainer.compute_loss(policy, batch).backward()
@@ -187,7 +194,9 @@ def test_ddp_and_fsdp2_match_single_process(tok, tmp_path):
 
     FSDP2 with the LM head as its own fully_shard unit: every gradient equals the single process's, the head's
     included, which a full_tensor() gather of the head gets wrong on every rank (no error); the trainer runs the
-    head's part inside the head's forward instead."""
+    head's part inside the head's forward instead. The reference model is FSDP2-sharded too (per decoder layer and
+    root, as Accelerate's FSDP2 plugin does): its root-owned embeddings are gathered only because the trainer runs the
+    reference through its own forward (calling its backbone directly fails on the sharded embedding)."""
     from test_distributed import run_distributed
 
     results = run_distributed(_distributed_trainer_worker, str(tmp_path), tmp_path=tmp_path)

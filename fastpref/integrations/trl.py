@@ -59,8 +59,9 @@ Not supported: KTO (unpaired data; use TRL's KTOTrainer), vision datasets, TRL's
 calls backward; see
 :func:`fastpref.integrations.transformers.gather_lm_head`). Tested with two CPU/gloo processes: DDP through the
 Trainer (one SGD step equals one process on the whole batch), and the loss's gradients on a policy sharded by hand
-with FSDP2 (``fully_shard`` on the backbone, the LM head and the root). Accelerate's FSDP plugin driving FSDP2 is
-not exercised.
+with FSDP2 (``fully_shard`` on the backbone, the LM head and the root) with a reference model sharded by hand too
+(``fully_shard`` on each decoder layer and the root; the reference runs through its own forward, so its root's
+hooks gather the embeddings). Accelerate's FSDP plugin driving FSDP2 is not exercised.
 """
 from __future__ import annotations
 
@@ -211,6 +212,10 @@ class FastPrefDPOTrainer(DPOTrainer):
             raise ValueError(f"fastpref_loss={fastpref_loss!r} needs ref_model (its reference log-probs cannot be "
                              "precomputed by TRL): pass ref_model and precompute_ref_log_probs=False")
         enable_hidden_forward(_base_hf_model(self.model))
+        if self.ref_model is not None:
+            # The reference runs through its own (possibly wrapped) forward: FSDP / DeepSpeed hooks on the reference
+            # root gather what it owns (embeddings, final norm) only around that forward.
+            enable_hidden_forward(_base_hf_model(self.ref_model))
         self.data_collator = FastPrefCollator(
             base=self.data_collator, pad_token_id=self._tokenizer.pad_token_id,
             reward_columns=REWARD_COLUMNS if fastpref_loss == "var" else (),
@@ -375,10 +380,19 @@ class FastPrefDPOTrainer(DPOTrainer):
             yield head
 
     def _reference_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states of the reference model, no grad."""
+        """Final hidden states of the reference model, no grad.
+
+        A separate ``ref_model`` is called through its own forward (``fastpref_hidden=True``, see
+        :func:`~fastpref.integrations.transformers.enable_hidden_forward`), so the hooks of whatever wraps or
+        shards it (Accelerate's ``prepare_fsdp``, FSDP2 ``fully_shard`` on its root, a DeepSpeed engine) run and
+        its root-owned parameters are gathered; only the head is skipped. PEFT without ``ref_model``: the
+        reference is the policy with its adapter disabled, called from inside the policy's own forward, where
+        the policy's root is already gathered, so its backbone is called directly.
+        """
         with torch.no_grad():
             if self.ref_model is not None:
-                out = backbone(self.ref_model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                out = self.ref_model(input_ids=input_ids, attention_mask=attention_mask, fastpref_hidden=True)
+                return out[0] if isinstance(out, tuple) else out.last_hidden_state
             else:
                 from trl.trainer.utils import use_adapter
 
