@@ -47,6 +47,18 @@ def tiny_llama(seed: int = 0, tied: bool = False):
     return LlamaForCausalLM(config).float()
 
 
+def tiny_mixtral(seed: int = 0):
+    """A tiny Mixture-of-Experts causal LM (its config declares a router auxiliary loss coefficient)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=32, intermediate_size=32,
+                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+                           num_experts_per_tok=1, max_position_embeddings=64, pad_token_id=0, eos_token_id=2,
+                           bos_token_id=None)
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(config).float()
+
+
 def preference_rows(n: int = 8, seed: int = 0, candidates: int = 0):
     """Prompts of 3-5 words; chosen = the prompt's words shifted by one, rejected = random words."""
     rng = random.Random(seed)

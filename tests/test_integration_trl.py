@@ -7,7 +7,8 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
-from _trl_fixtures import dpo_config, one_thread, preference_rows, tiny_llama, tiny_tokenizer  # noqa: E402,F401
+from _trl_fixtures import (dpo_config, one_thread, preference_rows, tiny_llama, tiny_mixtral,  # noqa: E402,F401
+                           tiny_tokenizer)
 from trl import DPOTrainer  # noqa: E402
 
 from fastpref.integrations.trl import FastPrefDPOTrainer  # noqa: E402
@@ -116,6 +117,59 @@ def test_other_losses_train_and_loss_decreases(tok, tmp_path, loss, loss_kwargs,
         assert step == 6 and samples[2].sum() > 0  # resampled every 3 steps; completions are scored
 
 
+def test_mcpo_grad_forward_only_on_preferred_and_selected_rows(tok, tmp_path):
+    """MC-PO: a no-grad policy + reference pass on all K + 1 rows, then the policy's forward with grad on the
+    preferred + M selected rows only; loss and gradients equal one forward with grad on every row with the same
+    negatives."""
+    import fastpref
+    from fastpref.integrations.transformers import head_inputs, shift_labels
+
+    k, m, prompts = 3, 2, 4
+    trainer = FastPrefDPOTrainer(
+        model=tiny_llama(seed=0), ref_model=tiny_llama(seed=1), args=dpo_config(tmp_path),
+        train_dataset=preference_rows(prompts, candidates=k), processing_class=tok, fastpref_loss="mcpo",
+        fastpref_loss_kwargs=dict(beta=0.5, num_negatives=m))
+    policy, ref = trainer.model, trainer.ref_model
+    calls = {"policy": [], "ref": []}
+    for key, module in (("policy", policy.model), ("ref", ref.model)):
+        module.register_forward_hook(
+            lambda mod, args, kwargs, out, key=key: calls[key].append(
+                (out.last_hidden_state.shape[0], torch.is_grad_enabled())), with_kwargs=True)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(prompts)])
+    policy.train()
+    torch.manual_seed(0)
+    loss, out = trainer.compute_loss(policy, batch, return_outputs=True)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    assert calls == {"policy": [(prompts * (k + 1), False), (prompts * (1 + m), True)],
+                     "ref": [(prompts * (k + 1), False)]}
+    negatives = out.metrics["negatives"]
+    assert negatives.shape == (prompts, m) and bool(((negatives >= 1) & (negatives <= k)).all())
+    assert out.metrics["logps"].shape == (prompts, k + 1)
+
+    # the full path: grad forward on all K + 1 rows, the module told the same negatives
+    policy.zero_grad()
+    ids, mask, completion = batch["group_input_ids"], batch["group_attention_mask"], batch["group_completion_mask"]
+    labels = ids.masked_fill(completion == 0, -100)
+    keep = shift_labels(labels) != -100
+    pol = head_inputs(policy, policy.model(input_ids=ids, attention_mask=mask).last_hidden_state, labels,
+                      logits_to_keep=keep)
+    with torch.no_grad():
+        ref_h = head_inputs(ref, ref.model(input_ids=ids, attention_mask=mask).last_hidden_state, labels,
+                            logits_to_keep=keep)
+    full = fastpref.FusedMCPOLoss(beta=0.5, num_negatives=m)(
+        pol.weight, pol.hidden, pol.targets, bias=pol.bias, seq_ids=pol.seq_ids, num_seqs=pol.num_seqs,
+        ref_hidden=ref_h.hidden, ref_weight=ref_h.weight.detach(), group_size=k + 1, negatives=negatives)
+    full.loss.backward()
+    torch.testing.assert_close(loss.detach(), full.loss.detach(), rtol=1e-5, atol=1e-6)
+    assert abs(loss.item() - torch.log(torch.tensor(1.0 + m)).item()) > 1e-4  # not the policy == reference value
+    want = {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
+    assert want.keys() == grads.keys() and "lm_head.weight" in want
+    scale = max(g.abs().max().item() for g in want.values())
+    for name in want:
+        torch.testing.assert_close(grads[name], want[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
+
+
 def test_bad_configurations_raise(tok, tmp_path):
     model, ref = tiny_llama(), tiny_llama()
     data = preference_rows(4)
@@ -131,6 +185,18 @@ def test_bad_configurations_raise(tok, tmp_path):
     with pytest.raises(ValueError, match="chosen_reward"):
         FastPrefDPOTrainer(args=dpo_config(tmp_path), train_dataset=data.remove_columns(["chosen_reward"]),
                            fastpref_loss="var", fastpref_loss_kwargs=dict(beta=1.0), **common)
+    # TRL options fastpref does not reproduce: a loss weight, the MoE router auxiliary loss
+    with pytest.raises(ValueError, match="loss_weights"):
+        FastPrefDPOTrainer(args=dpo_config(tmp_path, loss_weights=[0.5]), train_dataset=data, **common)
+    FastPrefDPOTrainer(args=dpo_config(tmp_path, loss_weights=[1.0]), train_dataset=data, **common)  # the default
+    moe = dict(model=tiny_mixtral(), ref_model=tiny_mixtral(), processing_class=tok, train_dataset=data)
+    with pytest.raises(ValueError, match="router_aux_loss_coef=0.0"):
+        FastPrefDPOTrainer(args=dpo_config(tmp_path), **moe)  # the config's own coefficient (0.001) is used
+    with pytest.raises(ValueError, match="router_aux_loss_coef"):
+        FastPrefDPOTrainer(args=dpo_config(tmp_path, router_aux_loss_coef=0.1), **moe)
+    trainer = FastPrefDPOTrainer(args=dpo_config(tmp_path, router_aux_loss_coef=0.0), **moe)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    assert torch.isfinite(trainer.compute_loss(trainer.model, batch))  # without the aux loss it trains
 
 
 # ---- two gloo processes (tests/test_distributed.py's harness): DDP through the Trainer, FSDP2 by hand ----

@@ -38,7 +38,10 @@ Losses and what each needs from the data:
 ``"mcpo"``         prompt/chosen/rejected plus a ``candidates`` column: a list of K >= 1 non-preferred
                    responses per prompt (same K in a batch; ``rejected`` is only used by TRL's preprocessing,
                    put one of the candidates there). Group layout [chosen, candidate_1..K]; needs a
-                   reference model (not precomputed: the MC kernel needs pi_ref on all K + 1).
+                   reference model (not precomputed: the MC kernel needs pi_ref on all K + 1). Alg. 1 as
+                   written: a no-grad policy and reference pass on all K + 1 responses gives the kernel's
+                   statistics, then only the chosen and the ``num_negatives`` sampled responses get a
+                   forward with grad (unselected ones cost no backward work).
 ``"spo"``          prompt/chosen/rejected; the reference-free pairwise SPO term plus ``kl_coef`` times the
                    full-vocabulary token KL(pi_theta || pi_ref) on samples. ``spo_samples="online"`` (default)
                    samples ``spo_num_samples`` completions (temperature 1, no top-k/top-p) from the current
@@ -53,8 +56,10 @@ metrics under their fastpref names (``weights``, ``kl``, ``margin``, ``nll``, ..
 (``entropy``, ``logits/*``, ``mean_token_accuracy``) need the logits, so they are not logged.
 
 Not supported: KTO (unpaired data; use TRL's KTOTrainer), vision datasets, TRL's ``ld_alpha``,
-``use_weighting``, ``f_divergence_type`` other than ``reverse_kl`` and ``loss_type`` other than the default
-(these are TRL's own loss options; choose the loss with ``fastpref_loss``; they raise), DeepSpeed ZeRO-3
+``use_weighting``, ``f_divergence_type`` other than ``reverse_kl``, ``loss_type`` other than the default and
+``loss_weights`` other than ``None``/``[1.0]`` (these are TRL's own loss options; choose the loss with
+``fastpref_loss``; they raise), the MoE router auxiliary loss (raises unless ``router_aux_loss_coef=0.0``: the
+backbone-only forward does not compute it), DeepSpeed ZeRO-3
 (raises: the fused backward recomputes from the head weight, which ZeRO-3 re-partitions before ``Trainer``
 calls backward; see
 :func:`fastpref.integrations.transformers.gather_lm_head`). Tested with two CPU/gloo processes: DDP through the
@@ -192,6 +197,13 @@ class FastPrefDPOTrainer(DPOTrainer):
         train_dataset = kwargs.get("train_dataset", args[4] if len(args) > 4 else None)
         self._check_config(args_, train_dataset)
         super().__init__(*args, **kwargs)
+        if getattr(self, "aux_loss_enabled", False):
+            # TRL adds router_aux_loss_coef * outputs.aux_loss (the MoE load-balancing loss), which the *ForCausalLM
+            # forward computes from the router logits; fastpref runs the backbone only, so it would silently drop it.
+            raise ValueError(
+                "FastPrefDPOTrainer does not reproduce the MoE router auxiliary loss (router_aux_loss_coef="
+                f"{self.router_aux_loss_coef} for {type(_base_hf_model(self.model)).__name__}): set "
+                "DPOConfig(router_aux_loss_coef=0.0) to train without it")
         if self._is_vision_dataset:
             raise NotImplementedError("FastPrefDPOTrainer does not support vision datasets (the backbone call takes "
                                       "text inputs only)")
@@ -229,6 +241,11 @@ class FastPrefDPOTrainer(DPOTrainer):
         if list(args.loss_type) != ["sigmoid"]:
             raise ValueError("FastPrefDPOTrainer ignores DPOConfig.loss_type: choose the loss with fastpref_loss "
                              f"(got loss_type={args.loss_type})")
+        weights = getattr(args, "loss_weights", None)
+        if weights is not None and [float(w) for w in weights] != [1.0]:
+            raise ValueError("FastPrefDPOTrainer does not support DPOConfig.loss_weights (they weight TRL's loss_type "
+                             f"list; the loss is chosen with fastpref_loss): got loss_weights={list(weights)}, expected "
+                             "None or [1.0]. Scale the loss by changing the learning rate instead")
         for option, default in (("ld_alpha", None), ("use_weighting", False), ("f_divergence_type", "reverse_kl")):
             value = getattr(args, option, default)
             if value != default and str(value) != default:
@@ -306,8 +323,10 @@ class FastPrefDPOTrainer(DPOTrainer):
         name = self.fastpref_loss
         loss_fn = self.fastpref_loss_fn
         loss_fn.train(mode == "train")
+        mcpo_full = None
         if name == "mcpo":
             rows = (inputs["group_input_ids"], inputs["group_attention_mask"], inputs["group_completion_mask"])
+            rows, mcpo_extra, mcpo_full = self._mcpo_select(model, rows, int(inputs["group_size"]))
         else:
             rows = (inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
         num_pairs = inputs["input_ids"].shape[0] // 2
@@ -326,7 +345,7 @@ class FastPrefDPOTrainer(DPOTrainer):
             rewards = torch.cat([inputs["chosen_reward"], inputs["rejected_reward"]])
             extra["rewards"] = rewards[:num_main]
         elif name == "mcpo":
-            extra["group_size"] = int(inputs["group_size"])
+            extra.update(mcpo_extra)
 
         def head_loss(hidden: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
             # Runs inside the (wrapped) model's forward, so DDP sees the head used by the output (the HF Trainer
@@ -339,6 +358,8 @@ class FastPrefDPOTrainer(DPOTrainer):
                 model, hidden, input_ids, attention_mask, labels, keep, num_main, kl_rows, inputs, extra))
 
         loss, metrics = model(input_ids=input_ids, attention_mask=attention_mask, fastpref_head_fn=head_loss)
+        if mcpo_full is not None:  # report the full groups: all K + 1 log-probs, negatives as column indices
+            metrics = {**metrics, "logps": mcpo_full["logps"], "negatives": mcpo_full["negatives"]}
         self._log_metrics(mode, metrics, inputs, num_main)
         if return_outputs:
             return loss, types.SimpleNamespace(logits=None, metrics=metrics)
@@ -354,9 +375,10 @@ class FastPrefDPOTrainer(DPOTrainer):
                                weight=weight, bias=bias)
             call.update(bias=main.bias, seq_ids=main.seq_ids, num_seqs=main.num_seqs)
             ref_head = None
-            if self._needs_reference or kl_rows is not None:
+            ref_given = "ref_logps" in extra  # MC-PO: from the no-grad pass over all K + 1 responses
+            if (self._needs_reference and not ref_given) or kl_rows is not None:
                 ref_head = stack.enter_context(self._reference_head())
-            if self._needs_reference:
+            if self._needs_reference and not ref_given:
                 if self.precompute_ref_logps:
                     ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
                     call["ref_logps"] = ref[:num_main]
@@ -371,6 +393,49 @@ class FastPrefDPOTrainer(DPOTrainer):
                 call.update(ref_weight=ref_head[0], ref_bias=ref_head[1])
             out = self.fastpref_loss_fn(main.weight, main.hidden, main.targets, **call, **extra)
         return out.loss, out.metrics
+
+    def _mcpo_select(self, model, rows: Tuple[torch.Tensor, ...], group_size: int):
+        """MC-PO's no-grad pass: statistics of all K + 1 responses, MC-kernel negatives, and the rows to train on.
+
+        Policy and reference run without grad on every row of the groups (the policy through its wrapped
+        forward); the negatives are drawn from those statistics (``FusedMCPOLoss.sample_negatives``). Returns
+        ``(rows, extra, full)``: the ``1 + M`` rows per prompt that get the forward with grad (the preferred one, then
+        the M selected ones in order; trailing all-padding columns dropped), the loss keywords for them
+        (``group_size=1 + M``, ``negatives=[1..M]``, their ``ref_logps``), and the full groups' ``logps`` [B, K + 1]
+        and ``negatives`` [B, M] (column indices) for logging. Unselected responses thus cost one no-grad forward and
+        no forward with grad, no backward. Loss and gradients equal one forward with grad over all K + 1 rows with
+        the same negatives (tested).
+        """
+        loss_fn = self.fastpref_loss_fn
+        input_ids, attention_mask, completion_mask = rows
+        num_groups = input_ids.shape[0] // group_size
+        labels = input_ids.masked_fill(completion_mask == 0, -100)
+        keep = shift_labels(labels) != -100
+
+        def statistics(hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            with gather_lm_head(model, detach=True) as (weight, bias), self._reference_head() as ref_head:
+                pol = head_inputs(model, hidden, labels, logits_to_keep=keep, weight=weight, bias=bias)
+                ref_hidden = self._reference_hidden(input_ids, attention_mask)
+                ref = head_inputs(model, ref_hidden, labels, logits_to_keep=keep, weight=ref_head[0],
+                                  bias=ref_head[1])
+                stats = loss_fn.fused_logprobs(
+                    pol.hidden, pol.weight, pol.targets, bias=pol.bias, seq_ids=pol.seq_ids, num_seqs=pol.num_seqs,
+                    ref_hidden=ref.hidden, ref_weight=ref.weight, ref_bias=ref.bias, **loss_fn.logprob_options())
+            return stats.logps, stats.ref_logps
+
+        with torch.no_grad():
+            logps, ref_logps = model(input_ids=input_ids, attention_mask=attention_mask, fastpref_head_fn=statistics)
+            logps, ref_logps = logps.view(num_groups, group_size), ref_logps.view(num_groups, group_size)
+            negatives = loss_fn.sample_negatives(logps, ref_logps)
+        m = negatives.shape[1]
+        columns = torch.cat([torch.zeros_like(negatives[:, :1]), negatives], dim=1)  # [B, 1 + M]
+        offsets = torch.arange(num_groups, device=columns.device).unsqueeze(1) * group_size
+        selected = (offsets + columns).reshape(-1).to(input_ids.device)
+        width = int(attention_mask[selected].any(dim=0).nonzero().max().item()) + 1  # last non-padding column
+        chosen_rows = tuple(t[selected][:, :width] for t in rows)
+        extra = dict(group_size=1 + m, ref_logps=ref_logps.gather(1, columns).reshape(-1),
+                     negatives=torch.arange(1, m + 1, device=negatives.device).expand(num_groups, m).contiguous())
+        return chosen_rows, extra, dict(logps=logps, negatives=negatives)
 
     @contextlib.contextmanager
     def _reference_head(self):
