@@ -695,3 +695,76 @@ def test_partitioned_zero3_head_is_rejected_clearly():
     empty = _fake_zero3_param(torch.empty(0), _FakeStatus.NOT_AVAILABLE)
     with pytest.raises(ValueError, match="ZeRO-3"):
         fastpref.fused_logprobs(torch.randn(1, 2, 3), empty, torch.tensor([[0, 1]]))
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3 for real (CPU accelerator, gloo), where deepspeed is installed (not a fastpref dependency)
+
+import importlib.util  # noqa: E402
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed (optional; e.g. DS_BUILD_OPS=0 pip install "
+                                            "deepspeed)")
+
+ZERO3_CONFIG = {"train_micro_batch_size_per_gpu": PAIRS // WORLD, "gradient_accumulation_steps": 1,
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+
+
+def deepspeed_cpu_env(rank: int, world: int) -> None:
+    """What DeepSpeed reads in a process the harness started (its gloo group already exists)."""
+    os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+
+
+def _zero3_worker(rank: int, world: int) -> dict:
+    deepspeed_cpu_env(rank, world)
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = _make_model().float()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+                                      config=ZERO3_CONFIG)
+    seen = {"kind": fdist.sharding_kind(model.lm_head.weight), "numel": model.lm_head.weight.numel()}
+    # a no-grad read of the partitioned head (e.g. a reference head): the full weight, released afterwards
+    with fdist.gathered_params(model.lm_head.weight, model.lm_head.bias) as (w, b):
+        seen["gathered"] = (w.clone(), b.clone())
+    with hf_integration.gather_lm_head(model, detach=True) as (w, b):
+        seen["gather_lm_head"] = (w, b)  # a copy: still valid after the context
+    seen["numel_after"] = model.lm_head.weight.numel()
+    ids, targets, ref = _local_batch(0, rank, world)
+    ref = ref.float()
+
+    def step(i, t, r):  # the whole loss as the engine's forward, the head's part as the head's forward
+        h = model.backbone(i)
+        return fdist.through_sharded(model.lm_head, lambda: _head_loss(model, h, t, r))
+
+    engine.backward(fdist.forward_through(engine, step, ids, targets, ref))
+    seen["grads"] = {n: safe_get_full_grad(p).clone() for n, p in model.named_parameters()}
+    try:  # the head read outside its forward: the empty partition is rejected
+        _head_loss(model, engine(ids), targets, ref)
+        seen["outside"] = "no error"
+    except ValueError as e:
+        seen["outside"] = str(e)
+    return seen
+
+
+@needs_deepspeed
+def test_zero3_through_sharded_and_gathered_params_with_real_deepspeed(tmp_path):
+    """Two processes, ZeRO-3 (every parameter partitioned): the loss run through forward_through / through_sharded
+    gives the single process's gradients (the head's included, gathered again for the fused backward and
+    reduce-scattered by ZeRO's hooks); gathered_params / gather_lm_head(detach=True) read the full head."""
+    results = run_distributed(_zero3_worker, tmp_path=tmp_path)
+    model = _make_model().float()
+    ids, targets, ref = _global_batch(0)
+    _head_loss(model, model(ids), targets, ref.float()).backward()
+    for rank, seen in enumerate(results):
+        assert seen["kind"] == "zero3" and seen["numel"] == 0 and seen["numel_after"] == 0
+        for key in ("gathered", "gather_lm_head"):
+            torch.testing.assert_close(seen[key][0], model.lm_head.weight.detach())
+            torch.testing.assert_close(seen[key][1], model.lm_head.bias.detach())
+        assert "ZeRO-3" in seen["outside"], seen["outside"]
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(seen["grads"][name], p.grad, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"rank {rank} {name}: {m}")

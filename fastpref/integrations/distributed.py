@@ -4,7 +4,8 @@ The fused losses read the LM head directly -- ``loss_fn(model.lm_head.weight, hi
 usually *outside* the model's forward, because the model's own forward would build the logits. Every
 data-parallel wrapper ties its gradient synchronisation to its forward, so it matters how that call is
 made. What each wrapper does (DDP and FSDP2 cases measured with two CPU/gloo processes in
-``tests/test_distributed.py``; ZeRO-3 from DeepSpeed's design, untested with a real DeepSpeed):
+``tests/test_distributed.py``; ZeRO-3 with DeepSpeed 0.19.8 on CPU/gloo in the same file, skipped where
+``deepspeed`` is not installed):
 
 DDP (``DistributedDataParallel``): the gradient all-reduce runs from autograd hooks that the wrapper's
 forward arms.
@@ -32,7 +33,7 @@ DeepSpeed ZeRO-3: a parameter is partitioned (empty) outside its module's forwar
 in a forward pre-hook and again for backward. ``fused_logprobs`` rejects an empty partitioned
 parameter with a ``ValueError``. A ``GatheredParameters`` context around the loss call gives the
 right values, but the torch backend recomputes logit tiles in backward, so backward would have to run
-inside the context too.
+inside the context too (and the gradient would bypass ZeRO's reduce-scatter hooks).
 
 One fix for all of these: run the loss computation *as the forward* of the wrapper (DDP) or of the
 sharded module (FSDP2 / ZeRO-3) with :func:`forward_through`, so the framework's own hooks gather the
@@ -166,7 +167,8 @@ def through_sharded(module: nn.Module, fn: Callable[[], Any]) -> Any:
     trainable loss (a ``full_tensor()`` all-gather's backward returns each rank's slice of its *own*
     gradient, without the reduction: wrong on every rank). Inside the forward of a parent that holds
     the head in its own parameter group the head is already unsharded, and ``fn`` runs directly.
-    DeepSpeed ZeRO-3 parameters are routed the same way (untested: no DeepSpeed here). FSDP1 flat
+    DeepSpeed ZeRO-3 parameters are routed the same way (tested with DeepSpeed 0.19.8 on CPU: the
+    gradients equal one process's). FSDP1 flat
     parameters raise ``NotImplementedError``. ``fn`` must return tensors in a tensor, tuple, list or
     dict (see :func:`forward_through`).
     """
@@ -244,9 +246,9 @@ def gathered_params(*params: Optional[torch.Tensor]) -> Iterator[Tuple[Optional[
 
     - plain tensors: ``p.detach()`` (no copy, no communication);
     - DeepSpeed ZeRO-3 parameters (``ds_id``): gathered with ``deepspeed.zero.GatheredParameters``
-      (``modifier_rank=None``), released on exit; ``deepspeed`` is imported only in this case.
-      **Untested with a real DeepSpeed** (not installed where this was written); the dispatch is
-      unit-tested with a stand-in parameter;
+      (``modifier_rank=None``), released on exit, so the yielded views are valid inside the block only
+      (clone to keep them); ``deepspeed`` is imported only in this case. Tested with DeepSpeed 0.19.8 on
+      CPU/gloo (skipped where it is not installed) and with a stand-in parameter;
     - ``DTensor`` parameters (FSDP2): ``full_tensor()`` (an all-gather; every rank must call);
     - FSDP1 flat parameters: ``NotImplementedError`` (use :func:`fsdp1_summoned` on the owning unit).
 

@@ -320,10 +320,12 @@ def gather_lm_head(model: torch.nn.Module, *, detach: bool = False
       parameters themselves (detached copies with ``detach=True``); nothing is imported.
     - DeepSpeed ZeRO-3: ``deepspeed.zero.GatheredParameters`` over the head parameters that are not already
       available (with tied embeddings the embedding's own gather may have made the weight available; gathering it
-      twice would corrupt ZeRO's bookkeeping). The torch backend recomputes logit tiles in backward, so the
-      backward of anything computed from the yielded weight must also run inside the context (or the loss must run
-      inside the head's forward, see :func:`fastpref.integrations.distributed.through_sharded`). Untested with a
-      real DeepSpeed.
+      twice would corrupt ZeRO's bookkeeping). The torch backend recomputes logit tiles in backward, so a
+      *trainable* head's loss must run inside the head's forward, whose hooks gather the head again for backward
+      and reduce-scatter its gradient (:func:`fastpref.integrations.distributed.through_sharded`); there the head is
+      already available and is yielded as is. With ``detach=True`` (a reference head) the yield is a *copy*, valid
+      after the context closes, e.g. for a backward that recomputes reference logit tiles. Tested with DeepSpeed
+      0.19.8 on CPU/gloo (``FastPrefDPOTrainer`` under ZeRO-3, ``tests/test_integration_trl.py``).
     - FSDP2 (``fully_shard``, DTensor parameters): for no-grad use only -- ``detach=True``, grad mode off, or a
       frozen head -- yields ``full_tensor()`` copies. A *trainable* FSDP2 head raises ``RuntimeError``: the
       backward of ``full_tensor()`` keeps each rank's slice of its own gradient without the reduce-scatter, so the
@@ -352,7 +354,8 @@ def gather_lm_head(model: torch.nn.Module, *, detach: bool = False
         yield _detached(weight, bias) if detach else (weight, bias)
     elif kind == "zero3":
         with fdist._zero3_gather([p for p in (weight, bias) if p is not None]):
-            yield _detached(weight, bias) if detach else (weight, bias)
+            # a copy: ZeRO-3 re-partitions the parameters (and may reuse their buffers) when the context closes
+            yield tuple(None if t is None else t.clone() for t in _detached(weight, bias)) if detach else (weight, bias)
     elif kind == "fsdp2":
         with fdist.gathered_params(weight, bias) as full:
             yield full

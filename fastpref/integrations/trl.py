@@ -59,14 +59,23 @@ Not supported: KTO (unpaired data; use TRL's KTOTrainer), vision datasets, TRL's
 ``use_weighting``, ``f_divergence_type`` other than ``reverse_kl``, ``loss_type`` other than the default and
 ``loss_weights`` other than ``None``/``[1.0]`` (these are TRL's own loss options; choose the loss with
 ``fastpref_loss``; they raise), the MoE router auxiliary loss (raises unless ``router_aux_loss_coef=0.0``: the
-backbone-only forward does not compute it), DeepSpeed ZeRO-3
-(raises: the fused backward recomputes from the head weight, which ZeRO-3 re-partitions before ``Trainer``
-calls backward; see
-:func:`fastpref.integrations.transformers.gather_lm_head`). Tested with two CPU/gloo processes: DDP through the
-Trainer (one SGD step equals one process on the whole batch), and the loss's gradients on a policy sharded by hand
-with FSDP2 (``fully_shard`` on the backbone, the LM head and the root) with a reference model sharded by hand too
-(``fully_shard`` on each decoder layer and the root; the reference runs through its own forward, so its root's
-hooks gather the embeddings). Accelerate's FSDP plugin driving FSDP2 is not exercised.
+backbone-only forward does not compute it).
+
+Tested with two CPU/gloo processes: DDP through the Trainer (one SGD step equals one process on the whole batch),
+and the loss's gradients on a policy sharded by hand with FSDP2 (``fully_shard`` on the backbone, the LM head and the
+root) with a reference model sharded by hand too (``fully_shard`` on each decoder layer and the root; the reference
+runs through its own forward, so its root's hooks gather the embeddings). Accelerate's FSDP plugin driving FSDP2 is
+not exercised.
+
+DeepSpeed ZeRO-3 works the same way: the head's part of the loss runs as the head module's forward
+(:func:`~fastpref.integrations.distributed.through_sharded`), whose ZeRO-3 hooks gather the head for the forward and
+again for the fused backward and reduce-scatter its gradient; the reference model runs through its DeepSpeed engine,
+its head gathered as a copy that stays valid for the backward (which recomputes reference logit tiles). Tested with
+DeepSpeed 0.19.8 on two CPU/gloo processes (``DS_ACCELERATOR=cpu``; ``tests/test_integration_trl.py``, skipped where
+``deepspeed`` is not installed, and it is not a fastpref dependency): one SGD step of ``"dpo"`` (also with tied
+embeddings), ``"spo"`` (dataset KL samples) and ``"mcpo"`` equals one process on the whole batch. Not tested there:
+SPO's online sampling under ZeRO-3 (``generate`` on a partitioned model; it ran, but per-rank samples make it
+incomparable to one process), ZeRO-3 CPU/NVMe offload, and GPUs.
 """
 from __future__ import annotations
 
@@ -207,11 +216,6 @@ class FastPrefDPOTrainer(DPOTrainer):
         if self._is_vision_dataset:
             raise NotImplementedError("FastPrefDPOTrainer does not support vision datasets (the backbone call takes "
                                       "text inputs only)")
-        if self.is_deepspeed_enabled and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
-            # The fused backward recomputes logit tiles from the head weight, which ZeRO-3 re-partitions as soon as
-            # gather_lm_head's context closes, i.e. before Trainer calls backward. Fail here, not mid-step.
-            raise NotImplementedError("FastPrefDPOTrainer does not support DeepSpeed ZeRO-3 yet (the fused backward "
-                                      "needs the gathered LM head); use ZeRO-1/2, DDP or FSDP2")
 
         self.fastpref_loss_fn = self._build_loss(dict(fastpref_loss_kwargs or {}), fastpref_eager)
         self.fastpref_loss_fn.to(self.accelerator.device)
