@@ -10,13 +10,14 @@ Either way ``tracked`` = the step's own peak (gradients included); the reported 
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -47,23 +48,42 @@ class Timing:
 
 def time_interleaved(steps: Dict[str, Callable[[], None]], repeats: int, device: torch.device,
                      before_each: Callable[[], None] = lambda: None,
-                     on_step: Callable[[str], None] = lambda name: None) -> Dict[str, Timing]:
+                     on_step: Callable[[str], None] = lambda name: None,
+                     per_round: Optional[Dict[str, int]] = None) -> Dict[str, Timing]:
     """Time every step ``repeats`` times, round-robin (rotating the order each round) so that slow
-    drifts of a shared machine hit every implementation alike."""
+    drifts of a shared machine hit every implementation alike. ``per_round[name] = k`` times that step
+    ``k`` times back to back in each round (a cheap step such as the GEMM floor gets ``k * repeats``
+    samples)."""
     names = list(steps)
+    per_round = per_round or {}
     times: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)] if names else []
-        for name in order:
-            before_each()
-            gc.collect()
-            sync(device)
-            start = time.perf_counter()
-            steps[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-            on_step(name)
+    with frozen_gc():
+        for r in range(repeats):
+            order = names[r % len(names):] + names[: r % len(names)] if names else []
+            for name in order:
+                for _ in range(per_round.get(name, 1)):
+                    before_each()
+                    gc.collect()
+                    sync(device)
+                    start = time.perf_counter()
+                    steps[name]()
+                    sync(device)
+                    times[name].append(time.perf_counter() - start)
+                on_step(name)
     return {n: Timing(t) for n, t in times.items()}
+
+
+@contextlib.contextmanager
+def frozen_gc():
+    """Move every object alive now out of the collector's reach (``gc.freeze``) for the block, so that the
+    ``gc.collect()`` before each timed step scans only what the steps allocated: with torch, transformers
+    (TRL) and inductor imported, a full collection costs ~0.3 s, which made most of a --quick run."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def peak_step_bytes(run: Callable[[], None], device: torch.device) -> int:

@@ -1,9 +1,18 @@
-"""The implementations fastpref is compared with: eager PyTorch, Liger-Kernel and Cut Cross-Entropy.
+"""The implementations fastpref is compared with: eager PyTorch, TRL's chunked log-prob op, Liger-Kernel
+and Cut Cross-Entropy.
 
-Eager follows the way TRL computes preference losses: the LM head produces the full ``[tokens x V]``
-logits, ``log_softmax`` over the vocabulary, ``gather`` of the target column, a masked sum per
-sequence, and the loss on top; the reference model's log-probs come from a separate no-grad pass that
-runs first (so its logits are freed before the policy's exist).
+``eager`` is the naive full-logits computation: the LM head produces the full ``[tokens x V]`` logits,
+``log_softmax`` over the vocabulary, ``gather`` of the target column, a masked sum per sequence, and the
+loss on top; the reference model's log-probs come from a separate no-grad pass that runs first (so its
+logits are freed before the policy's exist; the cheaper order for peak memory). This is how TRL's
+``DPOTrainer`` computed log-probs before it moved to a chunked LM head (the 0.x releases gathered from
+``log_softmax`` of the model's full logits).
+
+``trl`` is what the pinned TRL release (1.16) does: ``DPOTrainer`` patches the model with a fused LM head
+that calls ``trl.kernels.ChunkedLogProbFunction`` (``[4096 x 32768]`` logits tiles, online log-sum-exp,
+recomputed in the backward); the policy runs first, asking for the entropy, mean logit and top-1 outputs
+its metrics use, then the reference under ``torch.no_grad()`` with log-probs only. SPO's token KL uses
+TRL's ``ChunkedDivergenceFunction`` (``beta=1``: KL(student || teacher)).
 
 The small loss heads below are written from LOSSES.md for the eager peer (independently of
 ``fastpref.losses``, so the comparison also cross-checks the formulas).
@@ -75,6 +84,52 @@ def spo_head(chosen: torch.Tensor, rejected: torch.Tensor, kl: Optional[torch.Te
     """SPO-basic (gamma = 0, mu = 1): mean softplus(alpha (S_l - S_w)) / alpha + kl_coef * mean(KL)."""
     loss = (F.softplus(alpha * (rejected - chosen)) / alpha).mean()
     return loss if kl is None else loss + kl_coef * kl.mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL's chunked LM-head kernels (trl>=1.16)
+
+# The per-token outputs DPOTrainer asks of the policy's fused LM head (trl 1.16, dpo_trainer.py: entropy, mean
+# logit and top-1 feed its logged metrics); the reference model's head is patched with the default (log-probs).
+TRL_DPO_POLICY_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+TRL_LOGPROBS_ONLY = ("log_probs",)
+
+
+def trl_token_logps_fn():
+    """``f(hidden [S, T, D], weight, targets [S, T], outputs) -> token log-probs [S, T]`` (0 at ignored
+    positions) through ``trl.kernels.ChunkedLogProbFunction``, called the way TRL's fused LM head calls it:
+    every position with clamped labels where TRL's Triton fold is unused (CPU), only the valid ones on CUDA."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.kernels.chunked_logprob import _use_triton
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    def run(hidden, weight, targets, outputs=TRL_LOGPROBS_ONLY):
+        mask = targets != IGNORE_INDEX
+        compact = _use_triton(hidden.device)
+        flat_h = hidden[mask] if compact else hidden.reshape(-1, hidden.shape[-1])
+        flat_y = targets[mask] if compact else targets.clamp(min=0).reshape(-1)
+        logps = ChunkedLogProbFunction.apply(flat_h, weight, None, flat_y, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
+                                             1.0, outputs)[0]
+        if compact:
+            return logps.new_zeros(mask.shape).masked_scatter(mask, logps)
+        return logps.view(mask.shape).masked_fill(~mask, 0)
+
+    return run
+
+
+def trl_seq_kl_fn():
+    """Per-sequence sum of the token KL(pi_theta || pi_ref) through TRL's ``ChunkedDivergenceFunction``
+    (``beta=1.0``: KL(student || teacher); the gradient flows to the student only)."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    def run(hidden, ref_hidden, weight, ref_weight, targets):
+        mask = targets != IGNORE_INDEX
+        d = hidden.shape[-1]
+        kl, _ = ChunkedDivergenceFunction.apply(hidden.reshape(-1, d), weight, None, ref_hidden.reshape(-1, d),
+                                                ref_weight, None, 1.0, 1.0)
+        return (kl.view(mask.shape) * mask).sum(dim=-1)
+
+    return run
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 
 from .peers import mib
 
-IMPL_ORDER = ("eager", "liger", "cce", "fastpref-torch", "fastpref-triton")
+IMPL_ORDER = ("eager", "trl", "liger", "cce", "fastpref-torch", "fastpref-triton")
 
 
 class Progress:
@@ -48,6 +48,13 @@ def _ratio(x: Optional[float], digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _ratios(r: dict, key: str) -> str:
+    """'median ratio (best-repeat ratio)', or '-' without that peer."""
+    if r.get(key) is None:
+        return "-"
+    return f"{_ratio(r[key])} ({_ratio(r.get('best_' + key))})"
+
+
 def _below(x: Optional[float]) -> str:
     return "-" if x is None else (f"{x:.0f}x" if x >= 10 else f"{x:.1f}x")
 
@@ -58,8 +65,10 @@ def _sorted(rows: List[dict]) -> List[dict]:
                                        order.get(r["impl"], 99)))
 
 
-COLUMNS = ["loss", "N", "D", "V", "dtype", "impl", "time ms", "best ms", "spread", "x eager", "x Liger", "x GEMM floor",
-           "peak MiB", "workspace MiB", "ws below eager", "ws below Liger"]
+COLUMNS = ["loss", "N", "D", "V", "dtype", "impl", "time ms", "best ms", "spread", "x eager", "x TRL", "x Liger",
+           "x GEMM floor", "peak MiB", "workspace MiB", "ws below eager", "ws below TRL", "ws below Liger"]
+TEXT_COLUMNS = ("loss", "impl", "dtype")
+IMPL_WIDTH = max(len(n) for n in IMPL_ORDER)
 
 
 def table_rows(results: dict) -> List[List[str]]:
@@ -67,10 +76,10 @@ def table_rows(results: dict) -> List[List[str]]:
     for r in _sorted(results["rows"]):
         out.append([r["workload"], str(r["tokens"]), str(r["dim"]), str(r["vocab"]), r["dtype"], r["impl"],
                      f"{1e3 * r['time_s']:.1f}", f"{1e3 * r['time_min_s']:.1f}", f"{100 * r['time_spread']:.0f}%",
-                     _ratio(r["time_vs_eager"]),
-                     _ratio(r["time_vs_liger"]), _ratio(r["time_vs_floor"]), f"{mib(r['peak_bytes']):.1f}",
-                     f"{mib(r['workspace_bytes']):.1f}", _below(r["workspace_below_eager"]),
-                     _below(r["workspace_below_liger"])])
+                     _ratios(r, "time_vs_eager"), _ratios(r, "time_vs_trl"), _ratios(r, "time_vs_liger"),
+                     _ratios(r, "time_vs_floor"), f"{mib(r['peak_bytes']):.1f}",
+                     f"{mib(r['workspace_bytes']):.1f}", _below(r.get("workspace_below_eager")),
+                     _below(r.get("workspace_below_trl")), _below(r.get("workspace_below_liger"))])
     return out
 
 
@@ -78,13 +87,16 @@ def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="fastpref bench: forward+backward, median of interleaved repeats")
+    table = Table(title="fastpref bench: forward+backward, median (best) of interleaved repeats")
     for c in COLUMNS:
-        table.add_column(c, justify="left" if c in ("loss", "impl", "dtype") else "right")
+        if c == "impl":  # never truncated: "fastpref-triton" is the longest name
+            table.add_column(c, justify="left", no_wrap=True, min_width=IMPL_WIDTH)
+        else:
+            table.add_column(c, justify="left" if c in TEXT_COLUMNS else "right")
     for row in table_rows(results):
         style = "bold green" if row[5].startswith("fastpref") else None
         table.add_row(*row, style=style)
-    console = Console(width=max(Console().width, 180))
+    console = Console(width=max(Console().width, CONSOLE_MIN_WIDTH))
     console.print(table)
     for t in results.get("targets", []):
         console.print(f"target {t['target']}: {_ratio(t['value'])} -> {'met' if t['met'] else 'MISSED'}")
@@ -92,35 +104,54 @@ def print_table(results: dict) -> None:
         console.print(f"{name}: {path}")
 
 
+CONSOLE_MIN_WIDTH = 220
+
+
+def machine_line(meta: dict, cfg: dict) -> str:
+    """Where the numbers came from: machine, threads, load, repeats (also quoted by the README)."""
+    cpu = f"{meta['cpu_model']}, " if meta.get("cpu_model") else ""
+    gpu = f"GPU {meta['gpu']}; " if meta.get("gpu") else ""
+    return (f"{meta['started']}; {cpu}{meta['cpu_count']} cores, {meta['platform']}; {gpu}torch {meta['torch']} with "
+            f"{meta['torch_threads']} threads; load average {meta.get('load_avg_start')} at start, "
+            f"{meta.get('load_avg_end')} at end (1, 5, 15 min); {cfg['repeats']} interleaved repeats per row; "
+            f"{meta['elapsed_s']} s in all.")
+
+
 def markdown(results: dict) -> str:
     meta, cfg = results["meta"], results["config"]
     lines = [
         f"### fastpref bench ({cfg['grid']} grid, {meta['device']})",
         "",
-        f"{meta['started']}; torch {meta['torch']} with {meta['torch_threads']} threads on {meta['cpu_count']} "
-        f"cores; load average {meta.get('load_avg_start')} at start, {meta.get('load_avg_end')} at end "
-        f"(shared machine); {cfg['repeats']} interleaved repeats per row; {meta['elapsed_s']} s in all.",
+        machine_line(meta, cfg),
         "",
         "Forward + backward of the whole loss. `time ms`: median; `best ms`: fastest repeat; "
         "`spread`: (max - min) / median. "
-        "`x eager`, `x Liger`, `x GEMM floor`: ratios of the medians (lower is faster). `peak`: inputs + the step's "
+        "`x eager`, `x TRL`, `x Liger`: this time / the peer's, as `median (best)`: the ratio of the medians and, in "
+        "brackets, of the fastest repeats (lower is faster). `x GEMM floor`: this median (best) / the fastest "
+        "GEMM-floor sample. `eager` = naive full logits; `trl` = TRL "
+        f"{meta.get('trl') or '(not installed)'}'s chunked LM-head kernels. `peak`: inputs + the step's "
         "own peak allocation (gradients included); `workspace`: peak minus inputs and gradients; "
         "`ws below X`: X's workspace / this workspace. Memory is "
         + ("measured with memray (each implementation in its own tracked region)" if meta["device"] == "cpu"
            else "torch.cuda.max_memory_allocated") + ".",
         "",
         "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---" if c in ("loss", "impl", "dtype") else "---:" for c in COLUMNS) + "|",
+        "|" + "|".join("---" if c in TEXT_COLUMNS else "---:" for c in COLUMNS) + "|",
     ]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
     floors = {}
     for r in results["rows"]:
-        floors[(r["workload"], r["tokens"], r["dim"], r["vocab"], r["dtype"])] = (r["floor_s"], r["floor_gemms"])
-    lines += ["", "GEMM floor per row (same run): the plain products an unfused implementation needs "
-              "(`policy` = H W^T, G W and G^T H; `ref` = H_ref W_ref^T):", ""]
-    for (w, n, d, v, dt), (s, label) in sorted(floors.items()):
+        floors[(r["workload"], r["tokens"], r["dim"], r["vocab"], r["dtype"])] = (
+            r["floor_s"], r.get("floor_median_s"), len(r.get("floor_times_s") or []), r["floor_gemms"])
+    lines += ["", "GEMM floor per row (same run, interleaved with the implementations): the plain products an "
+              "unfused implementation needs, `policy` = H W^T, G W and G^T H (three products) and `ref` = "
+              "H_ref W_ref^T (one more: with a live reference, as in DPO and MC-PO, the floor is four products, "
+              "since every implementation must compute the reference's logits too). Timed several times per round; "
+              "the fastest sample is the floor (median in brackets):", ""]
+    for (w, n, d, v, dt), (s, med, k, label) in sorted(floors.items()):
         lines.append(f"- {w} N={n} D={d} V={v} {dt}: {label} = "
-                     + ("not measured (too large)" if s is None else f"{1e3 * s:.1f} ms"))
+                     + ("not measured (too large)" if s is None else
+                        f"{1e3 * s:.1f} ms (median {1e3 * med:.1f} ms of {k})" if med else f"{1e3 * s:.1f} ms"))
     notes = sorted({(r["impl"], r["note"]) for r in results["rows"] if r["note"]})
     warm = [r for r in results["rows"] if r.get("warmup_s")]
     if notes or warm or results["skipped"]:
@@ -138,10 +169,13 @@ def markdown(results: dict) -> str:
         lines.append(f"- memray reports {meta.get('memray_empty_region_bytes', 0)} bytes for an empty tracked region; "
                      "it slows allocation, so memory and timing runs are separate.")
     if results.get("targets"):
-        lines += ["", "Targets (DPO with reference, N=4096, D=1024, V=32000, fp32, fastpref torch backend):", ""]
+        lines += ["", TARGETS_HEADING, ""]
         lines += [f"- {t['target']}: {_ratio(t['value'])} ({'met' if t['met'] else 'missed'})"
                   for t in results["targets"]]
     return "\n".join(lines) + "\n"
+
+
+TARGETS_HEADING = "Targets (DPO with reference, N=4096, D=1024, V=32000, fp32, fastpref torch backend):"
 
 
 def _series(rows: List[dict], x_key: str, fixed_keys: tuple) -> Dict[tuple, Dict[str, List[tuple]]]:

@@ -22,15 +22,26 @@ from .workloads import (DPO_BETA, IMPLEMENTATIONS, WORKLOADS, Case, GemmFloor, I
 
 Shape = Tuple[int, int, int, str]  # tokens, dim, vocab, dtype
 
-# --quick: under 3 minutes on 2 CPU cores, torch.compile warm-up of Liger and CCE included.
+# --quick: under 3 minutes on 2 shared CPU cores, torch.compile warm-up of Liger and CCE included. Every loss at
+# N=256, V=32k; DPO also at N=512 (time vs N) and V=128k (memory vs V): the plots in bench/results/
 QUICK_SHAPES: List[Shape] = [(256, 128, 32000, "fp32"), (512, 128, 32000, "fp32"), (256, 128, 128256, "fp32")]
+QUICK_ALL_LOSSES: Tuple[Shape, ...] = ((256, 128, 32000, "fp32"),)
+QUICK_PLOT_LOSSES = ("dpo",)
+# --quick runs with one torch thread unless --threads says otherwise: on a shared 2-core machine, two OpenMP
+# threads wait on each other at every op and code made of many tile-sized ops (fastpref's torch backend,
+# TRL's chunked kernels) slows down several times more than code made of a few big ones.
+QUICK_THREADS = 1
 # The full grid: time vs N at V = 32k (the DPO target row is N=4096, D=1024, V=32000, fp32), memory vs V at
-# N = 1024 (32k, 128k, 256k vocabularies) and bf16 rows.
+# N = 1024 (32k, 128k, 256k vocabularies), D = 4096 at N = 1024, V = 32k, and bf16 rows over the same V set.
 FULL_SHAPES: List[Shape] = (
     [(n, 1024, 32000, "fp32") for n in (1024, 2048, 4096)]
     + [(1024, 1024, v, "fp32") for v in (128256, 256000)]
+    + [(1024, 4096, 32000, "fp32")]
     + [(1024, 1024, v, "bf16") for v in (32000, 128256, 256000)]
 )
+# The GEMM floor is cheap next to the implementations: it is timed this many times per round, and its fastest
+# sample is the floor the ratios use.
+FLOOR_TIMES_PER_ROUND = 3
 # Implementations that allocate full [tokens x V] logits are skipped above this estimated footprint.
 DEFAULT_MAX_LOGITS_GIB = 8.0
 MATERIALIZING = ("eager", "cce")
@@ -54,6 +65,15 @@ class Config:
 
     def grid(self) -> List[Shape]:
         return list(self.shapes) if self.shapes else (QUICK_SHAPES if self.quick else FULL_SHAPES)
+
+    def jobs(self) -> List[Tuple[str, Shape]]:
+        """(workload, shape) pairs in run order: the grid x the workloads (--quick: see QUICK_SHAPES)."""
+        quick = self.quick and not self.shapes
+        return [(w, s) for s in self.grid() for w in self.workloads
+                if not quick or s in QUICK_ALL_LOSSES or w in QUICK_PLOT_LOSSES]
+
+    def num_threads(self) -> Optional[int]:
+        return self.threads or (QUICK_THREADS if self.quick else None)
 
     def num_repeats(self) -> int:
         return self.repeats or (3 if self.quick else 5)
@@ -116,6 +136,8 @@ def measure_shape(workload: str, shape: Shape, cfg: Config, opts: Options, progr
 
     # One untracked step per implementation first: torch.compile runs here (its time is reported), and
     # one-time allocations (GEMM-library buffers, lazy imports) stay out of everyone's memory figures.
+    phase_start = time.perf_counter()
+    phases: Dict[str, float] = {}
     warmup: Dict[str, float] = {}
     for i, impl in enumerate(impls):
         if progress:
@@ -127,16 +149,19 @@ def measure_shape(workload: str, shape: Shape, cfg: Config, opts: Options, progr
             warmup[impl.name] = seconds
     impls = [i for i in impls if i is not None]
 
+    phases["warmup_s"] = time.perf_counter() - phase_start
     tracked: Dict[str, int] = {}
     grads: Dict[str, int] = {}
-    for impl in impls:
-        if progress:
-            progress(f"{workload} N={case.tokens} V={vocab}: memory {impl.name}")
-        release(case.params)
-        tracked[impl.name] = measure.peak_step_bytes(lambda: measure.fwd_bwd(impl.step), device)
-        grads[impl.name] = sum(p.grad.numel() * p.grad.element_size() for p in case.params if p.grad is not None)
-        release(case.params)
+    with measure.frozen_gc():  # the gc.collect() before each memory run then costs nothing
+        for impl in impls:
+            if progress:
+                progress(f"{workload} N={case.tokens} V={vocab}: memory {impl.name}")
+            release(case.params)
+            tracked[impl.name] = measure.peak_step_bytes(lambda: measure.fwd_bwd(impl.step), device)
+            grads[impl.name] = sum(p.grad.numel() * p.grad.element_size() for p in case.params if p.grad is not None)
+            release(case.params)
 
+    phases["memory_s"] = time.perf_counter() - phase_start - phases["warmup_s"]
     steps = {impl.name: (lambda s=impl.step: measure.fwd_bwd(s)) for impl in impls}
     floor = None
     if 2 * logits_gib <= cfg.max_logits_gib:
@@ -145,11 +170,15 @@ def measure_shape(workload: str, shape: Shape, cfg: Config, opts: Options, progr
         steps["gemm-floor"] = floor.step
     if progress:
         progress(f"{workload} N={case.tokens} V={vocab}: timing")
-    timings = measure.time_interleaved(steps, cfg.num_repeats(), device, before_each=lambda: release(case.params))
+    timings = measure.time_interleaved(steps, cfg.num_repeats(), device, before_each=lambda: release(case.params),
+                                       per_round={"gemm-floor": FLOOR_TIMES_PER_ROUND})
     release(case.params)
-    floor_s = timings["gemm-floor"].median if floor is not None else None
-    floor_min_s = min(timings["gemm-floor"].times_s) if floor is not None else None
+    # The floor is a lower bound: contention only adds to it, so its fastest sample is its estimate.
+    floor_times = timings["gemm-floor"].times_s if floor is not None else None
+    floor_s = min(floor_times) if floor_times else None
+    floor_median_s = timings["gemm-floor"].median if floor_times else None
     del floor
+    phases["timing_s"] = time.perf_counter() - phase_start - phases["warmup_s"] - phases["memory_s"]
 
     inputs = case.input_bytes()
     for impl in impls:
@@ -159,24 +188,29 @@ def measure_shape(workload: str, shape: Shape, cfg: Config, opts: Options, progr
             "times_s": tm.times_s,
             "warmup_s": warmup.get(impl.name), "input_bytes": inputs, "grad_bytes": grads[impl.name],
             "tracked_bytes": tracked[impl.name], "peak_bytes": inputs + tracked[impl.name],
-            "workspace_bytes": tracked[impl.name] - grads[impl.name], "floor_s": floor_s, "floor_min_s": floor_min_s,
-            "floor_gemms": case.floor_label(), "note": impl.note,
+            "workspace_bytes": tracked[impl.name] - grads[impl.name], "floor_s": floor_s,
+            "floor_median_s": floor_median_s, "floor_times_s": floor_times, "floor_gemms": case.floor_label(),
+            "note": impl.note, "row_phases_s": {k: round(v, 2) for k, v in phases.items()},
         })
     add_ratios(out.rows)
     return out
 
 
+PEERS = ("eager", "trl", "liger")
+
+
 def add_ratios(rows: List[dict]) -> None:
-    """Ratios to eager and Liger of the same shape (time: t / t_peer; workspace: ws_peer / ws = 'x below')."""
+    """Ratios to the peers of the same shape (time: t / t_peer, of the medians and of the best repeats;
+    workspace: ws_peer / ws = 'x below') and to the GEMM floor (``floor_s``: the fastest floor sample)."""
     by_name = {r["impl"]: r for r in rows}
     for r in rows:
-        for peer in ("eager", "liger"):
+        for peer in PEERS:
             p = by_name.get(peer)
             r[f"time_vs_{peer}"] = r["time_s"] / p["time_s"] if p else None
             r[f"best_time_vs_{peer}"] = r["time_min_s"] / p["time_min_s"] if p else None
             r[f"workspace_below_{peer}"] = (p["workspace_bytes"] / max(r["workspace_bytes"], 1)) if p else None
         r["time_vs_floor"] = r["time_s"] / r["floor_s"] if r["floor_s"] else None
-        r["best_time_vs_floor"] = r["time_min_s"] / r["floor_min_s"] if r.get("floor_min_s") else None
+        r["best_time_vs_floor"] = r["time_min_s"] / r["floor_s"] if r["floor_s"] else None
 
 
 # The issue's targets (CPU, fp32, same run) for DPO with reference at N=4096, D=1024, V=32000.
@@ -200,9 +234,22 @@ def evaluate_targets(rows: List[dict]) -> List[dict]:
         add(f"time / eager <= 1.0 ({label})", fp[f"{prefix}time_vs_eager"], 1.0, True)
         add(f"time / liger <= 0.85, i.e. >= 15% faster ({label})", fp[f"{prefix}time_vs_liger"], 0.85, True)
         add(f"time / GEMM floor <= 1.35 ({label})", fp[f"{prefix}time_vs_floor"], 1.35, True)
+        if fp.get(f"{prefix}time_vs_trl") is not None:  # eager as TRL 1.16 computes it (chunked LM head)
+            add(f"time / trl <= 1.0 ({label})", fp[f"{prefix}time_vs_trl"], 1.0, True)
     add("workspace >= 10x below liger", fp["workspace_below_liger"], 10.0, False)
     add("workspace >= 40x below eager", fp["workspace_below_eager"], 40.0, False)
     return checks
+
+
+def _cpu_model() -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def environment(cfg: Config) -> dict:
@@ -215,7 +262,10 @@ def environment(cfg: Config) -> dict:
         info["load_avg_start"] = [round(x, 2) for x in os.getloadavg()]
     if cfg.device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-    for pkg in ("liger_kernel", "cut_cross_entropy", "memray", "triton"):
+    model = _cpu_model()
+    if model:
+        info["cpu_model"] = model
+    for pkg in ("trl", "liger_kernel", "cut_cross_entropy", "memray", "triton"):
         try:
             from importlib.metadata import version
 
@@ -234,8 +284,8 @@ def run(cfg: Config) -> dict:
             raise ValueError(f"--losses: unknown workload {w!r}; choose from {WORKLOADS}")
     opts = Options(compile=cfg.compile, impls=tuple(cfg.impls))
     threads_before = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.num_threads():
+        torch.set_num_threads(cfg.num_threads())
     try:
         return _run(cfg, opts)
     finally:
@@ -249,7 +299,7 @@ def _run(cfg: Config, opts: Options) -> dict:
         env["memray_empty_region_bytes"] = measure.memray_overhead_bytes()
     rows: List[dict] = []
     skipped: List[dict] = []
-    jobs = [(w, s) for s in cfg.grid() for w in cfg.workloads]
+    jobs = cfg.jobs()
     with report.Progress(len(jobs), enabled=cfg.show) as bar:
         for workload, shape in jobs:
             res = measure_shape(workload, shape, cfg, opts, progress=bar.describe)
@@ -264,7 +314,8 @@ def _run(cfg: Config, opts: Options) -> dict:
         "config": {"grid": "custom" if cfg.shapes else ("quick" if cfg.quick else "full"), "quick": cfg.quick,
                    "repeats": cfg.num_repeats(), "compile": cfg.compile, "threads": torch.get_num_threads(),
                    "workloads": list(cfg.workloads), "impls": list(cfg.impls),
-                   "shapes": [list(s) for s in cfg.grid()], "max_logits_gib": cfg.max_logits_gib},
+                   "shapes": [list(s) for s in cfg.grid()], "jobs": [[w, list(s)] for w, s in jobs],
+                   "max_logits_gib": cfg.max_logits_gib},
         "rows": rows, "skipped": skipped, "targets": evaluate_targets(rows),
     }
     paths = report.write_all(results, cfg.out, plots=cfg.plots)

@@ -14,7 +14,7 @@ from bench.workloads import build_case, implementations, Options, release
 SHAPE = dict(tokens=512, dim=256, vocab=32000, dtype=torch.float32, device=torch.device("cpu"))
 
 
-@pytest.mark.parametrize("impl", ["eager", "fastpref-torch"])
+@pytest.mark.parametrize("impl", ["eager", "trl", "fastpref-torch"])
 @pytest.mark.parametrize("workload", ["logprobs", "dpo"])
 def test_fwd_bwd(benchmark, workload, impl):
     case = build_case(workload, **SHAPE)

@@ -28,7 +28,7 @@ from fastpref.losses import mcpo_sample_negatives
 from . import peers
 
 WORKLOADS = ("logprobs", "dpo", "var", "mcpo", "spo")
-IMPLEMENTATIONS = ("eager", "liger", "cce", "fastpref-torch", "fastpref-triton")
+IMPLEMENTATIONS = ("eager", "trl", "liger", "cce", "fastpref-torch", "fastpref-triton")
 
 SEQS = {"logprobs": 8, "dpo": 8, "var": 8, "mcpo": 10, "spo": 8}
 MCPO_K = 4
@@ -118,7 +118,7 @@ def build_case(workload: str, tokens: int, dim: int, vocab: int, dtype: torch.dt
 
 
 # ----------------------------------------------------------------------------------------------
-# eager (TRL-style)
+# eager: naive full logits (how TRL's DPOTrainer computed log-probs before its chunked LM head)
 
 
 def _eager(case: Case) -> Callable[[], torch.Tensor]:
@@ -149,6 +149,48 @@ def _eager(case: Case) -> Callable[[], torch.Tensor]:
         # spo
         kl = peers.eager_seq_kl(t["kl_hidden"], t["kl_ref_hidden"], t["weight"], t["ref_weight"], t["kl_targets"])
         pol = peers.eager_seq_logps(t["hidden"], t["weight"], t["targets"])
+        half = pol.shape[0] // 2
+        return peers.spo_head(pol[:half], pol[half:], kl, SPO_ALPHA, SPO_KL_COEF)
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# trl: TRL 1.16's chunked LM-head kernels, policy first, then the reference under no_grad (DPOTrainer's order)
+
+
+def _trl(case: Case) -> Callable[[], torch.Tensor]:
+    t = case.tensors
+    w = case.workload
+    token_logps = peers.trl_token_logps_fn()
+    seq_kl = peers.trl_seq_kl_fn() if w == "spo" else None
+
+    def seq_logps(hidden, weight, targets, outputs=peers.TRL_LOGPROBS_ONLY) -> torch.Tensor:
+        return token_logps(hidden, weight, targets, outputs).sum(dim=-1)
+
+    def ref_logps() -> torch.Tensor:
+        with torch.no_grad():
+            return seq_logps(t["ref_hidden"], t["ref_weight"], t["targets"])
+
+    def step() -> torch.Tensor:
+        if w == "logprobs":
+            return token_logps(t["hidden"], t["weight"], t["targets"]).sum()
+        if w == "dpo":
+            pol = seq_logps(t["hidden"], t["weight"], t["targets"], peers.TRL_DPO_POLICY_OUTPUTS)
+            ref = ref_logps()
+            half = pol.shape[0] // 2
+            return peers.dpo_head(pol[:half], pol[half:], ref[:half], ref[half:], DPO_BETA)
+        if w == "var":
+            return peers.var_head(seq_logps(t["hidden"], t["weight"], t["targets"]), t["rewards"], VAR_BETA)
+        if w == "mcpo":
+            pol = seq_logps(t["hidden"], t["weight"], t["targets"]).view(-1, MCPO_K + 1)
+            ref = ref_logps().view(-1, MCPO_K + 1)
+            generator = torch.Generator(device=case.device).manual_seed(NEGATIVE_SEED)
+            neg = mcpo_sample_negatives(pol, ref, beta=MCPO_BETA, generator=generator)
+            return peers.mcpo_head(pol, ref, neg, MCPO_BETA)
+        # spo
+        pol = seq_logps(t["hidden"], t["weight"], t["targets"])
+        kl = seq_kl(t["kl_hidden"], t["kl_ref_hidden"], t["weight"], t["ref_weight"], t["kl_targets"])
         half = pol.shape[0] // 2
         return peers.spo_head(pol[:half], pol[half:], kl, SPO_ALPHA, SPO_KL_COEF)
 
@@ -200,7 +242,15 @@ def implementations(case: Case, opts: Options) -> Tuple[List[Impl], Dict[str, st
     skipped: Dict[str, str] = {}
     for name in opts.impls:
         if name == "eager":
-            ready.append(Impl(name, _eager(case)))
+            ready.append(Impl(name, _eager(case), note="naive full logits"))
+        elif name == "trl":
+            try:
+                step = _trl(case)
+            except ImportError as exc:
+                skipped[name] = f"trl not importable ({exc})"
+                continue
+            ready.append(Impl(name, step, note="trl.kernels.ChunkedLogProbFunction"
+                              + (" + ChunkedDivergenceFunction" if case.workload == "spo" else "")))
         elif name == "liger":
             if case.workload != "dpo":
                 skipped[name] = "no Liger chunked loss for this workload"

@@ -10,7 +10,7 @@ from typing import List, Optional
 COMMANDS = {
     "check": "gradient-parity self-test of every loss and backend available on this machine",
     "kernels": "compile every Triton kernel/config ahead of time for a GPU arch and report registers/spills",
-    "bench": "memory/throughput benchmark suite against eager PyTorch, Liger-Kernel and Cut Cross-Entropy",
+    "bench": "memory/throughput benchmark suite against eager PyTorch, TRL, Liger-Kernel and Cut Cross-Entropy",
 }
 
 

@@ -1,6 +1,6 @@
-"""``fastpref bench``: memory/throughput suite vs eager PyTorch, Liger-Kernel and Cut Cross-Entropy.
+"""``fastpref bench``: memory/throughput suite vs eager PyTorch, TRL, Liger-Kernel and Cut Cross-Entropy.
 
-Runs the grid of bench/runner.py (``--quick``: a small CPU grid that finishes in a few minutes) and
+Runs the grid of bench/runner.py (``--quick``: a small CPU grid that finishes in under 3 minutes) and
 writes ``results.json``, ``results.md`` and PNG plots under ``--out``. ``--n/--d/--v/--dtype`` replace
 the grid by their cartesian product.
 """
@@ -23,7 +23,8 @@ def _str_list(text: str):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bench.workloads import IMPLEMENTATIONS, WORKLOADS
 
-    parser.add_argument("--quick", action="store_true", help="small CPU grid (fp32, D=128, N<=512), 3 repeats")
+    parser.add_argument("--quick", action="store_true",
+                        help="small CPU grid (fp32, D=128, N<=512), 3 repeats, 1 torch thread; under 3 minutes")
     parser.add_argument("--out", default="bench/out", help="output directory (default: %(default)s)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--losses", type=_str_list, default=list(WORKLOADS),
@@ -41,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-logits-gib", type=float, default=None,
                         help="skip implementations that would materialize more logits than this (default 8)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice; 1 is steadier on a busy machine)")
+                        help="torch intra-op threads (default: 1 with --quick, else torch's choice; "
+                             "1 is steadier on a busy machine)")
     parser.add_argument("--seed", type=int, default=0)
 
 
