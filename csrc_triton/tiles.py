@@ -60,7 +60,7 @@ def write_row_results(rows, row_mask, seq_ids_ptr, m, s, target_logit, m_ref, s_
 
     lse = m + log s; token log-prob = target logit - lse; the KL accumulator ``kl_acc`` is
     sum_v exp(z - m)(z - r) (forward) or sum_v exp(r - m_ref)(r - z) (reverse), so
-    KL(p||q) = kl_acc / s - lse + lse_ref and KL(q||p) = kl_acc / s_ref - lse_ref + lse.
+    KL(p||q) = kl_acc / s - (lse - lse_ref) and KL(q||p) = kl_acc / s_ref + (lse - lse_ref).
     """
     seq = tl.load(seq_ids_ptr + rows, mask=row_mask, other=0)
     lse = m + tl.log(s)
@@ -75,9 +75,12 @@ def write_row_results(rows, row_mask, seq_ids_ptr, m, s, target_logit, m_ref, s_
         tl.store(ref_token_logps_ptr + rows, ref_token_logp, mask=row_mask)
         tl.atomic_add(seq_ref_logps_ptr + seq, ref_token_logp, mask=row_mask)
         if KL_MODE != 0:
+            # lse - lse_ref as (m - m_ref) + log(s / s_ref): the log of a ratio near 1, not the difference
+            # of two O(log V) logs whose round-off would dominate a small KL.
+            lse_diff = (m - m_ref) + tl.log(s / s_ref)
             if KL_MODE == 1:
-                token_kl = kl_acc / s - lse + lse_ref
+                token_kl = kl_acc / s - lse_diff
             else:
-                token_kl = kl_acc / s_ref - lse_ref + lse
+                token_kl = kl_acc / s_ref + lse_diff
             tl.store(token_kl_ptr + rows, token_kl, mask=row_mask)
             tl.atomic_add(seq_kl_ptr + seq, token_kl, mask=row_mask)

@@ -9,7 +9,9 @@ import torch
 
 @dataclass
 class LogprobStats:
-    """Per-sequence and per-position log-prob statistics, all float32.
+    """Per-sequence and per-position log-prob statistics: float32 for fp16/bf16/fp32 inputs, float64 for
+    float64 inputs (a deliberate extension of API.md's "all float32", so that fp64 gradient checks can
+    be tight; nothing changes for half or single precision).
 
     Attributes:
         logps: [num_seqs] sum of log pi_theta(target) over non-ignored positions (differentiable).

@@ -7,6 +7,7 @@ and a sequence id per position. ``prepare`` checks the user's arguments, raises 
 from __future__ import annotations
 
 import math
+import operator
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
@@ -81,6 +82,24 @@ def _check_scalar(name: str, value, allow_none: bool) -> Optional[float]:
     return v
 
 
+def _check_int(name: str, value) -> int:
+    """An integer (Python, NumPy or 0-d integer tensor); floats such as 2.7 are refused, not truncated."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    """A bias of -inf (a way to mask tokens) would make whole vocabulary tiles -inf, and the online
+    log-sum-exp and the KL terms NaN (-inf - -inf); a large finite negative value masks just as well."""
+    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite (to mask tokens use a large negative value such as -1e4, "
+                         "whose exponential is exactly 0 in fp32, instead of -inf)")
+
+
 def _check_not_sharded(name: str, t: Optional[torch.Tensor]) -> None:
     """Reject a head parameter that a data-parallel framework holds sharded outside its module's forward."""
     if t is None:
@@ -134,6 +153,9 @@ def prepare(
         raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
     temperature = _check_scalar("temperature", temperature, allow_none=False)
     softcap = _check_scalar("softcap", softcap, allow_none=True)
+    ignore_index = _check_int("ignore_index", ignore_index)
+    if num_seqs is not None:
+        num_seqs = _check_int("num_seqs", num_seqs)
 
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
@@ -163,6 +185,7 @@ def prepare(
             raise ValueError(f"bias is on {bias.device} but hidden is on {device}: mixed devices")
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias ({bias.dtype}) and weight ({weight.dtype}) must have the same dtype")
+        _check_finite("bias", bias)
 
     padded = hidden.dim() == 3
     target_shape = tuple(targets.shape)
@@ -253,6 +276,11 @@ def prepare(
                 raise ValueError(f"ref_bias must have shape ({vocab},), got {tuple(r_bias.shape)}")
             if r_bias.device != device:
                 raise ValueError(f"ref_bias is on {r_bias.device} but hidden is on {device}: mixed devices")
+            if r_bias.dtype != r_weight.dtype:
+                raise TypeError(f"ref_bias ({r_bias.dtype}) and the reference head ({r_weight.dtype}) must "
+                                "have the same dtype")
+            if ref_bias is not None:
+                _check_finite("ref_bias", r_bias)
             r_bias = r_bias.detach()
         r_hidden = ref_hidden.detach().reshape(n, -1)
 

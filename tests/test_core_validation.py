@@ -55,7 +55,27 @@ BAD = [
     ("ref_bias length", dict(good(), ref_hidden=torch.randn(S, T, D), ref_weight=torch.randn(V, D),
                              ref_bias=torch.randn(3)), ValueError, "ref_bias"),
     ("ref_weight without ref_hidden", dict(good(), ref_weight=torch.randn(V, D)), ValueError, "ref_hidden"),
-    ("mixed devices weight", good(weight=torch.empty(V, D, device="meta")), ValueError, "mixed devices"),
+    ("mixed devices weight", good(weight=torch.empty(V, D, device="meta")), ValueError, "weight.*mixed devices"),
+    ("mixed devices bias", dict(good(), bias=torch.empty(V, device="meta")), ValueError, "bias.*mixed devices"),
+    ("mixed devices seq_ids", dict(good(hidden=torch.randn(3, D), targets=torch.zeros(3, dtype=torch.long)),
+                                   seq_ids=torch.zeros(3, dtype=torch.long, device="meta")), ValueError, "seq_ids"),
+    ("mixed devices ref_weight", dict(good(), ref_hidden=torch.randn(S, T, D),
+                                      ref_weight=torch.empty(V, D, device="meta")), ValueError, "ref_weight"),
+    ("mixed devices ref_bias", dict(good(), ref_hidden=torch.randn(S, T, D), ref_weight=torch.randn(V, D),
+                                    ref_bias=torch.empty(V, device="meta")), ValueError, "ref_bias"),
+    ("float seq_ids", dict(good(hidden=torch.randn(3, D), targets=torch.zeros(3, dtype=torch.long)),
+                           seq_ids=torch.zeros(3)), TypeError, "seq_ids"),
+    ("bias dtype", dict(good(), bias=torch.randn(V, dtype=torch.float64)), TypeError, "bias"),
+    ("ref_bias dtype", dict(good(), ref_hidden=torch.randn(S, T, D), ref_weight=torch.randn(V, D),
+                            ref_bias=torch.randn(V, dtype=torch.float64)), TypeError, "ref_bias"),
+    ("bias -inf", dict(good(), bias=torch.full((V,), -math.inf)), ValueError, "bias must be finite"),
+    ("bias nan", dict(good(), bias=torch.full((V,), math.nan)), ValueError, "bias must be finite"),
+    ("ref_bias inf", dict(good(), ref_hidden=torch.randn(S, T, D), ref_weight=torch.randn(V, D),
+                          ref_bias=torch.full((V,), math.inf)), ValueError, "ref_bias must be finite"),
+    ("num_seqs float", dict(good(hidden=torch.randn(3, D), targets=torch.zeros(3, dtype=torch.long)),
+                            seq_ids=torch.tensor([0, 0, 1]), num_seqs=2.7), TypeError, "num_seqs"),
+    ("ignore_index None", dict(good(), ignore_index=None), TypeError, "ignore_index"),
+    ("ignore_index float", dict(good(), ignore_index=-100.0), TypeError, "ignore_index"),
     ("mixed devices targets", good(targets=torch.zeros(S, T, dtype=torch.long, device="meta")), ValueError,
      "targets"),
     ("mixed devices ref", dict(good(), ref_hidden=torch.empty(S, T, D, device="meta")), ValueError, "ref_hidden"),
@@ -100,3 +120,47 @@ def test_explicit_num_seqs_adds_empty_sequences():
     assert stats.logps.shape == (5,)
     assert stats.logps[1].item() == 0 and stats.logps[3].item() == 0 and stats.logps[4].item() == 0
     assert torch.isfinite(stats.logps).all()
+
+
+def test_in_place_change_before_backward_is_detected():
+    """The backward recomputes the logits from the inputs: modifying one in place must raise, as eager does."""
+    hidden = torch.randn(S, T, D, requires_grad=True)
+    weight = torch.randn(V, D, requires_grad=True)
+    stats = fastpref.fused_logprobs(hidden, weight, torch.randint(0, V, (S, T)))
+    with torch.no_grad():
+        weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stats.logps.sum().backward()
+
+
+def test_double_backward_raises_clearly():
+    hidden = torch.randn(S, T, D, requires_grad=True)
+    stats = fastpref.fused_logprobs(hidden, torch.randn(V, D), torch.randint(0, V, (S, T)))
+    (grad,) = torch.autograd.grad(stats.logps.sum(), hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(grad.sum(), hidden)
+
+
+@pytest.mark.parametrize("fn", [fastpref.fused_logprobs, reference.fused_logprobs], ids=["fused", "reference"])
+def test_non_finite_hidden_at_ignored_position_does_not_leak(fn):
+    """An ignored position is excluded, whatever its hidden state holds (e.g. NaN padding)."""
+    hidden = torch.randn(S, T, D)
+    targets = torch.randint(0, V, (S, T))
+    hidden[0, 1] = math.nan
+    hidden[1, 2] = math.inf
+    targets[0, 1] = targets[1, 2] = -100
+    leaf = hidden.clone().requires_grad_()
+    stats = fn(leaf, torch.randn(V, D), targets, ref_hidden=hidden.nan_to_num(0.0, 0.0, 0.0), kl="forward")
+    assert torch.isfinite(stats.logps).all() and torch.isfinite(stats.kl).all()
+    assert torch.isfinite(stats.ref_logps).all()
+    (stats.logps.sum() + stats.kl.sum()).backward()
+    assert torch.isfinite(leaf.grad).all()
+    assert leaf.grad[0, 1].abs().sum() == 0 and leaf.grad[1, 2].abs().sum() == 0
+
+
+def test_non_finite_hidden_at_valid_position_is_visible():
+    """NaN in a used hidden state is not hidden away: its sequence's log-prob is NaN, the others are not."""
+    hidden = torch.randn(S, T, D)
+    hidden[1, 0] = math.nan
+    stats = fastpref.fused_logprobs(hidden, torch.randn(V, D), torch.randint(0, V, (S, T)))
+    assert torch.isnan(stats.logps[1]) and torch.isfinite(stats.logps[0])

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .._validate import Prepared
 
@@ -126,11 +127,15 @@ class _Partials:
         if self.ref_max is not None:
             ref_lse = self.ref_max + self.ref_sum.log()
             ref_token_logps = self.ref_target - ref_lse
-        # KL(p||q) = sum p (z - r) - lse + lse_r ; KL(q||p) = sum q (r - z) - lse_r + lse.
-        if kl == "forward":
-            token_kl = self.kl_acc / self.sum - lse + ref_lse
-        elif kl == "reverse":
-            token_kl = self.kl_acc / self.ref_sum - ref_lse + lse
+        # KL(p||q) = sum p (z - r) - (lse - lse_r) ; KL(q||p) = sum q (r - z) + (lse - lse_r), with
+        # lse - lse_r = (m - m_r) + log(s / s_r): one log of a ratio near 1 rather than the difference of
+        # two O(log V) logs, whose round-off would dominate a small KL.
+        if kl:
+            lse_diff = (self.max - self.ref_max) + torch.log(self.sum / self.ref_sum)
+            if kl == "forward":
+                token_kl = self.kl_acc / self.sum - lse_diff
+            else:
+                token_kl = self.kl_acc / self.ref_sum + lse_diff
         return self.target - lse, lse, ref_token_logps, ref_lse, token_kl
 
 
@@ -337,7 +342,10 @@ class _FusedLogprobsFn(torch.autograd.Function):
         outs = _forward_all(prep)
         token_logps, lse, ref_token_logps, ref_lse, token_kl = outs
         ctx.prep = prep
-        ctx.save_for_backward(lse, ref_lse, token_kl)
+        # The inputs go through save_for_backward too (the backward reads them from ``prep``): autograd's
+        # version check then raises if one is modified in place before the backward recomputes the tiles.
+        ctx.save_for_backward(lse, ref_lse, token_kl, hidden, weight, bias, prep.ref_hidden, prep.ref_weight,
+                              prep.ref_bias)
         empty = torch.empty(0, dtype=token_logps.dtype, device=token_logps.device)
         ref_out = ref_token_logps if ref_token_logps is not None else empty
         kl_out = token_kl if token_kl is not None else empty.clone()
@@ -345,9 +353,10 @@ class _FusedLogprobsFn(torch.autograd.Function):
         return token_logps, ref_out, kl_out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logps, grad_ref, grad_kl):
         prep: Prepared = ctx.prep
-        lse, ref_lse, token_kl = ctx.saved_tensors
+        lse, ref_lse, token_kl = ctx.saved_tensors[:3]
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 prep.bias is not None and ctx.needs_input_grad[2])
         if grad_logps is None:

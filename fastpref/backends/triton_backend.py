@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .._stats import LogprobStats
 from .._validate import Prepared
@@ -239,7 +240,9 @@ class _TritonLogprobsFn(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, prep: Prepared):
         out = forward(prep)
         ctx.prep = prep
-        ctx.save_for_backward(out.lse, out.ref_lse, out.token_kl)
+        # Inputs saved too, for autograd's in-place modification check (the backward reads ``prep``).
+        ctx.save_for_backward(out.lse, out.ref_lse, out.token_kl, hidden, weight, bias, prep.ref_hidden,
+                              prep.ref_weight, prep.ref_bias)
         empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
         ref_tok = out.ref_token_logps if out.ref_token_logps is not None else empty
         ref_seq = out.seq_ref_logps if out.seq_ref_logps is not None else empty.clone()
@@ -249,9 +252,10 @@ class _TritonLogprobsFn(torch.autograd.Function):
         return out.token_logps, ref_tok, tok_kl, out.seq_logps, ref_seq, seq_kl
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_token_logps, g_ref_tok, g_token_kl, g_seq_logps, g_ref_seq, g_seq_kl):
         prep: Prepared = ctx.prep
-        lse, ref_lse, token_kl = ctx.saved_tensors
+        lse, ref_lse, token_kl = ctx.saved_tensors[:3]
         grad_logps = _combine(prep, g_token_logps, g_seq_logps)
         grad_kl = _combine(prep, g_token_kl, g_seq_kl) if prep.kl else None
         d_hidden, d_weight, d_bias = backward(

@@ -27,19 +27,27 @@ def eager_token_stats(prep: Prepared):
     """Per-position (token_logps, ref_token_logps, token_kl) with full logits."""
     mask = prep.valid
     safe_targets = torch.where(mask, prep.targets, torch.zeros_like(prep.targets)).unsqueeze(1)
-    logp = torch.log_softmax(eager_logits(prep.hidden, prep.weight, prep.bias, prep.temperature, prep.softcap), -1)
-    token_logps = logp.gather(1, safe_targets).squeeze(1) * mask
+    # Ignored rows are zeroed before the projection, so that a non-finite hidden state there (padding)
+    # reaches neither the outputs nor, through the softmax backward, the gradients.
+    hidden = torch.where(mask.unsqueeze(1), prep.hidden, torch.zeros((), dtype=prep.hidden.dtype))
+    logp = torch.log_softmax(eager_logits(hidden, prep.weight, prep.bias, prep.temperature, prep.softcap), -1)
+    # torch.where, not "* mask": a non-finite value at an ignored position must not leak into the sums.
+    def masked(values: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, values, torch.zeros((), dtype=values.dtype))
+
+    token_logps = masked(logp.gather(1, safe_targets).squeeze(1))
     ref_token_logps = token_kl = None
     if prep.ref_hidden is not None:
         with torch.no_grad():
+            ref_hidden = torch.where(mask.unsqueeze(1), prep.ref_hidden, torch.zeros((), dtype=prep.ref_hidden.dtype))
             logq = torch.log_softmax(
-                eager_logits(prep.ref_hidden, prep.ref_weight, prep.ref_bias, prep.temperature, prep.softcap), -1
+                eager_logits(ref_hidden, prep.ref_weight, prep.ref_bias, prep.temperature, prep.softcap), -1
             ).to(logp.dtype)
-        ref_token_logps = logq.gather(1, safe_targets).squeeze(1) * mask
+        ref_token_logps = masked(logq.gather(1, safe_targets).squeeze(1))
         if prep.kl == "forward":
-            token_kl = (logp.exp() * (logp - logq)).sum(-1) * mask
+            token_kl = masked((logp.exp() * (logp - logq)).sum(-1))
         elif prep.kl == "reverse":
-            token_kl = (logq.exp() * (logq - logp)).sum(-1) * mask
+            token_kl = masked((logq.exp() * (logq - logp)).sum(-1))
     return token_logps, ref_token_logps, token_kl
 
 
