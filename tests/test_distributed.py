@@ -700,11 +700,10 @@ def test_partitioned_zero3_head_is_rejected_clearly():
 # --------------------------------------------------------------------------------------------------
 # DeepSpeed ZeRO-3 for real (CPU accelerator, gloo), where deepspeed is installed (not a fastpref dependency)
 
-import importlib.util  # noqa: E402
 
-needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                     reason="deepspeed is not installed (optional; e.g. DS_BUILD_OPS=0 pip install "
-                                            "deepspeed)")
+# deepspeed is part of the test extra (make test installs it): these tests run, they are not skipped.
+needs_deepspeed = pytest.mark.filterwarnings("ignore")
+
 
 ZERO3_CONFIG = {"train_micro_batch_size_per_gpu": PAIRS // WORLD, "gradient_accumulation_steps": 1,
                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},

@@ -349,8 +349,6 @@ def _zero3_worker(rank: int, world: int, out_dir: str) -> dict:
     return out
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None,
-                    reason="deepspeed is not installed (optional)")
 def test_zero3_training_step_matches_single_process(tmp_path):
     """FastPrefDPOTrainer under DeepSpeed ZeRO-3 (two CPU processes, two pairs each): after one SGD step both ranks
     hold the single process's weights, for DPO (also with tied embeddings), SPO with its reference KL (the reference

@@ -19,10 +19,13 @@ from torch.autograd.function import once_differentiable
 
 from .._validate import Prepared
 
-# Tile sizes. A [BLOCK_N, BLOCK_V] fp32 tile is 8 MiB: big enough for efficient GEMMs on CPU, small
-# enough that the few live tiles stay a tiny fraction of what the full logits would take.
-BLOCK_N = 512
-BLOCK_V = 4096
+# Tile sizes. A [BLOCK_N, BLOCK_V] fp32 tile is 4 MiB: big enough for efficient GEMMs on CPU (the
+# backward's dW product has K = BLOCK_N), small enough that the few live tiles stay a tiny fraction of
+# what the full logits would take. Measured on 2 AMD EPYC cores (DPO fwd+bwd): 5-10% faster than
+# 512 x 4096 at D = 128 and ~4% at D = 1024 (narrower vocabulary slices keep the elementwise passes
+# and the W slice closer to the cache).
+BLOCK_N = 1024
+BLOCK_V = 1024
 
 
 class _Tiles:
@@ -235,19 +238,26 @@ def _backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor]
     rows = active.nonzero().squeeze(1)
     n = rows.numel()
 
-    d_hidden = torch.zeros(prep.num_positions, dim, dtype=cd, device=device) if need_h else None
-    # Accumulate in fp32 (fp64 for fp64) even when the weight is half precision.
-    d_weight = torch.zeros(vocab, dim, dtype=cd, device=device) if need_w else None
-    d_bias = torch.zeros(vocab, dtype=cd, device=device) if need_b else None
+    all_rows = n == prep.num_positions
     group = prep.vocab_parallel_group
     if n == 0:
+        d_hidden = torch.zeros(prep.num_positions, dim, dtype=cd, device=device) if need_h else None
         if need_h and group is not None:
             _all_reduce_sum(d_hidden, group)  # every rank of the group joins the collective
-        return d_hidden, d_weight, d_bias
+        return (d_hidden, torch.zeros(vocab, dim, dtype=cd, device=device) if need_w else None,
+                torch.zeros(vocab, dtype=cd, device=device) if need_b else None)
+    # Accumulate in fp32 (fp64 for fp64) even when the weight is half precision. The first row block
+    # writes dW/db and the first vocabulary block each dH row block (no zero fill of the [V, D] buffer);
+    # dH rows of inactive positions stay zero.
+    d_hidden = None
+    if need_h:
+        d_hidden = (torch.empty if all_rows else torch.zeros)(prep.num_positions, dim, dtype=cd, device=device)
+    d_weight = torch.empty(vocab, dim, dtype=cd, device=device) if need_w else None
+    d_bias = torch.empty(vocab, dtype=cd, device=device) if need_b else None
 
     def take(t: torch.Tensor) -> torch.Tensor:
         """The active rows of a per-position tensor (no copy when every position is active)."""
-        return t if n == prep.num_positions else t.index_select(0, rows)
+        return t if all_rows else t.index_select(0, rows)
 
     hidden, targets, a, lse = take(prep.hidden), take(prep.targets), take(a), take(lse)
     use_ref = b is not None
@@ -279,7 +289,9 @@ def _backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor]
             ones = torch.ones(rb, 1, dtype=cd, device=device)
             row_scale = (ones if row_scale is None else row_scale) / prep.temperature
         h_scaled = h if row_scale is None else h * row_scale
-        dh_blk = torch.zeros(rb, dim, dtype=cd, device=device) if need_h else None
+        dh_blk = None
+        if need_h:  # every row active: dH is written in place
+            dh_blk = d_hidden[n0:n1] if all_rows else torch.empty(rb, dim, dtype=cd, device=device)
         for v0 in range(0, vocab, bv):
             v1 = min(v0 + bv, vocab)
             cols = v1 - v0
@@ -310,18 +322,29 @@ def _backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor]
                 # d(c * tanh(u / c))/du = 1 - (z / c)^2, with z the capped logits.
                 g.mul_(z.div_(prep.softcap).square_().neg_().add_(1.0))
             if need_h:
-                dh_blk.addmm_(g, w_blk.to(cd))
+                if v0 == 0:
+                    torch.mm(g, w_blk.to(cd), out=dh_blk)
+                else:
+                    dh_blk.addmm_(g, w_blk.to(cd))
             if need_w:
-                d_weight[v0:v1].addmm_(g.t(), h_scaled)
+                if n0 == 0:
+                    torch.mm(g.t(), h_scaled, out=d_weight[v0:v1])
+                else:
+                    d_weight[v0:v1].addmm_(g.t(), h_scaled)
             if need_b:
                 if row_scale is None:
-                    d_bias[v0:v1] += g.sum(dim=0)
+                    col_sums = g.sum(dim=0)
                 else:
-                    d_bias[v0:v1].addmv_(g.t(), row_scale.squeeze(1))
+                    col_sums = torch.mv(g.t(), row_scale.squeeze(1))
+                if n0 == 0:
+                    d_bias[v0:v1] = col_sums
+                else:
+                    d_bias[v0:v1] += col_sums
         if need_h:
             if row_scale is not None:
                 dh_blk.mul_(row_scale)
-            d_hidden.index_copy_(0, rows[n0:n1], dh_blk)
+            if not all_rows:
+                d_hidden.index_copy_(0, rows[n0:n1], dh_blk)
     if need_h and group is not None:
         _all_reduce_sum(d_hidden, group)
     return d_hidden, d_weight, d_bias
