@@ -439,8 +439,8 @@ class FusedSimPOLoss(_PairwiseLoss):
 
     ``gamma`` is the absolute margin (default 0.5, API.md). SimPOConfig parameterizes it as
     ``gamma_beta_ratio`` (default 0.25) with gamma = ratio * beta, so the two defaults agree only at
-    beta = 2; at another beta pass ``gamma = 0.25 * beta`` to keep SimPOConfig's ratio (the head
-    :func:`fastpref.losses.simpo` also takes ``gamma_beta_ratio=``).
+    beta = 2; at another beta pass ``gamma_beta_ratio=0.25`` (gamma = 0.25 * beta, as the head
+    :func:`fastpref.losses.simpo`; not together with a non-default ``gamma``).
 
     Difference from Liger-Kernel's ``LigerFusedLinearSimPOLoss``: Liger adds, by default
     (``compute_nll_loss=True``, ``alpha=1``), the chosen responses' token-mean NLL and its default beta
@@ -449,13 +449,16 @@ class FusedSimPOLoss(_PairwiseLoss):
 
     reference_mode = "none"
 
-    def __init__(self, beta: float = 2.0, gamma: float = 0.5, sft_weight: float = 0.0, **options) -> None:
+    def __init__(self, beta: float = 2.0, gamma: float = 0.5, sft_weight: float = 0.0,
+                 gamma_beta_ratio: Optional[float] = None, **options) -> None:
         super().__init__(**options)
         self.beta, self.gamma, self.sft_weight = beta, gamma, sft_weight
+        self.gamma_beta_ratio = gamma_beta_ratio
 
     def compute_loss(self, batch: SequenceBatch) -> Tuple[Tensor, Metrics]:
         c, r, _, _, lc, lr = self.pairs(batch)
-        return losses.simpo(c, r, lc, lr, beta=self.beta, gamma=self.gamma, sft_weight=self.sft_weight)
+        return losses.simpo(c, r, lc, lr, beta=self.beta, gamma=self.gamma, sft_weight=self.sft_weight,
+                            gamma_beta_ratio=self.gamma_beta_ratio)
 
 
 class FusedSLiCLoss(_PairwiseLoss):

@@ -620,3 +620,18 @@ def test_var_reduction_options_are_validated_at_construction():
     for bad in (dict(ref_reduction="max"), dict(policy_reduction="token"), dict(normalize="batch")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             fastpref.FusedVARLoss(beta=1.0, **bad)
+
+
+def test_simpo_module_gamma_beta_ratio_sets_gamma_from_beta():
+    """FusedSimPOLoss(gamma_beta_ratio=r) equals gamma = r * beta (SimPOConfig's parameterization)."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(4, 6, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 40, (4, 6), generator=g)
+    by_ratio = fastpref.FusedSimPOLoss(beta=4.0, gamma_beta_ratio=0.25)(weight, hidden, targets).loss
+    by_gamma = fastpref.FusedSimPOLoss(beta=4.0, gamma=1.0)(weight, hidden, targets).loss
+    default_gamma = fastpref.FusedSimPOLoss(beta=4.0)(weight, hidden, targets).loss
+    assert torch.allclose(by_ratio, by_gamma, rtol=1e-12, atol=0)
+    assert not torch.allclose(by_ratio, default_gamma)
+    with pytest.raises(ValueError, match="gamma_beta_ratio"):
+        fastpref.FusedSimPOLoss(beta=4.0, gamma=1.0, gamma_beta_ratio=0.25)(weight, hidden, targets)
