@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+from fastpref.commands.kernels import KernelReport  # the report's row type (imports no triton)
+
 RESULTS_DIR = os.path.join("bench", "results")
 QUICK_MD = os.path.join(RESULTS_DIR, "cpu_quick.md")
 TARGET_MD = os.path.join(RESULTS_DIR, "cpu_target_dpo.md")
@@ -128,19 +130,6 @@ def render_target(md: BenchMarkdown, source: str = TARGET_MD, note: str = TARGET
 # kernel reports (fastpref/commands/kernels.py:report_markdown)
 
 
-@dataclass
-class KernelRow:
-    kernel: str
-    variant: str
-    config: str
-    arch: str
-    registers: int
-    spill_bytes: int
-    shared_bytes: int
-    wgmma: bool
-    wgmma_dots: str
-
-
 def parse_kernel_md(text: str) -> tuple:
     """(title, triton version, rows, note) of a kernel report; ``note`` is its paragraph above the table."""
     title = re.search(r"^# Triton kernel report: (.+)$", text, re.M)
@@ -153,14 +142,15 @@ def parse_kernel_md(text: str) -> tuple:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) != 9 or not line.startswith("|") or not cells[4].isdigit():
             continue
-        rows.append(KernelRow(cells[0], cells[1], cells[2], cells[3], int(cells[4]), int(cells[5]), int(cells[6]),
-                              cells[7] == "yes", cells[8]))
+        wgmma_dots, dots = (int(x) for x in cells[8].split("/"))
+        rows.append(KernelReport(cells[0], cells[1], cells[2], cells[3], int(cells[4]), int(cells[5]), int(cells[6]),
+                                 cells[7] == "yes", wgmma_dots, dots, ptx_path=""))
     if not title or not rows:
         raise ValueError("not a fastpref kernel report (no title or no table rows)")
     return title.group(1), triton.group(1) if triton else "?", rows, note
 
 
-def _variants(rows: Sequence[KernelRow]) -> str:
+def _variants(rows: Sequence[KernelReport]) -> str:
     return ", ".join(sorted({f"`{r.variant}`" for r in rows}))
 
 
@@ -185,7 +175,7 @@ def render_kernels(texts: Dict[str, str]) -> str:
         elif not without:
             wgmma = f"all {len(rows)} configurations"
         else:
-            full = all(r.wgmma_dots.split("/")[0] == r.wgmma_dots.split("/")[1] for r in with_mma)
+            full = all(r.wgmma_dots == r.dots for r in with_mma)
             wgmma = (f"{len(with_mma)} of {len(rows)} configurations ({'every' if full else 'some'} `tl.dot` of "
                      f"{_variants(with_mma)}); none in {_variants(without)}")
         lines.append(f"| `{path}`: {title} | {len(rows)} | {len({r.kernel for r in rows})} | {min(regs)}-{max(regs)} "

@@ -319,14 +319,16 @@ def test_spo_with_kl_matches_eager_fp64():
     torch.testing.assert_close(m["kl"], kl.detach(), **TOL)
 
 
-def test_spo_best_of_n_and_ranked_match_eager_fp64():
+@pytest.mark.parametrize("alpha", [0.4, 0.0], ids=["alpha_0.4", "alpha_0"])
+def test_spo_best_of_n_and_ranked_match_eager_fp64(alpha):
+    """Eq. 14/15 (alpha > 0) and their alpha = 0 forms against the eager formulas."""
     s = uniform((5, 4), -6, -0.5, 0).requires_grad_(True)
     best = torch.tensor([0, 3, 1, 2, 3])
-    loss, _ = L.spo_best_of_n(s, best, alpha=0.4, gamma=0.6)
-    assert_parity(loss, ref_spo_best(s, best, 0.4, 0.6), [s])
-    loss, m = L.spo_ranked(s, alpha=0.4, gamma=0.6)
+    loss, _ = L.spo_best_of_n(s, best, alpha=alpha, gamma=0.6)
+    assert_parity(loss, ref_spo_best(s, best, alpha, 0.6), [s])
+    loss, m = L.spo_ranked(s, alpha=alpha, gamma=0.6)
     assert m["weights"].shape == (5, 3)
-    assert_parity(loss, ref_spo_ranked(s, 0.4, 0.6), [s])
+    assert_parity(loss, ref_spo_ranked(s, alpha, 0.6), [s])
 
 
 # ---------------------------------------------------------------- hand-derived c_s (LOSSES.md §8)
@@ -934,14 +936,6 @@ def test_non_floating_statistics_are_rejected_by_name():
 
 
 # ---------------------------------------------------------------- SPO α = 0 branch and the switch
-
-def test_spo_best_of_n_and_ranked_alpha_zero_match_eager_fp64():
-    s = uniform((5, 4), -6, -0.5, 0).requires_grad_(True)
-    best = torch.tensor([0, 3, 1, 2, 3])
-    loss, _ = L.spo_best_of_n(s, best, alpha=0.0, gamma=0.6)
-    assert_parity(loss, ref_spo_best(s, best, 0.0, 0.6), [s])
-    loss, _ = L.spo_ranked(s, alpha=0.0, gamma=0.6)
-    assert_parity(loss, ref_spo_ranked(s, 0.0, 0.6), [s])
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.4])
