@@ -1,6 +1,6 @@
 """Profile one fwd+bwd step of fastpref-torch DPO and print where the time goes (GEMMs vs the rest).
 
-    OMP_NUM_THREADS=1 python -m bench.profile_dpo --n 4096 --d 1024 --v 32000 [--block-n 1024 --block-v 8192]
+    OMP_NUM_THREADS=1 python -m fastpref.bench.profile_dpo --n 4096 --d 1024 --v 32000 [--block-n 1024 --block-v 8192]
 
 ``--block-n/--block-v`` override the torch backend's tile sizes (module constants) for the experiment.
 """

@@ -1,7 +1,7 @@
 """Rewrite the generated blocks of README.md's Performance section from the committed bench results.
 
-    python -m bench.readme            # rewrite README.md from bench/results/
-    python -m bench.readme --check    # exit 1 if README.md differs from what bench/results/ generates
+    python -m fastpref.bench.readme            # rewrite README.md from fastpref.bench/results/
+    python -m fastpref.bench.readme --check    # exit 1 if README.md differs from what bench/results/ generates
 
 Three blocks, each between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->``:
 
@@ -242,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     new = update(old, blocks)
     if args.check:
         if new != old:
-            print(f"{args.readme} is stale: run python -m bench.readme", file=sys.stderr)
+            print(f"{args.readme} is stale: run python -m fastpref.bench.readme", file=sys.stderr)
             return 1
         print(f"{args.readme} is up to date")
         return 0

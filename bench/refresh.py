@@ -1,9 +1,9 @@
 """Regenerate the committed CPU results and README.md's Performance section in one command.
 
-    python -m bench.refresh               # fastpref bench --quick -> bench/results/cpu_quick.md (+ DPO plots),
-                                          # then python -m bench.readme
-    python -m bench.refresh --target      # also the DPO target row -> bench/results/cpu_target_dpo.md
-    python -m bench.refresh --readme-only # only python -m bench.readme (from the committed files)
+    python -m fastpref.bench.refresh               # fastpref bench --quick -> bench/results/cpu_quick.md (+ DPO plots),
+                                          # then python -m fastpref.bench.readme
+    python -m fastpref.bench.refresh --target      # also the DPO target row -> bench/results/cpu_target_dpo.md
+    python -m fastpref.bench.refresh --readme-only # only python -m fastpref.bench.readme (from the committed files)
 
 Run it on a quiet machine: the machine line of each table records the load average it saw. The raw runs
 (results.json with every repeat) stay under ``bench/out/`` (git-ignored).
@@ -48,7 +48,7 @@ def refresh_target(results_dir: str = readme.RESULTS_DIR, threads: Optional[int]
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", action="store_true", help="also rerun the DPO target row (a few minutes)")
-    parser.add_argument("--readme-only", action="store_true", help="only rewrite README.md from bench/results/")
+    parser.add_argument("--readme-only", action="store_true", help="only rewrite README.md from fastpref.bench/results/")
     parser.add_argument("--quick-threads", type=int, default=None,
                         help=f"torch threads for the quick run (default {runner.QUICK_THREADS})")
     parser.add_argument("--target-threads", type=int, default=None,

@@ -8,8 +8,8 @@ Not part of ``make test`` (pytest's testpaths is ``tests/``). Run and compare ru
 import pytest
 import torch
 
-from bench import measure
-from bench.workloads import build_case, implementations, Options, release
+from fastpref.bench import measure
+from fastpref.bench.workloads import build_case, implementations, Options, release
 
 SHAPE = dict(tokens=512, dim=256, vocab=32000, dtype=torch.float32, device=torch.device("cpu"))
 

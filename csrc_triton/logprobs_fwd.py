@@ -64,6 +64,8 @@ FWD_CONFIGS = {
 
 FWD_KEY = ["V", "D", "D_ref", "HAS_REF", "KL_MODE", "DOT_PRECISION", "SPLIT"]
 # Fields of the partial state a SPLIT program stores, each an [n_splits, n_rows] plane.
+# The fewest rows a forward program covers on a GPU (the launcher sizes its vocabulary split with it).
+MIN_BLOCK_N = min(cfg.kwargs["BLOCK_N"] for table in FWD_CONFIGS.values() for cfg in table)
 PARTIAL_FIELDS = 7  # m, s, target logit, m_ref, s_ref, ref target logit, KL accumulator
 
 

@@ -1,6 +1,6 @@
 """fastpref: fused preference-optimization losses that never materialize the logits."""
 from . import losses
-from ._stats import LogprobStats
+from ._types import LogprobStats
 from .ops import fused_logprobs
 from .modules import (FusedAlphaDPOLoss, FusedCPOLoss, FusedDPOLoss, FusedDPOPLoss, FusedIPOLoss, FusedKTOLoss,
                       FusedMCPOLoss, FusedORPOLoss, FusedSimPOLoss, FusedSLiCLoss, FusedSPOLoss, FusedVARLoss,

@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from . import losses
-from ._stats import LogprobStats
-from ._validate import _check_scalar
+from ._types import LogprobStats
+from ._checks import check_positive
 from .ops import fused_logprobs as _fused_logprobs
 
 Tensor = torch.Tensor
@@ -641,7 +641,7 @@ class FusedVARLoss(FusedLossBase):
     def __init__(self, beta: float, normalize: str = "self", policy_reduction: str = "sum",
                  ref_reduction: str = "sum", **options) -> None:
         super().__init__(**options)
-        self.beta = _check_scalar("beta", beta, allow_none=False)
+        self.beta = check_positive("beta", beta)
         for name, value in (("normalize", normalize), ("policy_reduction", policy_reduction),
                             ("ref_reduction", ref_reduction)):
             allowed = ("self", "none") if name == "normalize" else ("sum", "mean")

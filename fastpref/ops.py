@@ -1,48 +1,18 @@
-"""``fastpref.fused_logprobs``: the one fused op everything else stands on."""
+"""``fastpref.fused_logprobs``: the one fused op everything else stands on.
+
+entry (``fused_logprobs``) -> ``prepare`` (validation, flat view) -> :class:`_FusedLogprobs`, the one
+autograd Function -> a backend's ``forward`` / ``backward`` launchers (``fastpref/backends``).
+"""
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from types import ModuleType
+from typing import Any, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from ._stats import LogprobStats
-from ._validate import Prepared, prepare
-
-TokenOutputs = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
-
-
-def _run_backend(prep: Prepared) -> TokenOutputs:
-    if prep.backend == "torch":
-        from .backends import torch_backend
-
-        return torch_backend.token_stats(prep)
-    from .backends import triton_backend  # imported lazily: triton is optional on CPU installs
-
-    return triton_backend.token_stats(prep)
-
-
-def reduce_per_sequence(prep: Prepared, token_values: torch.Tensor) -> torch.Tensor:
-    """Sum per-position values [N] into per-sequence values [num_seqs] (differentiable)."""
-    out = torch.zeros(prep.num_seqs, dtype=token_values.dtype, device=token_values.device)
-    if prep.padded and prep.num_positions > 0:
-        return token_values.view(prep.num_seqs, -1).sum(dim=1)
-    return out.index_add(0, prep.seq_ids, token_values)
-
-
-def assemble(prep: Prepared, token_logps: torch.Tensor, ref_token_logps: Optional[torch.Tensor],
-             token_kl: Optional[torch.Tensor]) -> LogprobStats:
-    """Build a ``LogprobStats`` from per-position outputs (shared by all backends and the reference)."""
-    lengths = reduce_per_sequence(prep, prep.valid.to(token_logps.dtype))
-    shape = prep.target_shape
-    return LogprobStats(
-        logps=reduce_per_sequence(prep, token_logps),
-        lengths=lengths,
-        token_logps=token_logps.view(shape),
-        ref_logps=None if ref_token_logps is None else reduce_per_sequence(prep, ref_token_logps),
-        kl=None if token_kl is None else reduce_per_sequence(prep, token_kl),
-        token_kl=None if token_kl is None else token_kl.view(shape),
-        ref_token_logps=None if ref_token_logps is None else ref_token_logps.view(shape),
-    )
+from ._prepare import prepare
+from ._types import IGNORE_INDEX, LogprobStats, Prepared, assemble, reduce_per_sequence
 
 
 def fused_logprobs(
@@ -59,7 +29,7 @@ def fused_logprobs(
     kl: Optional[str] = None,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     vocab_parallel_group: Optional[Any] = None,
 ) -> LogprobStats:
@@ -68,7 +38,7 @@ def fused_logprobs(
     Fuses the LM-head projection, log-softmax, target gather and per-sequence reduction, block by
     block over positions and vocabulary (online log-sum-exp), so nothing of size [positions x V] is
     ever allocated. Optionally computes the reference model's log-probs and the full-vocabulary
-    per-position KL between policy and reference in the same pass.
+    per-position KL between policy and reference in the same pass. The contract is docs/api.md §1.
 
     Args:
         hidden: ``[S, T, D]`` padded rows (one sequence per row) or ``[N, D]`` packed positions.
@@ -110,8 +80,93 @@ def fused_logprobs(
         ref_weight=ref_weight, ref_bias=ref_bias, kl=kl, temperature=temperature, softcap=softcap,
         ignore_index=ignore_index, backend=backend, vocab_parallel_group=vocab_parallel_group,
     )
-    if prep.backend == "triton":
-        from .backends import triton_backend  # per-sequence sums come from the kernel epilogue
+    token_logps, ref_token_logps, token_kl, logps, ref_logps, seq_kl = _FusedLogprobs.apply(
+        prep.hidden, prep.weight, prep.bias, prep, _backend_module(prep)
+    )
+    has_ref, has_kl = prep.ref_hidden is not None, prep.kl is not None
+    return assemble(
+        prep, token_logps, ref_token_logps if has_ref else None, token_kl if has_kl else None,
+        logps=logps, ref_logps=ref_logps if has_ref else None, kl=seq_kl if has_kl else None,
+    )
 
-        return triton_backend.logprob_stats(prep)
-    return assemble(prep, *_run_backend(prep))
+
+def _backend_module(prep: Prepared) -> ModuleType:
+    """The launchers of ``prep.backend``; Triton is imported lazily (optional on CPU installs)."""
+    if prep.backend == "torch":
+        from .backends import torch_backend
+
+        return torch_backend
+    from .backends import triton_backend
+
+    triton_backend.check_supported(prep)
+    return triton_backend
+
+
+class _FusedLogprobs(torch.autograd.Function):
+    """The op's autograd Function, for every backend.
+
+    Forward runs the backend's forward (per-position values and the log-sum-exps the backward needs)
+    and returns the per-position outputs plus their per-sequence sums. Backward folds the gradient of
+    each per-sequence sum into its positions (d sum / d token = 1, a gather by ``seq_ids``) and calls
+    the backend's backward once, which recomputes the logits tile by tile.
+
+    Outputs: ``token_logps, ref_token_logps, token_kl, logps, ref_logps, kl``; absent ones are empty
+    tensors. The reference outputs carry no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], prep: Prepared,
+                backend: ModuleType):
+        out = backend.forward(prep)
+        empty = out.token_logps.new_empty(0)
+
+        def seq_sum(given: Optional[torch.Tensor], values: Optional[torch.Tensor]) -> torch.Tensor:
+            if values is None:
+                return empty.clone()
+            return given if given is not None else reduce_per_sequence(prep, values)
+
+        outputs = (
+            out.token_logps,
+            empty.clone() if out.ref_token_logps is None else out.ref_token_logps,
+            empty.clone() if out.token_kl is None else out.token_kl,
+            seq_sum(out.seq_logps, out.token_logps),
+            seq_sum(out.seq_ref_logps, out.ref_token_logps),
+            seq_sum(out.seq_kl, out.token_kl),
+        )
+        ctx.prep, ctx.backend = prep, backend
+        ctx.set_materialize_grads(False)
+        # The inputs go through save_for_backward too (the backward reads them from ``prep``): autograd's
+        # version check then raises if one is modified in place before the backward recomputes the tiles.
+        ctx.save_for_backward(out.lse, out.ref_lse, out.token_kl, hidden, weight, bias, prep.ref_hidden,
+                              prep.ref_weight, prep.ref_bias)
+        ctx.mark_non_differentiable(outputs[1], outputs[4])
+        return outputs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_token_logps, _g_ref_token, g_token_kl, g_logps, _g_ref_logps, g_kl):
+        prep: Prepared = ctx.prep
+        lse, ref_lse, token_kl = ctx.saved_tensors[:3]
+        cd = prep.compute_dtype
+        grad_logps = _per_position(prep, g_token_logps, g_logps, cd)
+        if grad_logps is None:
+            grad_logps = torch.zeros(prep.num_positions, dtype=cd, device=lse.device)
+        grad_kl = _per_position(prep, g_token_kl, g_kl, cd) if prep.kl else None
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], prep.bias is not None and ctx.needs_input_grad[2])
+        d_hidden, d_weight, d_bias = ctx.backend.backward(prep, lse, ref_lse, token_kl, grad_logps, grad_kl, need)
+        return (
+            None if d_hidden is None else d_hidden.to(prep.hidden.dtype),
+            None if d_weight is None else d_weight.to(prep.weight.dtype),
+            None if d_bias is None else d_bias.to(prep.bias.dtype),
+            None,
+            None,
+        )
+
+
+def _per_position(prep: Prepared, per_token: Optional[torch.Tensor], per_seq: Optional[torch.Tensor],
+                  dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A position's upstream gradient: its own plus its sequence's (None when neither exists)."""
+    if per_seq is not None and per_seq.numel():
+        from_seq = per_seq.to(dtype).index_select(0, prep.seq_ids)
+        return from_seq if per_token is None else per_token.to(dtype) + from_seq
+    return None if per_token is None else per_token.to(dtype)

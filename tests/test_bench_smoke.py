@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from bench import runner
+from fastpref.bench import runner
 from fastpref.cli import build_parser
 
 WORKLOADS = ["logprobs", "dpo", "spo"]  # the runner's smoke grid (the parity test below covers all five)
@@ -103,7 +103,7 @@ def test_implementations_compute_the_same_loss_and_gradients(workload):
     CCE (torch.compile on CPU) is covered by the log-prob op's parity elsewhere, not here."""
     import torch
 
-    from bench.workloads import Options, build_case, implementations, release
+    from fastpref.bench.workloads import Options, build_case, implementations, release
 
     case = build_case(workload, 128, 16, 3000, torch.float32, torch.device("cpu"), seed=3)
     ready, skipped = implementations(case, Options(compile=False, impls=("eager", "trl", "liger", "fastpref-torch")))
@@ -130,8 +130,8 @@ def test_trl_peer_runs_the_policy_first_then_the_reference_without_grad(monkeypa
     import torch
     from trl.kernels import ChunkedLogProbFunction
 
-    from bench import peers
-    from bench.workloads import Options, build_case, implementations
+    from fastpref.bench import peers
+    from fastpref.bench.workloads import Options, build_case, implementations
 
     calls = []
     apply = ChunkedLogProbFunction.apply
@@ -189,7 +189,7 @@ def test_tiny_bf16_custom_grid_from_the_cli(tmp_path, capsys):
 
 
 def test_results_md_feeds_the_readme_generator(tiny_results):
-    from bench import readme
+    from fastpref.bench import readme
 
     _, out = tiny_results
     md = readme.parse_results_md((out / "results.md").read_text())
@@ -220,7 +220,7 @@ def test_failed_compile_falls_back_or_is_skipped():
     """A torch.compile failure must not abort the run: Liger reruns uncompiled, CCE is left out."""
     import torch
 
-    from bench.workloads import Impl, Options, build_case
+    from fastpref.bench.workloads import Impl, Options, build_case
 
     case = build_case("dpo", 64, 16, 500, torch.float32, torch.device("cpu"))
 

@@ -1,10 +1,10 @@
-"""README.md's Performance section is generated from the committed bench results (python -m bench.readme)."""
+"""README.md's Performance section is generated from the committed bench results (python -m fastpref.bench.readme)."""
 import os
 import re
 
 import pytest
 
-from bench import readme
+from fastpref.bench import readme
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +22,7 @@ def _readme() -> str:
 @pytest.mark.parametrize("name", readme.BLOCKS)
 def test_readme_blocks_equal_what_the_committed_results_generate(name):
     assert readme.extract_block(_readme(), name) == readme.generate()[name], \
-        "README.md is stale: run python -m bench.readme"
+        "README.md is stale: run python -m fastpref.bench.readme"
 
 
 def test_check_mode_passes_on_the_committed_readme(capsys):
@@ -42,7 +42,7 @@ def test_performance_section_states_what_was_not_measured():
     section = text[text.index("## Performance"):]
     section = section[:section.find("\n## ", 1)] if "\n## " in section[1:] else section
     assert "not measured: gpu" in section.lower() and "fastpref-triton" in section
-    assert readme.TARGET_NOTE in section and "python -m bench.readme" in section
+    assert readme.TARGET_NOTE in section and "python -m fastpref.bench.readme" in section
     order = [section.index(readme.start_marker(n)) for n in readme.BLOCKS]
     assert all(0 <= i for i in order)
 

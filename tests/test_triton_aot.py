@@ -77,7 +77,7 @@ def test_parse_ptxas():
 def test_autotuner_prunes_to_the_device_and_precision(monkeypatch, arch):
     import torch
 
-    from csrc_triton import configs, logprobs_bwd, logprobs_fwd
+    from fastpref.kernels import configs, logprobs_bwd, logprobs_fwd
 
     monkeypatch.setattr(configs, "device_arch", lambda: arch)
     old_tf32 = torch.backends.cuda.matmul.allow_tf32

@@ -64,7 +64,7 @@ def test_bf16_no_worse_than_eager_bf16(name):
 
 
 def test_auto_backend_picks_triton_for_cuda_tensors():
-    from fastpref._validate import prepare
+    from fastpref._prepare import prepare
 
     case = on_cuda(cases.make_case(torch.bfloat16, seed=9, S=2, T=64, D=256, V=1000))
     prep = prepare(case["inputs"]["hidden"], case["inputs"]["weight"], case["targets"], **case["kwargs"])

@@ -89,7 +89,7 @@ def test_triton_backend_needs_cuda_or_interpreter():
 
 
 def test_auto_backend_is_torch_for_cpu_tensors():
-    from fastpref._validate import prepare
+    from fastpref._prepare import prepare
 
     h, w, t = _small_inputs(torch.float32)
     assert prepare(h, w, t, seq_ids=torch.zeros(5, dtype=torch.long)).backend == "torch"

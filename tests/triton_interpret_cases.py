@@ -1,6 +1,6 @@
 """Parity cases for the Triton backend, run in a subprocess under ``TRITON_INTERPRET=1``.
 
-``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a kernel, i.e. when ``csrc_triton`` is
+``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a kernel, i.e. when ``fastpref.kernels`` (the csrc_triton/ folder) is
 first imported, so it cannot be switched on inside the main pytest process without affecting every
 other test there. ``tests/test_triton_interpret.py`` runs this file once as a script and asserts on
 the errors it reports (JSON written to the path given as argv[1]).
@@ -132,8 +132,8 @@ BF16_CASES = ("padded", "temperature_softcap", "kl_forward_separate_head", "kl_r
 def main(path: str) -> None:
     torch.set_num_threads(1)
     from fastpref.backends import triton_backend
-    from fastpref.ops import assemble
-    from fastpref._validate import prepare
+    from fastpref._types import assemble
+    from fastpref._prepare import prepare
 
     assert triton_backend.interpreting(), "run with TRITON_INTERPRET=1"
     results: Dict[str, Dict[str, float]] = {}

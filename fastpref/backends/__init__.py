@@ -1,5 +1,21 @@
-"""Backends of ``fused_logprobs``: ``torch_backend`` (CPU and any device) and ``triton_backend`` (CUDA).
+"""Backends of ``fused_logprobs``: launchers behind the op's one autograd Function (``fastpref/ops.py``).
 
-Each exposes ``token_stats(prep) -> (token_logps, ref_token_logps, token_kl)``: per-position [N]
-tensors, differentiable with respect to ``prep.hidden``, ``prep.weight`` and ``prep.bias``.
+- ``torch_backend``: tiles in plain PyTorch (CPU, and a fallback on any device; float64 too).
+- ``triton_backend``: the Triton kernels of the repository's ``csrc_triton/`` folder, installed as
+  ``fastpref.kernels`` (CUDA, or Triton's interpreter); imported lazily, Triton is optional on CPU.
+
+The contract every backend keeps (no autograd inside a backend; backends never import ``fastpref.ops``):
+
+``forward(prep: Prepared) -> ForwardOutputs``
+    Per-position ``[N]`` vectors in the compute dtype (fp64 for fp64 inputs, else fp32), 0 at ignored
+    positions: ``token_logps`` and the log-sum-exp ``lse``, plus ``ref_token_logps``/``ref_lse`` with a
+    reference and ``token_kl`` with ``prep.kl``. Per-sequence sums (``seq_logps`` ...) are optional.
+
+``backward(prep, lse, ref_lse, token_kl, grad_logps, grad_kl, need) -> (dH, dW, db)``
+    Gradients with respect to ``prep.hidden`` ``[N, D]``, ``prep.weight`` ``[V, D]`` and ``prep.bias``
+    ``[V]`` in the compute dtype, None where ``need = (hidden, weight, bias)`` is False, from the upstream
+    per-position gradients of ``token_logps`` (``grad_logps``, ``[N]``) and of ``token_kl`` (``grad_kl``,
+    ``[N]`` or None). The per-sequence gradients were already folded into them by the Function.
+
+A backend may also define ``check_supported(prep)``, raising for inputs it does not take.
 """

@@ -15,9 +15,8 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from .._validate import Prepared
+from .._types import ForwardOutputs, Prepared
 
 # Tile sizes. A [BLOCK_N, BLOCK_V] fp32 tile is 4 MiB: big enough for efficient GEMMs on CPU (the
 # backward's dW product has K = BLOCK_N), small enough that the few live tiles stay a tiny fraction of
@@ -223,37 +222,108 @@ def _scatter_rows(values: Optional[torch.Tensor], rows: torch.Tensor, n: int, al
     return out.index_copy_(0, rows, values)
 
 
-def _backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor], token_kl: Optional[torch.Tensor],
-              grad_logps: torch.Tensor, grad_kl: Optional[torch.Tensor], need: Tuple[bool, bool, bool]):
-    """Gradients (dH, dW, db) from upstream per-position gradients; lse etc. are full [N] vectors."""
-    cd = prep.compute_dtype
-    device = prep.hidden.device
-    vocab, dim = prep.weight.shape
-    need_h, need_w, need_b = need
-    kl = prep.kl
+def _row_block_grad(prep: Prepared, h: torch.Tensor, hr: Optional[torch.Tensor], tgt: torch.Tensor,
+                    a_blk: torch.Tensor, lse_blk: torch.Tensor, kl_terms, v0: int, v1: int, tiles: _Tiles
+                    ) -> torch.Tensor:
+    """dL/dz for one [rows, v1 - v0] tile, up to the per-row factor the caller applies to the operands.
 
+    Without KL the tile is ``p - onehot`` (the factor ``-a / T`` is applied to the GEMM operands);
+    with KL, ``kl_terms = (b, ref_lse, shift)`` and the tile is the full gradient (factor ``1 / T``):
+    forward KL ``p * (b * ((z - r) - shift) - a) + a * onehot``, reverse KL
+    ``(b - a) * p - b * q + a * onehot``.
+    """
+    cd = prep.compute_dtype
+    rb, cols = h.shape[0], v1 - v0
+    z = _logits_tile(h, prep.weight[v0:v1], None if prep.bias is None else prep.bias[v0:v1],
+                     prep.temperature, prep.softcap, tiles.get(0, rb, cols))
+    g = torch.sub(z, lse_blk, out=tiles.get(1, rb, cols)).exp_()  # p
+    if kl_terms is not None:
+        b_blk, ref_lse_blk, shift_blk = kl_terms
+        r = _logits_tile(hr, prep.ref_weight[v0:v1], None if prep.ref_bias is None else prep.ref_bias[v0:v1],
+                         prep.temperature, prep.softcap, tiles.get(2, rb, cols))
+        if prep.kl == "forward":
+            coef = torch.sub(z, r, out=r).sub_(shift_blk).mul_(b_blk).sub_(a_blk)
+            g.mul_(coef)
+        else:
+            q = r.sub_(ref_lse_blk).exp_().mul_(b_blk)
+            g.mul_(b_blk - a_blk).sub_(q)
+    # The target's onehot: + a at (i, target_i) when the target lies in this block (-1 in the
+    # unscaled tile p - onehot of the no-KL path).
+    local = tgt - (prep.vocab_offset + v0)
+    inside = ((local >= 0) & (local < cols)).nonzero().squeeze(1)
+    if inside.numel():
+        onehot = a_blk.squeeze(1).index_select(0, inside) if kl_terms is not None else g.new_full((inside.numel(),), -1.0)
+        g.index_put_((inside, local.index_select(0, inside)), onehot, accumulate=True)
+    if prep.softcap is not None:
+        # d(c * tanh(u / c))/du = 1 - (z / c)^2, with z the capped logits.
+        g.mul_(z.div_(prep.softcap).square_().neg_().add_(1.0))
+    return g
+
+
+class _Grads:
+    """dH / dW / db buffers in the compute dtype. The first row block writes dW/db and the first vocabulary
+    block each dH row block (no zero fill of the [V, D] buffer); dH rows of inactive positions stay zero."""
+
+    def __init__(self, prep: Prepared, need: Tuple[bool, bool, bool], all_rows: bool):
+        cd, device = prep.compute_dtype, prep.hidden.device
+        vocab, dim = prep.weight.shape
+        need_h, need_w, need_b = need
+        self.hidden = (torch.empty if all_rows else torch.zeros)(prep.num_positions, dim, dtype=cd, device=device) \
+            if need_h else None
+        self.weight = torch.empty(vocab, dim, dtype=cd, device=device) if need_w else None
+        self.bias = torch.empty(vocab, dtype=cd, device=device) if need_b else None
+
+    def add_tile(self, g: torch.Tensor, w_blk: torch.Tensor, h_scaled: torch.Tensor,
+                 row_scale: Optional[torch.Tensor], dh_blk: Optional[torch.Tensor], first_row_block: bool,
+                 v0: int, v1: int) -> None:
+        if dh_blk is not None:
+            if v0 == 0:
+                torch.mm(g, w_blk.to(g.dtype), out=dh_blk)
+            else:
+                dh_blk.addmm_(g, w_blk.to(g.dtype))
+        if self.weight is not None:
+            if first_row_block:
+                torch.mm(g.t(), h_scaled, out=self.weight[v0:v1])
+            else:
+                self.weight[v0:v1].addmm_(g.t(), h_scaled)
+        if self.bias is not None:
+            col_sums = g.sum(dim=0) if row_scale is None else torch.mv(g.t(), row_scale.squeeze(1))
+            if first_row_block:
+                self.bias[v0:v1] = col_sums
+            else:
+                self.bias[v0:v1] += col_sums
+
+
+def backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor], token_kl: Optional[torch.Tensor],
+             grad_logps: torch.Tensor, grad_kl: Optional[torch.Tensor], need: Tuple[bool, bool, bool]):
+    """(dH, dW, db) in the compute dtype from the upstream per-position gradients ``grad_logps`` (of
+    ``token_logps``) and ``grad_kl`` (of ``token_kl``); None where ``need`` says so."""
+    cd = prep.compute_dtype
     a = grad_logps.to(cd) * prep.valid
-    b = grad_kl.to(cd) * prep.valid if (kl and grad_kl is not None) else None
+    b = grad_kl.to(cd) * prep.valid if (prep.kl and grad_kl is not None) else None
     active = a != 0 if b is None else (a != 0) | (b != 0)
     rows = active.nonzero().squeeze(1)
     n = rows.numel()
-
     all_rows = n == prep.num_positions
-    group = prep.vocab_parallel_group
+    grads = _Grads(prep, need, all_rows)
     if n == 0:
-        d_hidden = torch.zeros(prep.num_positions, dim, dtype=cd, device=device) if need_h else None
-        if need_h and group is not None:
-            _all_reduce_sum(d_hidden, group)  # every rank of the group joins the collective
-        return (d_hidden, torch.zeros(vocab, dim, dtype=cd, device=device) if need_w else None,
-                torch.zeros(vocab, dtype=cd, device=device) if need_b else None)
-    # Accumulate in fp32 (fp64 for fp64) even when the weight is half precision. The first row block
-    # writes dW/db and the first vocabulary block each dH row block (no zero fill of the [V, D] buffer);
-    # dH rows of inactive positions stay zero.
-    d_hidden = None
-    if need_h:
-        d_hidden = (torch.empty if all_rows else torch.zeros)(prep.num_positions, dim, dtype=cd, device=device)
-    d_weight = torch.empty(vocab, dim, dtype=cd, device=device) if need_w else None
-    d_bias = torch.empty(vocab, dtype=cd, device=device) if need_b else None
+        for t in (grads.hidden, grads.weight, grads.bias):
+            if t is not None:
+                t.zero_()
+    else:
+        _backward_rows(prep, rows, all_rows, a, b, lse, ref_lse, token_kl, grads)
+    if grads.hidden is not None and prep.vocab_parallel_group is not None:
+        _all_reduce_sum(grads.hidden, prep.vocab_parallel_group)  # every rank of the group joins
+    return grads.hidden, grads.weight, grads.bias
+
+
+def _backward_rows(prep: Prepared, rows: torch.Tensor, all_rows: bool, a: torch.Tensor, b: Optional[torch.Tensor],
+                   lse: torch.Tensor, ref_lse: Optional[torch.Tensor], token_kl: Optional[torch.Tensor],
+                   grads: _Grads) -> None:
+    """Recompute the tiles of the active ``rows`` and accumulate their gradients into ``grads``."""
+    cd, device = prep.compute_dtype, prep.hidden.device
+    vocab, dim = prep.weight.shape
+    n = rows.numel()
 
     def take(t: torch.Tensor) -> torch.Tensor:
         """The active rows of a per-position tensor (no copy when every position is active)."""
@@ -263,91 +333,40 @@ def _backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor]
     use_ref = b is not None
     if use_ref:
         b, ref_hidden, ref_lse = take(b), take(prep.ref_hidden), take(ref_lse)
-        if kl == "forward":
-            # dKL(p||q)/dz = p * ((z - lse) - (r - lse_r) - KL) = p * ((z - r) - shift)
-            shift = lse - ref_lse + take(token_kl)
+        # dKL(p||q)/dz = p * ((z - lse) - (r - lse_r) - KL) = p * ((z - r) - shift)
+        shift = lse - ref_lse + take(token_kl) if prep.kl == "forward" else None
 
     bn, bv = min(BLOCK_N, n), min(BLOCK_V, vocab)
     tiles = _Tiles(3 if use_ref else 2, bn, bv, cd, device)
     for n0 in range(0, n, bn):
         n1 = min(n0 + bn, n)
-        rb = n1 - n0
         h = hidden[n0:n1].to(cd)
         a_blk = a[n0:n1].unsqueeze(1)
-        lse_blk = lse[n0:n1].unsqueeze(1)
-        tgt = targets[n0:n1]
+        kl_terms = hr = None
         if use_ref:
             hr = ref_hidden[n0:n1].to(cd)
-            b_blk = b[n0:n1].unsqueeze(1)
-            ref_lse_blk = ref_lse[n0:n1].unsqueeze(1)
-            if kl == "forward":
-                shift_blk = shift[n0:n1].unsqueeze(1)
+            kl_terms = (b[n0:n1].unsqueeze(1), ref_lse[n0:n1].unsqueeze(1),
+                        None if shift is None else shift[n0:n1].unsqueeze(1))
         # Per-row factors commute with the GEMMs: apply them to the [rows, D] operands (h for dW, the
         # accumulated dH) instead of the [rows, BLOCK_V] tile. Without KL the tile is then just p - onehot.
         row_scale = -a_blk if not use_ref else None  # [rows, 1] or None
         if prep.temperature != 1.0:
-            ones = torch.ones(rb, 1, dtype=cd, device=device)
+            ones = torch.ones(n1 - n0, 1, dtype=cd, device=device)
             row_scale = (ones if row_scale is None else row_scale) / prep.temperature
         h_scaled = h if row_scale is None else h * row_scale
         dh_blk = None
-        if need_h:  # every row active: dH is written in place
-            dh_blk = d_hidden[n0:n1] if all_rows else torch.empty(rb, dim, dtype=cd, device=device)
+        if grads.hidden is not None:  # every row active: dH is written in place
+            dh_blk = grads.hidden[n0:n1] if all_rows else torch.empty(n1 - n0, dim, dtype=cd, device=device)
+        lse_blk = lse[n0:n1].unsqueeze(1)
         for v0 in range(0, vocab, bv):
             v1 = min(v0 + bv, vocab)
-            cols = v1 - v0
-            w_blk = prep.weight[v0:v1]
-            z = _logits_tile(h, w_blk, None if prep.bias is None else prep.bias[v0:v1],
-                             prep.temperature, prep.softcap, tiles.get(0, rb, cols))
-            g = torch.sub(z, lse_blk, out=tiles.get(1, rb, cols)).exp_()  # p
-            if use_ref:
-                r = _logits_tile(hr, prep.ref_weight[v0:v1],
-                                 None if prep.ref_bias is None else prep.ref_bias[v0:v1],
-                                 prep.temperature, prep.softcap, tiles.get(2, rb, cols))
-                if kl == "forward":
-                    # g = p * (b * ((z - r) - shift) - a)
-                    coef = torch.sub(z, r, out=r).sub_(shift_blk).mul_(b_blk).sub_(a_blk)
-                    g.mul_(coef)
-                else:
-                    # g = (b - a) * p - b * q
-                    q = r.sub_(ref_lse_blk).exp_().mul_(b_blk)
-                    g.mul_(b_blk - a_blk).sub_(q)
-            # The target's onehot: + a at (i, target_i) when the target lies in this block (-1 in the
-            # unscaled tile p - onehot of the no-KL path).
-            local = tgt - (prep.vocab_offset + v0)
-            inside = ((local >= 0) & (local < cols)).nonzero().squeeze(1)
-            if inside.numel():
-                onehot = a[n0:n1].index_select(0, inside) if use_ref else g.new_full((inside.numel(),), -1.0)
-                g.index_put_((inside, local.index_select(0, inside)), onehot, accumulate=True)
-            if prep.softcap is not None:
-                # d(c * tanh(u / c))/du = 1 - (z / c)^2, with z the capped logits.
-                g.mul_(z.div_(prep.softcap).square_().neg_().add_(1.0))
-            if need_h:
-                if v0 == 0:
-                    torch.mm(g, w_blk.to(cd), out=dh_blk)
-                else:
-                    dh_blk.addmm_(g, w_blk.to(cd))
-            if need_w:
-                if n0 == 0:
-                    torch.mm(g.t(), h_scaled, out=d_weight[v0:v1])
-                else:
-                    d_weight[v0:v1].addmm_(g.t(), h_scaled)
-            if need_b:
-                if row_scale is None:
-                    col_sums = g.sum(dim=0)
-                else:
-                    col_sums = torch.mv(g.t(), row_scale.squeeze(1))
-                if n0 == 0:
-                    d_bias[v0:v1] = col_sums
-                else:
-                    d_bias[v0:v1] += col_sums
-        if need_h:
+            g = _row_block_grad(prep, h, hr, targets[n0:n1], a_blk, lse_blk, kl_terms, v0, v1, tiles)
+            grads.add_tile(g, prep.weight[v0:v1], h_scaled, row_scale, dh_blk, n0 == 0, v0, v1)
+        if dh_blk is not None:
             if row_scale is not None:
                 dh_blk.mul_(row_scale)
             if not all_rows:
-                d_hidden.index_copy_(0, rows[n0:n1], dh_blk)
-    if need_h and group is not None:
-        _all_reduce_sum(d_hidden, group)
-    return d_hidden, d_weight, d_bias
+                grads.hidden.index_copy_(0, rows[n0:n1], dh_blk)
 
 
 def _all_reduce_sum(t: torch.Tensor, group) -> None:
@@ -357,60 +376,13 @@ def _all_reduce_sum(t: torch.Tensor, group) -> None:
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
 
 
-class _FusedLogprobsFn(torch.autograd.Function):
-    """Autograd glue: forward keeps only per-position vectors; backward recomputes the tiles."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, prep: Prepared):
-        outs = _forward_all(prep)
-        token_logps, lse, ref_token_logps, ref_lse, token_kl = outs
-        ctx.prep = prep
-        # The inputs go through save_for_backward too (the backward reads them from ``prep``): autograd's
-        # version check then raises if one is modified in place before the backward recomputes the tiles.
-        ctx.save_for_backward(lse, ref_lse, token_kl, hidden, weight, bias, prep.ref_hidden, prep.ref_weight,
-                              prep.ref_bias)
-        empty = torch.empty(0, dtype=token_logps.dtype, device=token_logps.device)
-        ref_out = ref_token_logps if ref_token_logps is not None else empty
-        kl_out = token_kl if token_kl is not None else empty.clone()
-        ctx.mark_non_differentiable(ref_out)
-        return token_logps, ref_out, kl_out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_logps, grad_ref, grad_kl):
-        prep: Prepared = ctx.prep
-        lse, ref_lse, token_kl = ctx.saved_tensors[:3]
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                prep.bias is not None and ctx.needs_input_grad[2])
-        if grad_logps is None:
-            grad_logps = torch.zeros_like(lse)
-        d_hidden, d_weight, d_bias = _backward(
-            prep, lse, ref_lse, token_kl, grad_logps, grad_kl if prep.kl else None, need
-        )
-        d_hidden = None if d_hidden is None else d_hidden.to(prep.hidden.dtype)
-        d_weight = None if d_weight is None else d_weight.to(prep.weight.dtype)
-        d_bias = None if d_bias is None else d_bias.to(prep.bias.dtype)
-        return d_hidden, d_weight, d_bias, None
-
-
-def _forward_all(prep: Prepared):
-    """Forward over the valid positions only; ignored positions get 0 (and lse 0, never used)."""
+def forward(prep: Prepared) -> ForwardOutputs:
+    """Forward over the valid positions only; ignored positions get 0 (and lse 0, never read)."""
     n = prep.num_positions
     all_rows = bool(prep.valid.all()) if n > 0 else True
     rows = torch.arange(n, device=prep.hidden.device) if all_rows else prep.valid.nonzero().squeeze(1)
-    outs = _forward(prep, rows, all_rows)
-    return tuple(_scatter_rows(o, rows, n, all_rows) for o in outs)
-
-
-def token_stats(prep: Prepared):
-    """Per-position (token_logps, ref_token_logps, token_kl) for ``prep`` (see backends/__init__)."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (prep.hidden, prep.weight, prep.bias)
+    token_logps, lse, ref_token_logps, ref_lse, token_kl = (
+        _scatter_rows(o, rows, n, all_rows) for o in _forward(prep, rows, all_rows)
     )
-    if not needs_grad:
-        # No graph: nothing is saved for a backward that cannot happen.
-        with torch.no_grad():
-            token_logps, _, ref_token_logps, _, token_kl = _forward_all(prep)
-        return token_logps, ref_token_logps, token_kl
-    token_logps, ref_token_logps, token_kl = _FusedLogprobsFn.apply(prep.hidden, prep.weight, prep.bias, prep)
-    return token_logps, (ref_token_logps if prep.ref_hidden is not None else None), (token_kl if prep.kl else None)
+    return ForwardOutputs(token_logps=token_logps, lse=lse, ref_token_logps=ref_token_logps, ref_lse=ref_lse,
+                          token_kl=token_kl)

@@ -21,7 +21,7 @@ def _str_list(text: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from bench.workloads import IMPLEMENTATIONS, WORKLOADS
+    from fastpref.bench.workloads import IMPLEMENTATIONS, WORKLOADS
 
     parser.add_argument("--quick", action="store_true",
                         help="small CPU grid (fp32, D=128, N<=512), 3 repeats, 1 torch thread; under 3 minutes")
@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench import runner
-    from bench.workloads import IMPLEMENTATIONS
+    from fastpref.bench import runner
+    from fastpref.bench.workloads import IMPLEMENTATIONS
 
     bad = [i for i in args.impls if i not in IMPLEMENTATIONS]
     if bad:

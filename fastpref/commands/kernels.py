@@ -27,9 +27,9 @@ ARCH_CAPABILITY = {"sm_80": 80, "sm_90a": 90}
 
 # name -> (module, kernel attribute, config attribute)
 KERNELS = {
-    "logprobs_fwd": ("csrc_triton.logprobs_fwd", "logprobs_fwd_kernel", "FWD_CONFIGS"),
-    "logprobs_bwd": ("csrc_triton.logprobs_bwd", "logprobs_bwd_kernel", "BWD_CONFIGS"),
-    "logprobs_combine": ("csrc_triton.logprobs_combine", "logprobs_combine_kernel", "COMBINE_CONFIGS"),
+    "logprobs_fwd": ("fastpref.kernels.logprobs_fwd", "logprobs_fwd_kernel", "FWD_CONFIGS"),
+    "logprobs_bwd": ("fastpref.kernels.logprobs_bwd", "logprobs_bwd_kernel", "BWD_CONFIGS"),
+    "logprobs_combine": ("fastpref.kernels.logprobs_combine", "logprobs_combine_kernel", "COMBINE_CONFIGS"),
 }
 GEMM_KERNELS = ("logprobs_fwd", "logprobs_bwd")
 
@@ -126,7 +126,7 @@ def compile_one(job: tuple) -> KernelReport:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from csrc_triton.configs import config, config_name
+    from fastpref.kernels.configs import config, config_name
 
     kernel_name, variant, arch, cfg_tuple, out_dir = job
     module_name, fn_name, _ = KERNELS[kernel_name]
@@ -166,7 +166,7 @@ def jobs_for(arch: str, out_dir: str, kernels: Optional[List[str]] = None,
              variants: Optional[List[str]] = None) -> list:
     import importlib
 
-    from csrc_triton.configs import config_tuple
+    from fastpref.kernels.configs import config_tuple
 
     jobs = []
     for kernel_name in kernels or list(KERNELS):

@@ -11,6 +11,8 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_finite, check_positive  # noqa: F401  (re-exported for the heads)
+
 Tensor = torch.Tensor
 Number = Union[float, int]
 Metrics = Dict[str, Tensor]
@@ -39,28 +41,6 @@ def log1mexp(a: Tensor) -> Tensor:
     safe_near = torch.where(near_zero, a, torch.full_like(a, -1.0))
     safe_far = torch.where(near_zero, torch.full_like(a, -1.0), a)
     return torch.where(near_zero, torch.log(-torch.expm1(safe_near)), torch.log1p(-torch.exp(safe_far)))
-
-
-def check_positive(name: str, value: Number, *, allow_zero: bool = False) -> float:
-    """A finite hyper-parameter that must be > 0 (or >= 0 with ``allow_zero``)."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
-    return v
-
-
-def check_finite(name: str, value: Number) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return v
 
 
 def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:

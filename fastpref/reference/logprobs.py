@@ -6,9 +6,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._stats import LogprobStats
-from .._validate import Prepared, prepare
-from ..ops import assemble
+from .._prepare import prepare
+from .._types import IGNORE_INDEX, LogprobStats, Prepared, assemble
 
 
 def eager_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -52,7 +51,7 @@ def eager_token_stats(prep: Prepared):
 
 
 def fused_logprobs(hidden, weight, targets, *, bias=None, seq_ids=None, num_seqs=None, ref_hidden=None,
-                   ref_weight=None, ref_bias=None, kl=None, temperature=1.0, softcap=None, ignore_index=-100,
+                   ref_weight=None, ref_bias=None, kl=None, temperature=1.0, softcap=None, ignore_index=IGNORE_INDEX,
                    backend="auto", vocab_parallel_group=None) -> LogprobStats:
     """Eager twin of :func:`fastpref.fused_logprobs` (same signature and outputs; ``backend`` ignored).
 

@@ -1,0 +1,138 @@
+"""The types every layer shares, and the per-sequence reduction: the bottom of the package.
+
+- :class:`Prepared`: the flat, validated view of one :func:`fastpref.fused_logprobs` call (built by
+  ``fastpref._prepare.prepare``), which is all a backend reads.
+- :class:`ForwardOutputs`: what a backend's ``forward`` returns (the backend contract is in
+  ``fastpref/backends/__init__.py``).
+- :class:`LogprobStats`: the op's public result, built by :func:`assemble`.
+
+Nothing here imports another fastpref module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import torch
+
+#: The one default of ``ignore_index`` (PyTorch's cross-entropy convention); every layer reads it here.
+IGNORE_INDEX = -100
+#: ``kl`` modes of the op: none, KL(pi_theta || pi_ref) or KL(pi_ref || pi_theta).
+KL_MODES = (None, "forward", "reverse")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The flat, validated view of one ``fused_logprobs`` call: positions ``[N, D]``, one target and
+    one sequence id per position. Backends read nothing else."""
+
+    hidden: torch.Tensor  # [N, D]
+    weight: torch.Tensor  # [V, D] (this rank's vocabulary slice under vocabulary parallelism)
+    bias: Optional[torch.Tensor]  # [V]
+    targets: torch.Tensor  # [N] int64, ignored positions kept as they were given
+    valid: torch.Tensor  # [N] bool, False at ignored positions
+    seq_ids: torch.Tensor  # [N] int64 in [0, num_seqs)
+    num_seqs: int
+    target_shape: Tuple[int, ...]
+    padded: bool  # [S, T] input: seq_ids is arange(S).repeat_interleave(T)
+    ref_hidden: Optional[torch.Tensor]  # [N, D_ref], detached
+    ref_weight: Optional[torch.Tensor]  # [V, D_ref], detached
+    ref_bias: Optional[torch.Tensor]  # [V], detached
+    kl: Optional[str]  # one of KL_MODES
+    temperature: float
+    softcap: Optional[float]
+    backend: str  # resolved: "torch" or "triton"
+    # Vocabulary parallelism: ``weight``/``bias`` hold rows [vocab_offset, vocab_offset + V) of a
+    # vocabulary split across ``vocab_parallel_group``; targets are global ids.
+    vocab_parallel_group: Optional[Any] = None
+    vocab_offset: int = 0
+
+    @property
+    def num_positions(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def vocab_size(self) -> int:
+        """This rank's vocabulary size (the whole vocabulary without a vocab-parallel group)."""
+        return self.weight.shape[0]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """fp64 stays fp64; everything else computes in fp32 blocks."""
+        return torch.float64 if self.hidden.dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class ForwardOutputs:
+    """A backend's forward: per-position ``[N]`` vectors in the compute dtype, 0 at ignored positions.
+
+    ``lse``/``ref_lse`` (log-sum-exps) and ``token_kl`` are what the backward recomputes from. The
+    per-sequence sums ``seq_*`` are optional: a backend whose kernel epilogue forms them (Triton)
+    fills them in, otherwise :func:`assemble` reduces the per-position values.
+    """
+
+    token_logps: torch.Tensor
+    lse: torch.Tensor
+    ref_token_logps: Optional[torch.Tensor] = None
+    ref_lse: Optional[torch.Tensor] = None
+    token_kl: Optional[torch.Tensor] = None
+    seq_logps: Optional[torch.Tensor] = None
+    seq_ref_logps: Optional[torch.Tensor] = None
+    seq_kl: Optional[torch.Tensor] = None
+
+
+@dataclass
+class LogprobStats:
+    """Per-sequence and per-position log-prob statistics: float32 for fp16/bf16/fp32 inputs, float64 for
+    float64 inputs (a deliberate extension of the contract's float32, docs/api.md §1, so that fp64
+    gradient checks can be tight; nothing changes for half or single precision).
+
+    Attributes:
+        logps: [num_seqs] sum of log pi_theta(target) over non-ignored positions (differentiable).
+        lengths: [num_seqs] number of non-ignored positions (no grad).
+        token_logps: shape of ``targets``; per-position log-prob, 0 at ignored positions.
+        ref_logps: [num_seqs] reference log-probs when ``ref_hidden`` was given, else None (no grad).
+        kl: [num_seqs] per-sequence sum of the full-vocabulary KL when ``kl`` was set, else None.
+        token_kl: shape of ``targets``; per-position KL, 0 at ignored positions, or None.
+        ref_token_logps: shape of ``targets``; per-position reference log-prob, or None (no grad).
+    """
+
+    logps: torch.Tensor
+    lengths: torch.Tensor
+    token_logps: torch.Tensor
+    ref_logps: Optional[torch.Tensor] = None
+    kl: Optional[torch.Tensor] = None
+    token_kl: Optional[torch.Tensor] = None
+    ref_token_logps: Optional[torch.Tensor] = None
+
+
+def reduce_per_sequence(prep: Prepared, values: torch.Tensor) -> torch.Tensor:
+    """Sum per-position values ``[N]`` into per-sequence values ``[num_seqs]`` (differentiable)."""
+    if prep.padded and prep.num_positions > 0:
+        return values.view(prep.num_seqs, -1).sum(dim=1)
+    out = torch.zeros(prep.num_seqs, dtype=values.dtype, device=values.device)
+    return out.index_add(0, prep.seq_ids, values)
+
+
+def assemble(prep: Prepared, token_logps: torch.Tensor, ref_token_logps: Optional[torch.Tensor] = None,
+             token_kl: Optional[torch.Tensor] = None, *, logps: Optional[torch.Tensor] = None,
+             ref_logps: Optional[torch.Tensor] = None, kl: Optional[torch.Tensor] = None) -> LogprobStats:
+    """Build a ``LogprobStats`` from per-position outputs; per-sequence sums already formed (a kernel
+    epilogue's) are taken as given, the others are reduced here."""
+    def per_seq(given: Optional[torch.Tensor], values: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if values is None:
+            return None
+        return given if given is not None else reduce_per_sequence(prep, values)
+
+    def shaped(values: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if values is None else values.view(prep.target_shape)
+
+    return LogprobStats(
+        logps=per_seq(logps, token_logps),
+        lengths=reduce_per_sequence(prep, prep.valid.to(token_logps.dtype)),
+        token_logps=shaped(token_logps),
+        ref_logps=per_seq(ref_logps, ref_token_logps),
+        kl=per_seq(kl, token_kl),
+        token_kl=shaped(token_kl),
+        ref_token_logps=shaped(ref_token_logps),
+    )
