@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml setup.py constraints.txt
 venv: $(VENV)/.installed
 
 test: venv
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: venv

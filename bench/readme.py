@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from fastpref.commands.kernels import KernelReport  # the report's row type (imports no triton)
+from fastpref.backends.triton_aot import KernelReport  # the report's row type (imports no triton)
 
 RESULTS_DIR = os.path.join("bench", "results")
 QUICK_MD = os.path.join(RESULTS_DIR, "cpu_quick.md")
@@ -127,7 +127,7 @@ def render_target(md: BenchMarkdown, source: str = TARGET_MD, note: str = TARGET
 
 
 # ----------------------------------------------------------------------------------------------
-# kernel reports (fastpref/commands/kernels.py:report_markdown)
+# kernel reports (fastpref/backends/triton_aot.py:report_markdown)
 
 
 def parse_kernel_md(text: str) -> tuple:

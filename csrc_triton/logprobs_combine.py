@@ -9,13 +9,12 @@ per-sequence atomic sums.
 import triton
 import triton.language as tl
 
-from .configs import config
+from .configs import ARCHS, PRECISIONS, config
 from .tiles import online_lse_start, write_row_results
 
 # Elementwise over rows: one small configuration, no autotuning (the table form is for the AOT report).
 COMBINE_CONFIG = config(128, None, None, num_warps=4, num_stages=1)
-COMBINE_CONFIGS = {(arch, precision): [COMBINE_CONFIG]
-                   for arch in ("sm_80", "sm_90a") for precision in ("half", "fp32", "tf32")}
+COMBINE_CONFIGS = {(arch, precision): [COMBINE_CONFIG] for arch in ARCHS for precision in PRECISIONS}
 
 
 @triton.jit

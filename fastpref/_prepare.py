@@ -85,7 +85,7 @@ def prepare(
         kl=kl,
         temperature=temperature,
         softcap=softcap,
-        backend=_resolve_backend(backend, hidden.device),
+        backend=_resolve_backend(backend, hidden),
         vocab_parallel_group=vocab_parallel_group,
         vocab_offset=vocab_offset,
     )
@@ -287,7 +287,8 @@ def _reference_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return ref_hidden.detach(), r_weight, ref_bias
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
+    """"auto": the Triton kernels for CUDA tensors (they accumulate in fp32, so float64 stays on torch)."""
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if hidden.device.type == "cuda" and hidden.dtype != torch.float64 else "torch"
     return backend

@@ -28,6 +28,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ._types import IGNORE_INDEX
+
 MODULUS = 24  # progression values live in Z_24
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
 OFFSET = 4  # token id of value v is OFFSET + v
@@ -81,7 +83,7 @@ def load_rows() -> List[Dict]:
 class Batch:
     input_ids: torch.Tensor  # [S, T]
     attention_mask: torch.Tensor  # [S, T]
-    labels: torch.Tensor  # [S, T], -100 outside responses
+    labels: torch.Tensor  # [S, T], IGNORE_INDEX outside responses
 
 
 def encode(rows: Sequence[Dict], which: Sequence[str]) -> Batch:
@@ -96,11 +98,11 @@ def encode(rows: Sequence[Dict], which: Sequence[str]) -> Batch:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     for i, (seq, keep) in enumerate(zip(seqs, scored)):
         ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
-        labels[i, : len(seq)] = torch.where(torch.tensor(keep), torch.tensor(seq), torch.tensor(-100))
+        labels[i, : len(seq)] = torch.where(torch.tensor(keep), torch.tensor(seq), torch.tensor(IGNORE_INDEX))
     return Batch(ids, mask, labels)
 
 
@@ -127,7 +129,7 @@ def _head_inputs(model, batch: Batch, keep: torch.Tensor):
 def _keep(batch: Batch) -> torch.Tensor:
     from .integrations.transformers import shift_labels
 
-    return shift_labels(batch.labels) != -100  # only scored positions reach the LM head (packed layout)
+    return shift_labels(batch.labels) != IGNORE_INDEX  # only scored positions reach the LM head (packed layout)
 
 
 @torch.no_grad()

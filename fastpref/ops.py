@@ -58,7 +58,8 @@ def fused_logprobs(
         temperature: logits are divided by it (after the bias, before the softcap).
         softcap: if set, logits become ``softcap * tanh(logits / softcap)``.
         ignore_index: target value marking ignored positions.
-        backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (Triton for CUDA tensors other than float64, torch otherwise), ``"torch"`` or
+            ``"triton"``.
         vocab_parallel_group: a ``torch.distributed`` process group over which the LM head is split
             by vocabulary rows (Megatron-style vocabulary parallelism). Each rank passes the same
             ``hidden``/``targets``/``ref_hidden`` (targets are global ids in ``[0, V_global)``) and its

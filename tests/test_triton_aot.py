@@ -4,7 +4,7 @@ import os
 import pytest
 
 from fastpref.cli import build_parser
-from fastpref.commands import kernels
+from fastpref.backends import triton_aot as kernels
 
 ARCHS = ("sm_80", "sm_90a")
 

@@ -27,14 +27,15 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from .._types import ForwardOutputs, Prepared
+from .._types import KL_MODES, ForwardOutputs, Prepared
 
 # Blocks used under the interpreter: one program costs ~1 ms per tile there, so few, big tiles.
 INTERPRET_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_D": 32}
 INTERPRET_SPLIT_V = 128  # vocabularies above this exercise the split forward + combine kernel
 MIN_SPLIT_V = 2048  # fewest vocabulary columns per split on GPU
 SPLIT_ALIGN = 256  # split boundaries on multiples of every BLOCK_V
-KL_CODES = {None: 0, "forward": 1, "reverse": 2}
+# The kernels' constexpr KL_MODE: the index of the mode in KL_MODES (0 none, 1 forward, 2 reverse).
+KL_CODES = {mode: code for code, mode in enumerate(KL_MODES)}
 
 
 def interpreting() -> bool:
