@@ -3,7 +3,7 @@
 Each kernel file lists its configurations per (architecture, input precision) next to the kernel:
 ``{("sm_80", "half"): [...], ("sm_80", "fp32"): [...], ("sm_90a", ...): ...}``. "half" (bf16/fp16)
 runs on tensor cores; "fp32" uses an exact ``ieee`` dot (FMA), whose operands live in registers,
-so it needs smaller tiles; "tf32" is fp32 input with ``torch.backends.cuda.matmul.allow_tf32`` set
+so it needs smaller tiles; "tf32" is fp32 input with TF32 enabled (``tf32_enabled``)
 (TF32 tensor cores, as torch.matmul would use). The autotuner gets the union; ``prune_to_device``
 keeps only the list for the GPU it runs on and the input dtype, so an A100 never benchmarks
 H100-sized tiles.
@@ -56,13 +56,29 @@ def device_arch() -> str:
     return "sm_90a" if major >= 9 else "sm_80"
 
 
+def tf32_enabled() -> bool:
+    """Whether fp32 matmuls may use TF32, as torch.matmul would: ``torch.backends.cuda.matmul.fp32_precision``
+    (torch >= 2.9; what ``TrainingArguments(tf32=True)`` sets), else the legacy ``allow_tf32``. Never raises:
+    reading the legacy flag after the new API was used raises in torch, and then the exact path is kept."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
+
+
 def precision_of(dtype) -> str:
     """The config-table column for an input dtype (must agree with the backend's dot precision)."""
     import torch
 
     if dtype != torch.float32:
         return "half"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    return "tf32" if tf32_enabled() else "fp32"
 
 
 def pruner(table: ConfigTable):

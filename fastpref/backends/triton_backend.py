@@ -13,7 +13,8 @@ the logits from the saved log-sum-exps, forms ``dz = a (onehot - p) + b dKL/dz``
 ``dH``, ``dW``, ``db`` in fp32. Positions whose upstream gradients are all zero are never scheduled.
 
 bf16/fp16 inputs feed ``tl.dot`` directly (tensor cores, fp32 accumulation). fp32 inputs use an exact
-``ieee`` dot unless ``torch.backends.cuda.matmul.allow_tf32`` is set, in which case TF32 tensor cores
+``ieee`` dot unless TF32 is enabled for fp32 matmuls (``fastpref.kernels.configs.tf32_enabled``: the
+``torch.backends.cuda.matmul.fp32_precision`` API, else the legacy ``allow_tf32``), in which case TF32 tensor cores
 are used, as for ``torch.matmul``. float64 is not supported here (TypeError): use ``backend="torch"``.
 
 On CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` in the environment
@@ -61,12 +62,16 @@ def check_supported(prep: Prepared) -> None:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    from ..kernels.configs import tf32_enabled
+
+    if dtype == torch.float32 and not tf32_enabled():
         return "ieee"
     return "tf32"  # ignored by tl.dot for bf16/fp16 operands
 
 
 def _rowmajor(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` with unit stride along its last dimension (the kernels index rows by a stride, columns by 1):
+    a strided or expanded bias, or a transposed weight, becomes a contiguous copy."""
     return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
 
 
@@ -134,9 +139,10 @@ def forward(prep: Prepared) -> ForwardOutputs:
     n_rows = rows.numel()
     if n_rows == 0:
         return out
-    hidden, weight = _rowmajor(prep.hidden), _rowmajor(prep.weight)
+    hidden, weight, bias = _rowmajor(prep.hidden), _rowmajor(prep.weight), _rowmajor(prep.bias)
     ref_hidden = _rowmajor(prep.ref_hidden) if has_ref else hidden
     ref_weight = _rowmajor(prep.ref_weight) if has_ref else weight
+    ref_bias = _rowmajor(prep.ref_bias) if has_ref else None
     placeholder = out.token_logps  # stands in for absent outputs; never touched (constexpr flags)
     outputs = (out.token_logps, out.lse,
                out.ref_token_logps if has_ref else placeholder, out.ref_lse if has_ref else placeholder,
@@ -149,8 +155,8 @@ def forward(prep: Prepared) -> ForwardOutputs:
     seq_ids = prep.seq_ids.contiguous()
     _launch(
         "fwd", lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), n_splits),
-        hidden, weight, weight if prep.bias is None else prep.bias,
-        ref_hidden, ref_weight, ref_weight if prep.ref_bias is None else prep.ref_bias,
+        hidden, weight, weight if bias is None else bias,
+        ref_hidden, ref_weight, ref_weight if ref_bias is None else ref_bias,
         prep.targets.contiguous(), rows, seq_ids, *outputs, partials,
         n_rows, prep.vocab_size, hidden.shape[1], ref_hidden.shape[1], split_v,
         hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0),
@@ -184,15 +190,16 @@ def backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor],
     d_bias = torch.zeros(vocab, dtype=f32, device=device) if need_bias else None
     if n_rows == 0 or not (need_hidden or need_weight or need_bias):
         return d_hidden, d_weight, d_bias
-    hidden, weight = _rowmajor(prep.hidden), _rowmajor(prep.weight)
+    hidden, weight, bias = _rowmajor(prep.hidden), _rowmajor(prep.weight), _rowmajor(prep.bias)
     use_ref = kl_mode != 0
     ref_hidden = _rowmajor(prep.ref_hidden) if use_ref else hidden
     ref_weight = _rowmajor(prep.ref_weight) if use_ref else weight
+    ref_bias = _rowmajor(prep.ref_bias) if use_ref else None
     dummy = torch.zeros(1, dtype=f32, device=device)
     _launch(
         "bwd", lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"])),
-        hidden, weight, weight if prep.bias is None else prep.bias,
-        ref_hidden, ref_weight, ref_weight if (not use_ref or prep.ref_bias is None) else prep.ref_bias,
+        hidden, weight, weight if bias is None else bias,
+        ref_hidden, ref_weight, ref_weight if ref_bias is None else ref_bias,
         prep.targets.contiguous(), rows, a, b if use_ref else a, lse,
         ref_lse if use_ref else lse, token_kl if (use_ref and token_kl is not None) else lse,
         dummy if d_hidden is None else d_hidden, dummy if d_weight is None else d_weight,

@@ -1,0 +1,87 @@
+"""Inputs the torch backend accepts must give the same results through the Triton kernels (run here in
+Triton's interpreter, in a subprocess: ``TRITON_INTERPRET`` is read when the kernels are first imported):
+biases of any stride, and fp32 calls after TF32 was enabled through torch's new precision API."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = r"""
+import json, sys, torch
+import fastpref
+from fastpref.backends import triton_backend
+
+assert triton_backend.interpreting()
+torch.manual_seed(0)
+N, D, V = 7, 16, 50
+hidden = torch.randn(N, D, requires_grad=True)
+weight = (0.3 * torch.randn(V, D)).requires_grad_()
+targets = torch.randint(0, V, (N,)); targets[2] = -100
+seq_ids = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+ref_hidden = hidden.detach() + 0.2 * torch.randn(N, D)
+ref_weight = weight.detach() + 0.05 * torch.randn(V, D)
+biases = {
+    "strided": torch.randn(2 * V)[::2],
+    "expanded": torch.randn(1).expand(V),
+    "transposed_column": torch.randn(V, 3).t()[1],
+}
+out = {}
+
+def run(backend, **kw):
+    for t in (hidden, weight):
+        t.grad = None
+    stats = fastpref.fused_logprobs(hidden, weight, targets, seq_ids=seq_ids, backend=backend, **kw)
+    loss = stats.logps.sum() + 0.5 * stats.token_logps.sum() + (stats.kl.sum() if stats.kl is not None else 0)
+    loss.backward()
+    values = [stats.logps, stats.token_logps] + ([stats.ref_logps, stats.kl] if stats.kl is not None else [])
+    return [v.detach().clone() for v in values] + [hidden.grad.clone(), weight.grad.clone()]
+
+def max_diff(a, b):
+    return max(float((x.double() - y.double()).abs().max()) for x, y in zip(a, b))
+
+for name, bias in biases.items():
+    out["bias/" + name] = max_diff(run("triton", bias=bias), run("torch", bias=bias))
+    kw = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=bias, kl="forward")
+    out["ref_bias/" + name] = max_diff(run("triton", **kw), run("torch", **kw))
+
+# TrainingArguments(tf32=True) on torch >= 2.9 sets the new API; reading allow_tf32 afterwards raises.
+from fastpref.kernels.configs import precision_of, tf32_enabled
+torch.backends.fp32_precision = "tf32"
+out["tf32/enabled"] = tf32_enabled() and precision_of(torch.float32) == "tf32"
+out["tf32/call"] = max_diff(run("triton"), run("torch"))
+torch.backends.fp32_precision = "ieee"
+out["ieee/enabled"] = tf32_enabled()
+out["ieee/call"] = max_diff(run("triton"), run("torch"))
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("head", ["bias", "ref_bias"])
+@pytest.mark.parametrize("layout", ["strided", "expanded", "transposed_column"])
+def test_bias_of_any_stride_matches_the_torch_backend(results, head, layout):
+    assert results[f"{head}/{layout}"] < 1e-4
+
+
+def test_tf32_through_the_new_precision_api_does_not_raise(results):
+    assert results["tf32/enabled"] is True
+    # The interpreter runs the dot in fp32 whatever the precision flag says: equal up to fp32 round-off.
+    assert results["tf32/call"] < 1e-4
+
+
+def test_ieee_through_the_new_precision_api(results):
+    assert results["ieee/enabled"] is False
+    assert results["ieee/call"] < 1e-4
