@@ -81,11 +81,19 @@ def precision_of(dtype) -> str:
     return "tf32" if tf32_enabled() else "fp32"
 
 
+def table_column(policy_dtype, ref_dtype=None) -> str:
+    """The config-table column for a launch whose heads may differ in dtype: the most constrained of the
+    two heads' columns ("fp32" FMA tiles, then "tf32", then "half"), so both tiles fit."""
+    columns = {precision_of(policy_dtype), precision_of(ref_dtype if ref_dtype is not None else policy_dtype)}
+    return next(c for c in ("fp32", "tf32", "half") if c in columns)
+
+
 def pruner(table: ConfigTable):
-    """An ``early_config_prune`` hook keeping the configurations listed for the current GPU and dtype."""
+    """An ``early_config_prune`` hook keeping the configurations listed for the current GPU and the heads'
+    dtypes (a kernel without a reference passes its policy head as the reference head)."""
 
     def prune_to_device(configs, named_args, **kwargs):
-        key = (device_arch(), precision_of(named_args["hidden_ptr"].dtype))
+        key = (device_arch(), table_column(named_args["hidden_ptr"].dtype, named_args["ref_hidden_ptr"].dtype))
         wanted = {config_name(c) for c in table[key]}
         kept = [c for c in configs if config_name(c) in wanted]
         return kept or configs

@@ -61,7 +61,7 @@ BWD_CONFIGS = {
     ],
 }
 
-BWD_KEY = ["V", "D", "D_ref", "KL_MODE", "DOT_PRECISION"]
+BWD_KEY = ["V", "D", "D_ref", "KL_MODE", "DOT_PRECISION", "REF_DOT_PRECISION"]
 
 
 @triton.jit
@@ -74,7 +74,8 @@ def logprobs_bwd_kernel(
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
     KL_MODE: tl.constexpr,  # 0: no KL gradient, 1: forward KL(p||q), 2: reverse KL(q||p)
-    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, REF_DOT_PRECISION: tl.constexpr,  # per head: each from its own dtype
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -100,7 +101,7 @@ def logprobs_bwd_kernel(
         lse_ref = tl.load(ref_lse_ptr + rows, mask=row_mask, other=0.0)
         r = logits_tile(ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr, rows, row_mask, cols, col_mask,
                         D_ref, stride_rh, stride_rw, inv_temperature, softcap, HAS_REF_BIAS, SOFTCAP,
-                        UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+                        UPCAST, REF_DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
         if KL_MODE == 1:
             kl = tl.load(token_kl_ptr + rows, mask=row_mask, other=0.0)
             shift = lse - lse_ref + kl

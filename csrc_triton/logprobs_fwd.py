@@ -62,7 +62,7 @@ FWD_CONFIGS = {
     ],
 }
 
-FWD_KEY = ["V", "D", "D_ref", "HAS_REF", "KL_MODE", "DOT_PRECISION", "SPLIT"]
+FWD_KEY = ["V", "D", "D_ref", "HAS_REF", "KL_MODE", "DOT_PRECISION", "REF_DOT_PRECISION", "SPLIT"]
 # Fields of the partial state a SPLIT program stores, each an [n_splits, n_rows] plane.
 # The fewest rows a forward program covers on a GPU (the launcher sizes its vocabulary split with it).
 MIN_BLOCK_N = min(cfg.kwargs["BLOCK_N"] for table in FWD_CONFIGS.values() for cfg in table)
@@ -80,7 +80,8 @@ def logprobs_fwd_kernel(
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
     KL_MODE: tl.constexpr,  # 0: none, 1: forward KL(p||q), 2: reverse KL(q||p)
-    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, REF_DOT_PRECISION: tl.constexpr,  # per head: each from its own dtype
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     v_start = tl.program_id(1) * split_v
@@ -110,7 +111,7 @@ def logprobs_fwd_kernel(
         if HAS_REF:
             r = logits_tile(ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr, rows, row_mask, cols, col_mask,
                             D_ref, stride_rh, stride_rw, inv_temperature, softcap, HAS_REF_BIAS, SOFTCAP,
-                            UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+                            UPCAST, REF_DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
             ref_target_logit += tl.sum(tl.where(is_target, r, 0.0), axis=1)
             m_ref_new = tl.maximum(m_ref, tl.max(r, axis=1))
             rescale_ref = tl.exp(m_ref - m_ref_new)

@@ -80,15 +80,15 @@ def test_autotuner_prunes_to_the_device_and_precision(monkeypatch, arch):
     from fastpref.kernels import configs, logprobs_bwd, logprobs_fwd
 
     monkeypatch.setattr(configs, "device_arch", lambda: arch)
-    old_tf32 = torch.backends.cuda.matmul.allow_tf32
-    try:
-        for table, tuned in ((logprobs_fwd.FWD_CONFIGS, logprobs_fwd.logprobs_fwd_autotuned),
-                             (logprobs_bwd.BWD_CONFIGS, logprobs_bwd.logprobs_bwd_autotuned)):
-            for dtype, tf32, precision in ((torch.bfloat16, False, "half"), (torch.float32, False, "fp32"),
-                                           (torch.float32, True, "tf32")):
-                torch.backends.cuda.matmul.allow_tf32 = tf32
-                kept = tuned.early_config_prune(tuned.configs, {"hidden_ptr": torch.empty(0, dtype=dtype)})
-                assert sorted(configs.config_name(c) for c in kept) == \
-                    sorted(configs.config_name(c) for c in table[(arch, precision)])
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old_tf32
+    bf16, fp32 = torch.bfloat16, torch.float32
+    for table, tuned in ((logprobs_fwd.FWD_CONFIGS, logprobs_fwd.logprobs_fwd_autotuned),
+                         (logprobs_bwd.BWD_CONFIGS, logprobs_bwd.logprobs_bwd_autotuned)):
+        # (policy dtype, reference dtype, TF32 on, expected column): a mixed launch takes the stricter tiles.
+        for dtype, ref_dtype, tf32, precision in ((bf16, bf16, False, "half"), (fp32, fp32, False, "fp32"),
+                                                  (fp32, fp32, True, "tf32"), (bf16, fp32, False, "fp32"),
+                                                  (bf16, fp32, True, "tf32")):
+            monkeypatch.setattr(configs, "tf32_enabled", lambda tf32=tf32: tf32)
+            args = {"hidden_ptr": torch.empty(0, dtype=dtype), "ref_hidden_ptr": torch.empty(0, dtype=ref_dtype)}
+            kept = tuned.early_config_prune(tuned.configs, args)
+            assert sorted(configs.config_name(c) for c in kept) == \
+                sorted(configs.config_name(c) for c in table[(arch, precision)])

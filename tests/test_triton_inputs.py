@@ -85,3 +85,45 @@ def test_tf32_through_the_new_precision_api_does_not_raise(results):
 def test_ieee_through_the_new_precision_api(results):
     assert results["ieee/enabled"] is False
     assert results["ieee/call"] < 1e-4
+
+
+def test_table_column_is_the_most_constrained_head(monkeypatch):
+    import torch
+
+    from fastpref.kernels import configs
+
+    monkeypatch.setattr(configs, "tf32_enabled", lambda: False)
+    assert configs.table_column(torch.bfloat16) == "half"
+    assert configs.table_column(torch.bfloat16, torch.float32) == "fp32"
+    assert configs.table_column(torch.float32, torch.bfloat16) == "fp32"
+    monkeypatch.setattr(configs, "tf32_enabled", lambda: True)
+    assert configs.table_column(torch.bfloat16, torch.float32) == "tf32"
+    assert configs.table_column(torch.float16, torch.bfloat16) == "half"
+
+
+@pytest.mark.parametrize("kl", [None, "forward"])
+def test_each_head_gets_its_own_dot_precision(monkeypatch, kl):
+    """A bf16 policy with an fp32 reference head: the reference tiles use the exact fp32 dot, not TF32."""
+    import torch
+
+    from fastpref._prepare import prepare
+    from fastpref.backends import triton_backend
+    from fastpref.kernels import configs
+
+    monkeypatch.setattr(configs, "tf32_enabled", lambda: False)
+    launches = []
+    monkeypatch.setattr(triton_backend, "_launch", lambda name, grid, *args, **kw: launches.append((name, kw)))
+    monkeypatch.setattr(triton_backend, "vocab_splits", lambda n_rows, vocab, device: (1, vocab))
+    n, d, d_ref, v = 6, 8, 12, 20
+    prep = prepare(torch.randn(n, d, dtype=torch.bfloat16), torch.randn(v, d, dtype=torch.bfloat16),
+                   torch.randint(0, v, (n,)), seq_ids=torch.zeros(n, dtype=torch.long),
+                   ref_hidden=torch.randn(n, d_ref), ref_weight=torch.randn(v, d_ref), kl=kl, backend="triton")
+    out = triton_backend.forward(prep)
+    triton_backend.backward(prep, out.lse, out.ref_lse, out.token_kl, torch.ones(n), torch.ones(n) if kl else None,
+                            (True, True, False))
+    assert [name for name, _ in launches] == ["fwd", "bwd"]
+    for name, kw in launches:
+        assert kw["DOT_PRECISION"] == "tf32"  # ignored by tl.dot for bf16 operands
+        # The backward reads the reference head only for the KL gradient.
+        expected = "ieee" if (name == "fwd" or kl) else "tf32"
+        assert kw["REF_DOT_PRECISION"] == expected, (name, kw)

@@ -132,7 +132,7 @@ def compile_one(job: tuple) -> KernelReport:
     fn = getattr(importlib.import_module(module_name), fn_name)
     cfg = config(*cfg_tuple)
     dtype, precision, flags, _ = VARIANTS[variant]
-    constexprs = dict(flags, **cfg.kwargs, DOT_PRECISION=precision)
+    constexprs = dict(flags, **cfg.kwargs, DOT_PRECISION=precision, REF_DOT_PRECISION=precision)
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature = _signature(fn, dtype, constexprs)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=_divisibility_attrs(fn, signature))

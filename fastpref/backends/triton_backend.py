@@ -163,6 +163,7 @@ def forward(prep: Prepared) -> ForwardOutputs:
         1.0 / prep.temperature, prep.softcap or 1.0,
         HAS_BIAS=prep.bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=has_ref and prep.ref_bias is not None,
         KL_MODE=KL_CODES[kl], SOFTCAP=prep.softcap is not None, DOT_PRECISION=_dot_precision(hidden.dtype),
+        REF_DOT_PRECISION=_dot_precision(ref_hidden.dtype),
         SPLIT=n_splits > 1,
     )
     if n_splits > 1:
@@ -210,6 +211,7 @@ def backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor],
         1.0 / prep.temperature, prep.softcap or 1.0,
         HAS_BIAS=prep.bias is not None, HAS_REF_BIAS=use_ref and prep.ref_bias is not None,
         KL_MODE=kl_mode, SOFTCAP=prep.softcap is not None, DOT_PRECISION=_dot_precision(hidden.dtype),
+        REF_DOT_PRECISION=_dot_precision(ref_hidden.dtype),
         NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
     )
     return d_hidden, d_weight, d_bias
