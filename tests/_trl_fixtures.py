@@ -47,6 +47,25 @@ def tiny_llama(seed: int = 0, tied: bool = False):
     return LlamaForCausalLM(config).float()
 
 
+def tiny_scaled_lm(family: str, seed: int = 0):
+    """A tiny causal LM whose config maps its logits elementwise: ``"granite"`` divides them by
+    ``logits_scaling`` (a temperature), ``"gemma2"`` soft-caps them (``final_logit_softcapping``)."""
+    import transformers
+
+    common = dict(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                  eos_token_id=2, bos_token_id=None)
+    if family == "granite":
+        config, cls = transformers.GraniteConfig(logits_scaling=4.0, **common), transformers.GraniteForCausalLM
+    elif family == "gemma2":
+        config = transformers.Gemma2Config(final_logit_softcapping=1.5, head_dim=8, **common)
+        cls = transformers.Gemma2ForCausalLM
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    return cls(config).float()
+
+
 def tiny_mixtral(seed: int = 0):
     """A tiny Mixture-of-Experts causal LM (its config declares a router auxiliary loss coefficient)."""
     from transformers import MixtralConfig, MixtralForCausalLM

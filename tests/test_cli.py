@@ -20,6 +20,6 @@ def test_check_passes(capsys):
 def test_check_reports_failures(capsys, monkeypatch):
     import fastpref.commands.check as check
 
-    monkeypatch.setitem(check.EXTRA_CHECKS, "broken", lambda dtype, seed: [("case", 1.0)])
+    monkeypatch.setitem(check.SUITES, "broken", check.Suite(lambda dtype, seed: [("case", 1.0)]))
     assert main(["check", "--backend", "torch"]) == 1
     assert "FAIL" in capsys.readouterr().out

@@ -1,12 +1,12 @@
 """Torch backend of fused_logprobs vs the eager reference: outputs and dH, dW, db."""
 import pytest
 import torch
+from core_cases import CASES, named_case
 
 import fastpref
 import fastpref.reference as reference
 from fastpref.backends import torch_backend
-from core_cases import CASES, make_case, max_rel_err, run_with_grads
-
+from fastpref.testing import make_core_case, rel_err, run_core
 
 SHIPPED_BLOCKS = (torch_backend.BLOCK_N, torch_backend.BLOCK_V)
 SMALL_BLOCKS = (8, 128)
@@ -29,14 +29,15 @@ def blocks(request, monkeypatch):
 
 
 def _compare(name, dtype, tol):
-    inputs, kwargs = make_case(name, dtype)
-    fused_out, fused_grads = run_with_grads(fastpref.fused_logprobs, inputs, kwargs, backend="torch")
-    ref_out, ref_grads = run_with_grads(reference.fused_logprobs, inputs, kwargs)
-    assert len(fused_out) == len(ref_out)
-    for i, (a, b) in enumerate(zip(fused_out + fused_grads, ref_out + ref_grads)):
+    case = named_case(name, dtype)
+    fused = run_core(fastpref.fused_logprobs, case, backend="torch")
+    eager = run_core(reference.fused_logprobs, case)
+    assert list(fused) == list(eager)
+    for key, b in eager.items():
+        a = fused[key]
         assert a.dtype == b.dtype
         assert torch.isfinite(a).all()
-        assert max_rel_err(a, b) < tol, f"{name}: output/grad #{i} differs: {max_rel_err(a, b):.2e}"
+        assert rel_err(a, b) < tol, f"{name}: {key} differs: {rel_err(a, b):.2e}"
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -65,32 +66,28 @@ def test_parity_half_precision_rule(name, dtype, blocks):
     inputs are computed in fp32 blocks (eager's half-precision projection is ~100x further off).
     """
     slack = torch.finfo(dtype).eps / 4
-    inputs64, kwargs64 = make_case(name, torch.float64)
-    to_half = lambda t: t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
-    inputs16 = tuple(to_half(t) for t in inputs64)
-    kwargs16 = {k: to_half(v) for k, v in kwargs64.items()}
-    to_64 = lambda t: t.double() if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
-    truth_out, truth_grads = run_with_grads(
-        reference.fused_logprobs, tuple(to_64(t) for t in inputs16), {k: to_64(v) for k, v in kwargs16.items()}
-    )
-    fused_out, fused_grads = run_with_grads(fastpref.fused_logprobs, inputs16, kwargs16, backend="torch")
-    eager_out, eager_grads = run_with_grads(reference.fused_logprobs, inputs16, kwargs16)
-    for i, (f, e, t) in enumerate(zip(fused_out + fused_grads, eager_out + eager_grads, truth_out + truth_grads)):
-        fused_err, eager_err = max_rel_err(f, t), max_rel_err(e, t)
+    case = named_case(name, torch.float64).to(dtype)
+    truth = run_core(reference.fused_logprobs, case.to(torch.float64))
+    fused = run_core(fastpref.fused_logprobs, case, backend="torch")
+    eager = run_core(reference.fused_logprobs, case)
+    assert list(fused) == list(truth)
+    for key, t in truth.items():
+        f, e = fused[key], eager[key]
+        fused_err, eager_err = rel_err(f, t), rel_err(e, t)
         assert torch.isfinite(f.float()).all()
-        assert fused_err <= eager_err + slack, f"{name}: #{i} fused {fused_err:.2e} vs eager {eager_err:.2e}"
-        if i < len(fused_out):
-            assert f.dtype == torch.float32  # per-sequence stats are fp32 whatever the input dtype
-            assert fused_err < FP32_BLOCKS_TOL, f"{name}: output #{i} {fused_err:.2e}: not fp32 blocks?"
-        else:
+        assert fused_err <= eager_err + slack, f"{name}: {key} fused {fused_err:.2e} vs eager {eager_err:.2e}"
+        if key.startswith("d_"):
             assert f.dtype == dtype  # gradients in the input dtype
+        else:
+            assert f.dtype == torch.float32  # per-sequence stats are fp32 whatever the input dtype
+            assert fused_err < FP32_BLOCKS_TOL, f"{name}: {key} {fused_err:.2e}: not fp32 blocks?"
 
 
 def test_fully_ignored_sequence_is_zero_with_zero_grads():
-    inputs, kwargs = make_case("fully_ignored", torch.float64)
-    hidden, weight, targets = (t.clone() for t in inputs)
+    case = named_case("fully_ignored", torch.float64)
+    hidden, weight, targets = (t.clone() for t in case.inputs)
     hidden.requires_grad_()
-    stats = fastpref.fused_logprobs(hidden, weight, targets, **kwargs)
+    stats = fastpref.fused_logprobs(hidden, weight, targets, **case.kwargs)
     assert stats.logps[1].item() == 0 and stats.lengths[1].item() == 0 and stats.kl[1].item() == 0
     (stats.logps.sum() + stats.kl.sum()).backward()
     assert torch.count_nonzero(hidden.grad[1]) == 0
@@ -98,21 +95,23 @@ def test_fully_ignored_sequence_is_zero_with_zero_grads():
 
 
 def test_outputs_layout_and_lengths():
-    inputs, kwargs = make_case("packed", torch.float32)
-    stats = fastpref.fused_logprobs(*inputs, **kwargs)
-    seq, targets = kwargs["seq_ids"], inputs[2]
+    case = named_case("packed", torch.float32)
+    stats = fastpref.fused_logprobs(*case.inputs, **case.kwargs)
+    seq, targets = case.kwargs["seq_ids"], case.targets
     expected_lengths = torch.zeros(4).index_add_(0, seq, (targets != -100).float())
     assert torch.equal(stats.lengths, expected_lengths)
     assert stats.token_logps.shape == targets.shape and stats.token_kl.shape == targets.shape
     assert stats.logps.dtype == torch.float32 and stats.ref_logps.dtype == torch.float32
-    assert stats.token_logps[3].item() == 0  # the ignored position
+    ignored = targets == -100
+    assert ignored.any() and (stats.token_logps[ignored] == 0).all() and (stats.token_kl[ignored] == 0).all()
     assert (stats.token_logps <= 0).all() and (stats.token_kl >= -1e-6).all()
     assert stats.lengths.requires_grad is False and stats.ref_logps.requires_grad is False
 
 
 def test_no_grad_call_saves_nothing():
-    inputs, kwargs = make_case("kl_forward", torch.float32)
-    hidden, weight, targets = inputs
+    case = named_case("kl_forward", torch.float32)
+    hidden, weight, targets = case.inputs
+    kwargs = case.kwargs
     hidden.requires_grad_()
     with torch.no_grad():
         stats = fastpref.fused_logprobs(hidden, weight, targets, **kwargs)
@@ -122,14 +121,15 @@ def test_no_grad_call_saves_nothing():
 
 
 def test_grad_only_through_requested_inputs():
-    inputs, kwargs = make_case("bias", torch.float64)
-    hidden, weight, targets = inputs
+    case = named_case("bias", torch.float64)
+    hidden, weight, targets = case.inputs
+    kwargs = case.kwargs
     weight = weight.clone().requires_grad_()
     stats = fastpref.fused_logprobs(hidden, weight, targets, **kwargs)  # hidden and bias need no grad
     (grad_w,) = torch.autograd.grad(stats.logps.sum(), [weight])
     ref = reference.fused_logprobs(hidden, weight, targets, **kwargs)
     (ref_w,) = torch.autograd.grad(ref.logps.sum(), [weight])
-    assert max_rel_err(grad_w, ref_w) < 1e-10
+    assert rel_err(grad_w, ref_w) < 1e-10
 
 
 def test_zero_upstream_rows_are_skipped(monkeypatch):
@@ -141,8 +141,7 @@ def test_zero_upstream_rows_are_skipped(monkeypatch):
         seen.append(h.shape[0])
         return real(h, *args, **kwargs)
 
-    inputs, kwargs = make_case("padded", torch.float64)
-    hidden, weight, targets = inputs
+    hidden, weight, targets = named_case("padded", torch.float64).inputs
     hidden = hidden.clone().requires_grad_()
     stats = fastpref.fused_logprobs(hidden, weight, targets, backend="torch")
     monkeypatch.setattr(torch_backend, "_logits_tile", spy)
@@ -152,11 +151,11 @@ def test_zero_upstream_rows_are_skipped(monkeypatch):
 
 
 def test_half_precision_gradients_have_input_dtype():
-    inputs, kwargs = make_case("bias", torch.bfloat16)
-    hidden, weight, targets = (t.clone() for t in inputs)
+    case = named_case("bias", torch.bfloat16)
+    hidden, weight, targets = (t.clone() for t in case.inputs)
     hidden.requires_grad_()
     weight.requires_grad_()
-    stats = fastpref.fused_logprobs(hidden, weight, targets, **kwargs)
+    stats = fastpref.fused_logprobs(hidden, weight, targets, **case.kwargs)
     stats.logps.sum().backward()
     assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
     assert torch.isfinite(hidden.grad.float()).all()
@@ -167,20 +166,14 @@ def test_default_blocks_large_problem_matches_reference(monkeypatch, variant):
     """The shipped tile sizes (not the tiny test ones) on a problem spanning several tiles."""
     monkeypatch.setattr(torch_backend, "BLOCK_N", SHIPPED_BLOCKS[0])
     monkeypatch.setattr(torch_backend, "BLOCK_V", SHIPPED_BLOCKS[1])
-    g = torch.Generator().manual_seed(3)
-    n, d, v = 1100, 32, 9000
-    hidden = torch.randn(n, d, generator=g, dtype=torch.float64)
-    weight = torch.randn(v, d, generator=g, dtype=torch.float64) * 0.3
-    targets = torch.randint(0, v, (n,), generator=g)
-    seq = torch.arange(n) // 100
-    kwargs = dict(seq_ids=seq, ref_hidden=hidden + 0.1, kl="forward")
-    if variant != "forward_kl_shared_head":
-        targets[torch.rand(n, generator=g) < 0.3] = -100
-        kwargs.update(kl="reverse", bias=torch.randn(v, generator=g, dtype=torch.float64),
-                      ref_weight=weight + 0.05 * torch.randn(v, d, generator=g, dtype=torch.float64),
-                      ref_bias=torch.randn(v, generator=g, dtype=torch.float64), temperature=0.7, softcap=5.0)
-    out, grads = run_with_grads(fastpref.fused_logprobs, (hidden, weight, targets), kwargs)
-    ref_out, ref_grads = run_with_grads(reference.fused_logprobs, (hidden, weight, targets), kwargs)
-    assert len(out + grads) == len(ref_out + ref_grads)
-    for a, b in zip(out + grads, ref_out + ref_grads):
-        assert max_rel_err(a, b) < 1e-10
+    spec = dict(layout="packed", lengths=(100,) * 11, interleave=False, D=32, V=9000, weight_scale=0.3)
+    if variant == "forward_kl_shared_head":
+        spec.update(ignore=0.0, ref="shared", kl="forward")
+    else:
+        spec.update(ignore=0.3, bias=True, ref="separate", kl="reverse", temperature=0.7, softcap=5.0)
+    case = make_core_case(torch.float64, seed=3, **spec)
+    out = run_core(fastpref.fused_logprobs, case)
+    ref = run_core(reference.fused_logprobs, case)
+    assert list(out) == list(ref)
+    for key, b in ref.items():
+        assert rel_err(out[key], b) < 1e-10, key

@@ -273,7 +273,7 @@ def _vocab_parallel_modules_worker(rank: int, world: int) -> int:
     kl_targets = torch.randint(0, vocab, (3, 4), generator=g)
     with_ref = dict(ref_hidden=ref_hidden, ref_weight="ref_weight")
     cases = [  # (class, options, call keywords, steps)
-        (fastpref.FusedDPOLoss, dict(beta=0.3, temperature=0.9, softcap=4.0), with_ref, 1),
+        (fastpref.FusedDPOLoss, dict(beta=0.3), dict(with_ref, temperature=0.9, softcap=4.0), 1),  # head at call
         (fastpref.FusedSPOLoss, dict(alpha=0.5, kl_coef=0.7, gamma=0.3),
          dict(kl_hidden=kl_hidden, kl_ref_hidden=kl_ref_hidden, kl_targets=kl_targets), 1),
         # two steps: the margin EMA is updated from the batch statistics, then used

@@ -167,6 +167,59 @@ def test_cohere_logit_scale_matches_model():
     torch.testing.assert_close(out.logprobs().logps, truth, rtol=1e-12, atol=1e-10)
 
 
+def test_head_kwargs_are_a_loss_call_and_logprobs_keep_ignore_index():
+    """head_kwargs(): the head (bias, the config's temperature/softcap) and packing, what a fused loss call takes;
+    the targets' ignore_index goes to the loss's constructor (and logprobs() passes it to the op)."""
+    import fastpref
+
+    model = _tiny("gemma2", False, final_logit_softcapping=1.5)
+    ids, mask, labels = _batch()
+    truth, _ = _truth(model, ids, mask, labels)
+    out = hf.lm_head_inputs(model, ids, mask, labels.masked_fill(labels == -100, -1), ignore_index=-1,
+                            logits_to_keep=hf.shift_labels(labels) != -100)
+    kwargs = out.head_kwargs()
+    assert set(kwargs) == {"bias", "temperature", "softcap", "seq_ids", "num_seqs"}
+    assert (kwargs["temperature"], kwargs["softcap"]) == (1.0, 1.5)
+    torch.testing.assert_close(out.logprobs().logps, truth, rtol=1e-12, atol=1e-10)
+    loss_fn = fastpref.FusedSimPOLoss(beta=2.0, ignore_index=-1)  # rows 0 and 1 are a pair; row 2 would be odd
+    two = hf.lm_head_inputs(model, ids[:2], mask[:2], labels[:2].masked_fill(labels[:2] == -100, -1), ignore_index=-1)
+    logps = loss_fn(two.weight, two.hidden, two.targets, **two.head_kwargs()).metrics["logps"]
+    torch.testing.assert_close(logps, truth[:2], rtol=1e-12, atol=1e-10)
+
+
+def test_one_unwrapping_and_one_backbone_output_reader():
+    """hf_model strips every .module holder and a PEFT wrapper; distributed.unwrap_model only DDP/DataParallel.
+    backbone_hidden reads a tensor, a tuple or last_hidden_state."""
+    from fastpref.integrations.distributed import unwrap_model
+
+    model = _tiny("llama", False)
+
+    class Peft(torch.nn.Module):  # what PEFT's PeftModel exposes
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.peft_config = inner, {"default": None}
+
+        def get_base_model(self):
+            return self.inner
+
+    class Engine(torch.nn.Module):  # a DeepSpeed engine / DDP: the wrapped model is .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    peft = Peft(model)
+    assert hf.hf_model(Engine(peft)) is model and hf.hf_model(model) is model
+    assert hf.is_peft(Engine(peft)) and not hf.is_peft(model)
+    assert unwrap_model(torch.nn.DataParallel(peft)) is peft and unwrap_model(Engine(model)) is not model
+    h = torch.zeros(1, 2, 3)
+    ids = torch.tensor([[1, 2, 3]])
+    assert hf.backbone_hidden(h) is h and hf.backbone_hidden((h, None)) is h
+    torch.testing.assert_close(hf.backbone_hidden(hf.backbone(model)(input_ids=ids)),
+                               hf.backbone(model)(input_ids=ids, return_dict=False)[0])
+    with pytest.raises(TypeError, match="ref_backbone must return hidden states"):
+        hf.backbone_hidden({"hidden": h}, what="ref_backbone")
+
+
 def test_bad_arguments_raise():
     model = _tiny("llama", False)
     ids, mask, labels = _batch()
@@ -182,11 +235,13 @@ def test_bad_arguments_raise():
 
 # ---- sharded heads: the frameworks are not installed, so the detection is tested with fake parameters ----
 
-def test_gather_is_a_no_op_for_plain_parameters():
+def test_gather_is_a_no_op_for_plain_parameters(monkeypatch):
     model = _tiny("llama", True)
+    for name in [m for m in sys.modules if m == "deepspeed" or m.startswith("deepspeed.")]:
+        monkeypatch.delitem(sys.modules, name)  # TRL's tests in the same process may have imported it
     with hf.gather_lm_head(model) as (w, b):
         assert w is model.lm_head.weight and b is None
-    assert "deepspeed" not in sys.modules
+    assert "deepspeed" not in sys.modules  # nothing imported for plain parameters
 
 
 def test_zero3_head_is_gathered_with_deepspeed_context(monkeypatch):

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import fastpref
-from fastpref._module_checks import make_sequences
-from fastpref.commands.check import rel_err
+from fastpref.testing import make_sequences, rel_err
 
 chunked = pytest.importorskip("liger_kernel.chunked_loss")
 

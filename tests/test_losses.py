@@ -1,4 +1,4 @@
-"""fastpref.losses vs independent, deliberately naive float64 formulas (LOSSES.md, the papers).
+"""fastpref.losses vs independent, deliberately naive float64 formulas (docs/losses.md, the papers).
 
 The references below spell each loss out the obvious way (log(sigmoid(.)), exp of sums, Python loops
 over examples) and share no code with the package; inputs are moderate so the naive forms are exact.
@@ -95,7 +95,7 @@ def ref_kto(s, r, labels, z0, beta, wd, wu):
 
 
 def ref_var(s, rew, ref, beta, normalize, lengths=None, policy_mean=False, ref_mean=False):
-    """Eq. 9-10 spelled out; ``ref_mean`` divides log π_ref(y_j|x_i) by y_j's length n_j (LOSSES.md §1
+    """Eq. 9-10 spelled out; ``ref_mean`` divides log π_ref(y_j|x_i) by y_j's length n_j (docs/losses.md §1
     ambiguity 2), ``policy_mean`` divides log π_θ(y_i|x_i) by n_i."""
     b = len(s)
 
@@ -276,7 +276,7 @@ def test_var_matches_eager_fp64(normalize, form):
     ref_loss, w = ref_var(s, rew, ref, beta, normalize)
     assert_parity(loss, ref_loss, [s])
     torch.testing.assert_close(m["weights"], w, **TOL)
-    # c_i = w_i / B (LOSSES.md §8): the gradient is −w/B, detached weights
+    # c_i = w_i / B (docs/losses.md §8): the gradient is −w/B, detached weights
     torch.testing.assert_close(torch.autograd.grad(loss, s)[0], -w / b, **TOL)
 
 
@@ -331,7 +331,7 @@ def test_spo_best_of_n_and_ranked_match_eager_fp64(alpha):
     assert_parity(loss, ref_spo_ranked(s, alpha, 0.6), [s])
 
 
-# ---------------------------------------------------------------- hand-derived c_s (LOSSES.md §8)
+# ---------------------------------------------------------------- hand-derived c_s (docs/losses.md §8)
 
 def test_hand_derived_gradients():
     d = batch(b=5, seed=3)
@@ -391,7 +391,7 @@ def test_hand_derived_gradients():
 
 
 def test_no_gradient_reaches_constant_statistics():
-    """Reference log-probs, lengths, rewards and batch statistics are constants (LOSSES.md §0)."""
+    """Reference log-probs, lengths, rewards and batch statistics are constants (docs/losses.md §0)."""
     d = {k: v.detach().clone().requires_grad_(True) for k, v in batch().items()}
     sw, sl, rw, rl, nw, nl = (d[k] for k in ("sw", "sl", "rw", "rl", "nw", "nl"))
     consts = [rw, rl, nw, nl]
@@ -700,7 +700,7 @@ def test_output_dtype(dtype, want):
 
 
 def test_fp32_matches_fp64_on_large_sums():
-    """Margins of O(10^3) sums keep their precision through fp32 loss math (LOSSES.md §0)."""
+    """Margins of O(10^3) sums keep their precision through fp32 loss math (docs/losses.md §0)."""
     d = batch()
     d32 = {k: (v.detach() * 50).float() for k, v in d.items() if k not in ("nw", "nl")}
     d64 = {k: v.double() for k, v in d32.items()}
@@ -748,8 +748,10 @@ def test_validation_errors_name_the_argument():
         (lambda: L.mcpo(s3, s3[:, :2], negatives=torch.ones(6, 1, dtype=torch.int64)), "ref_logps"),
         (lambda: L.mcpo(sw, rw, negatives=torch.ones(6, 1, dtype=torch.int64)), "logps"),
         (lambda: L.mcpo(s3[:, :1], s3[:, :1], negatives=torch.ones(6, 1, dtype=torch.int64)), "logps"),
-        (lambda: L.mcpo(s3, s3, negatives=torch.full((6, 1), 3)), "negatives"),
-        (lambda: L.mcpo(s3, s3, negatives=torch.ones(5, 1, dtype=torch.int64)), "negatives"),
+        (lambda: L.mcpo(s3, s3, negatives=torch.full((6, 1), 3)), "negatives must be column indices in 0..2"),
+        (lambda: L.mcpo(s3, s3, negatives=torch.full((6, 1), -1)), "negatives must be column indices in 0..2"),
+        (lambda: L.mcpo(s3, s3, negatives=torch.ones(5, 1, dtype=torch.int64)), "negatives must have shape"),
+        (lambda: L.mcpo(s3, s3, negatives=torch.ones(6, 0, dtype=torch.int64)), "negatives must have shape"),
         (lambda: L.mcpo_sample_negatives(s3, s3, num_negatives=3), "num_negatives"),
         (lambda: L.mcpo_sample_negatives(s3, s3, num_negatives=0), "num_negatives"),
         (lambda: L.spo(sw, sl, alpha=-0.1), "alpha"),
@@ -785,7 +787,7 @@ def test_exports():
         assert fn.__doc__ and len(fn.__doc__) > 80, name
 
 
-# ---------------------------------------------------------------- VAR reduction options (LOSSES.md §1)
+# ---------------------------------------------------------------- VAR reduction options (docs/losses.md §1)
 
 @pytest.mark.parametrize("policy_reduction", ["sum", "mean"])
 @pytest.mark.parametrize("normalize", ["self", "none"])
@@ -982,7 +984,7 @@ def test_spo_alpha_switch_is_continuous_in_gradient_and_jumps_by_log_n_over_alph
         assert abs(l_hi.item() - l_lo.item()) > 1e5  # the documented jump
 
 
-# ---------------------------------------------------------------- defaults (API.md §2, LOSSES.md)
+# ---------------------------------------------------------------- defaults (docs/api.md §2, docs/losses.md)
 
 EXPECTED_DEFAULTS = {
     "dpo": dict(beta=0.1, label_smoothing=0.0),
@@ -1010,7 +1012,7 @@ def test_head_defaults_are_pinned(name):
     params = inspect.signature(getattr(L, name)).parameters
     defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
     assert defaults == EXPECTED_DEFAULTS[name]
-    for k in EXPECTED_DEFAULTS[name]:  # every hyper-parameter is keyword-only, as in API.md
+    for k in EXPECTED_DEFAULTS[name]:  # every hyper-parameter is keyword-only, as in docs/api.md
         assert params[k].kind is inspect.Parameter.KEYWORD_ONLY or k in ("chosen_lengths", "rejected_lengths")
     required_kw = {k for k, p in params.items()
                    if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty}

@@ -9,9 +9,8 @@ import torch
 import fastpref
 import fastpref.reference as reference
 from fastpref import losses
-from fastpref._module_checks import MODULE_NAMES, REFERENCE_FREE, make_case, make_sequences, run_case
 from fastpref.backends import torch_backend
-from fastpref.commands.check import rel_err
+from fastpref.testing import MODULE_NAMES, REFERENCE_FREE, make_case, make_sequences, rel_err, run_case
 
 REF_USING = [n for n in MODULE_NAMES if n not in REFERENCE_FREE]
 
@@ -143,7 +142,8 @@ def test_shared_reference_head_by_default():
     case = make_case("FusedDPOLoss", torch.float64, seed=2)
     case.call.pop("ref_weight")
     out = fastpref.FusedDPOLoss(**case.ctor)(case.weight, case.main.hidden, case.main.targets, **case.kwargs())
-    ref = reference.fused_logprobs(case.main.ref_hidden, case.weight.detach(), case.main.targets, bias=case.bias.detach())
+    ref = reference.fused_logprobs(case.main.ref_hidden, case.weight.detach(), case.main.targets,
+                                   bias=case.bias.detach())
     pol = reference.fused_logprobs(case.main.hidden, case.weight, case.main.targets, bias=case.bias)
     expected, _ = losses.dpo(pol.logps[:3], pol.logps[3:], ref.logps[:3], ref.logps[3:], **case.ctor)
     torch.testing.assert_close(out.loss, expected, rtol=1e-12, atol=0)
@@ -151,12 +151,107 @@ def test_shared_reference_head_by_default():
 
 def test_temperature_and_softcap_are_passed_to_the_fused_op():
     case = make_case("FusedSimPOLoss", torch.float64, seed=4)
-    opts = dict(temperature=0.7, softcap=3.0)
-    fused = run_case(fastpref.FusedSimPOLoss(**case.ctor, **opts), case)
-    eager = run_case(reference.FusedSimPOLoss(**case.ctor, **opts), case)
     plain = run_case(fastpref.FusedSimPOLoss(**case.ctor), case)
+    case.call.update(temperature=0.7, softcap=3.0)  # the head's options travel with the call
+    fused = run_case(fastpref.FusedSimPOLoss(**case.ctor), case)
+    eager = run_case(reference.FusedSimPOLoss(**case.ctor), case)
     assert max(_errors(fused, eager)) < 1e-10
     assert rel_err(fused[0], plain[0]) > 1e-3
+
+
+@pytest.mark.parametrize("name", MODULE_NAMES)
+def test_head_options_per_call_match_the_eager_twin(name):
+    """Every module and its eager twin take temperature/softcap per call, and they change the loss."""
+    case = make_case(name, torch.float64, packed=True, seed=5)
+    plain = run_case(getattr(fastpref, name)(**case.ctor), case)
+    case.call.update(temperature=0.8, softcap=4.0)
+    fused = run_case(getattr(fastpref, name)(**case.ctor), case)
+    eager = run_case(getattr(reference, name)(**case.ctor), case)
+    assert max(_errors(fused, eager)) < 1e-10
+    assert rel_err(fused[0], plain[0]) > 1e-6
+
+
+def test_extra_passes_use_the_call_head():
+    """KTO's mismatched pairs and SPO's online samples go through the call's temperature and softcap."""
+    head = dict(temperature=0.6, softcap=5.0)
+    case = make_case("FusedKTOLoss", torch.float64, seed=47)
+    out = fastpref.FusedKTOLoss(**case.ctor)(case.weight, case.main.hidden, case.main.targets, **case.kwargs(),
+                                             **head)
+    mism = reference.fused_logprobs(case.call["kl_hidden"], case.weight, case.call["kl_targets"], bias=case.bias,
+                                    ref_hidden=case.call["kl_ref_hidden"], ref_weight=case.call["ref_weight"],
+                                    **head)
+    z0 = max(0.0, float((mism.logps - mism.ref_logps).detach().mean()))
+    assert z0 > 0 and float(out.metrics["z0"]) == pytest.approx(z0, rel=1e-12)
+    plain = fastpref.FusedKTOLoss(**case.ctor)(case.weight, case.main.hidden, case.main.targets, **case.kwargs())
+    assert abs(float(plain.metrics["z0"]) - z0) > 0.1  # the head's options matter to z0
+    case = make_case("FusedSPOLoss", torch.float64, seed=23)
+    out = fastpref.FusedSPOLoss(**case.ctor)(case.weight, case.main.hidden, case.main.targets, **case.kwargs(),
+                                             **head)
+    expected = reference.fused_logprobs(case.call["kl_hidden"], case.weight, case.call["kl_targets"], bias=case.bias,
+                                        ref_hidden=case.call["kl_ref_hidden"], ref_weight=case.call["ref_weight"],
+                                        kl="forward", **head).kl
+    torch.testing.assert_close(out.metrics["kl"], expected.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.7), dict(softcap=3.0), dict(temperature=0.7, softcap=3.0)])
+@pytest.mark.parametrize("namespace", [fastpref, reference], ids=["fused", "eager"])
+def test_constructor_refuses_head_options(namespace, options):
+    for name in MODULE_NAMES:
+        ctor = dict(make_case(name).ctor, **options)
+        with pytest.raises(TypeError, match="LM head.*per call.*loss_fn\\(weight, hidden, targets, temperature=|"
+                                            "LM head.*per call.*loss_fn\\(weight, hidden, targets, softcap="):
+            getattr(namespace, name)(**ctor)
+    module = fastpref.FusedDPOLoss()
+    assert "temperature" not in module.hyperparameters() and "softcap" not in module.hyperparameters()
+    assert "temperature" not in repr(module) and "softcap" not in repr(module)
+    assert "temperature" not in module.logprob_options() and "softcap" not in module.logprob_options()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tempreature'"):
+        fastpref.FusedDPOLoss(tempreature=0.7)
+
+
+def test_ignore_index_default_is_the_package_default():
+    from fastpref._types import IGNORE_INDEX
+
+    for name in MODULE_NAMES:
+        assert getattr(fastpref, name)(**make_case(name).ctor).ignore_index == IGNORE_INDEX
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+
+def test_one_registry_of_loss_modules():
+    from fastpref.modules import LOSS_MODULES, FusedLossBase
+
+    expected = ["FusedDPOLoss", "FusedIPOLoss", "FusedSimPOLoss", "FusedSLiCLoss", "FusedDPOPLoss", "FusedKTOLoss",
+                "FusedORPOLoss", "FusedCPOLoss", "FusedVARLoss", "FusedAlphaDPOLoss", "FusedMCPOLoss", "FusedSPOLoss"]
+    assert list(LOSS_MODULES) == expected
+    assert all(cls.__name__ == name and issubclass(cls, FusedLossBase) for name, cls in LOSS_MODULES.items())
+    assert MODULE_NAMES == expected
+    # fastpref, fastpref.reference and the registry agree, in the registry's order.
+    assert [n for n in fastpref.__all__ if n.startswith("Fused")] == expected
+    assert [n for n in reference.__all__ if n.startswith("Fused")] == expected
+    assert {"LossOutput", "var_cross_pair_ref_logps"} <= set(fastpref.__all__)
+    assert {"fused_logprobs", "var_cross_pair_ref_logps"} <= set(reference.__all__)
+    for name, cls in LOSS_MODULES.items():
+        assert getattr(fastpref, name) is cls
+        twin = getattr(reference, name)
+        assert twin is not cls and issubclass(twin, cls) and twin.__name__ == name
+        assert twin.fused_logprobs is reference.fused_logprobs
+
+
+@pytest.mark.parametrize("name", MODULE_NAMES)
+def test_every_module_has_the_shared_call_shape(name):
+    import inspect
+
+    for cls in (getattr(fastpref, name), getattr(reference, name)):
+        params = inspect.signature(cls.forward).parameters
+        positional = [p for p, v in params.items() if v.kind == v.POSITIONAL_OR_KEYWORD]
+        assert positional == ["self", "weight", "hidden", "targets"]
+        keyword = {p for p, v in params.items() if v.kind == v.KEYWORD_ONLY}
+        assert {"bias", "temperature", "softcap", "ref_hidden", "ref_weight", "ref_bias", "ref_logps", "seq_ids",
+                "num_seqs"} <= keyword
+        assert params["temperature"].default == 1.0 and params["softcap"].default is None
+        assert any(v.kind == v.VAR_KEYWORD for v in params.values())
 
 
 def test_errors_name_the_argument():
@@ -196,19 +291,44 @@ def test_errors_name_the_argument():
         fastpref.FusedSPOLoss()(w, h, t, kl_hidden=h)
 
 
+def test_call_keywords_are_checked_by_the_heads():
+    """The modules pass labels / negatives / best to the heads, which own their checks."""
+    case = make_case("FusedKTOLoss", torch.float64, seed=0)
+    kto = fastpref.FusedKTOLoss()
+    call = dict(case.call, labels=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="labels must have the shape of logps"):
+        kto(case.weight, case.main.hidden, case.main.targets, **call)
+    case = make_case("FusedMCPOLoss", torch.float64, seed=0)  # B = 2 groups of 4
+    mcpo = fastpref.FusedMCPOLoss(**case.ctor)
+    for bad, error, message in ((torch.full((2, 1), 4), ValueError, "column indices in 0..3"),
+                                (torch.ones(3, 1, dtype=torch.int64), ValueError, "negatives must have shape"),
+                                (torch.ones(2, 1, dtype=torch.int32), TypeError, "int64"),
+                                ([[1], [2]], TypeError, "int64")):
+        with pytest.raises(error, match=message):
+            mcpo(case.weight, case.main.hidden, case.main.targets, **case.call, negatives=bad)
+    case = make_case("FusedSPOLoss", torch.float64, seed=0)  # 6 sequences: B = 2 groups of 3
+    spo = fastpref.FusedSPOLoss(**dict(case.ctor, mode="best_of_n", group_size=3))
+    for bad in (torch.tensor([0, 3]), torch.tensor([0]), torch.tensor([0.0, 1.0]), torch.tensor([0, 1]).int()):
+        with pytest.raises(ValueError, match="best"):
+            spo(case.weight, case.main.hidden, case.main.targets, **case.call, best=bad)
+    with pytest.raises(ValueError, match="best is for mode='best_of_n'"):
+        fastpref.FusedSPOLoss(**case.ctor)(case.weight, case.main.hidden, case.main.targets, **case.call,
+                                           best=torch.tensor([0, 1, 2]))
+
+
 # ------------------------------------------------------------------------------------------- MC-PO
 
 
 def _count_backward_positions(monkeypatch):
     seen = []
-    original = torch_backend._backward
+    original = torch_backend.backward
 
     def counting(prep, lse, ref_lse, token_kl, grad_logps, grad_kl, need):
         a = grad_logps * prep.valid
         seen.append({"positions": prep.num_positions, "active": int((a != 0).sum())})
         return original(prep, lse, ref_lse, token_kl, grad_logps, grad_kl, need)
 
-    monkeypatch.setattr(torch_backend, "_backward", counting)
+    monkeypatch.setattr(torch_backend, "backward", counting)
     return seen
 
 
@@ -543,9 +663,9 @@ def test_var_cross_pair_ref_logps_against_a_loop(prompts_per_chunk):
 
 
 def test_fastpref_check_has_a_row_per_module():
-    from fastpref.commands.check import EXTRA_CHECKS
+    from fastpref.commands.check import SUITES
 
-    rows = EXTRA_CHECKS["modules"](torch.float64, 0)
+    rows = SUITES["modules"].run(torch.float64, 0)
     assert len(rows) == 12
     assert {r[0].split("/")[0] for r in rows} == {n[len("Fused"):-len("Loss")] for n in MODULE_NAMES}
     assert all(err < 1e-10 for _, err in rows)

@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 import fastpref
-from fastpref._module_checks import make_sequences
+from fastpref.testing import make_sequences
 
 PAIRS = 4
 SHARES = ([0], [1, 2, 3])  # rank 0 gets one pair, rank 1 three: exercises the unequal all_gather

@@ -3,9 +3,7 @@
 The fused losses read the LM head directly -- ``loss_fn(model.lm_head.weight, hidden, targets)`` --
 usually *outside* the model's forward, because the model's own forward would build the logits. Every
 data-parallel wrapper ties its gradient synchronisation to its forward, so it matters how that call is
-made. What each wrapper does (DDP and FSDP2 cases measured with two CPU/gloo processes in
-``tests/test_distributed.py``; ZeRO-3 with DeepSpeed 0.19.8 on CPU/gloo in the same file, skipped where
-``deepspeed`` is not installed):
+made. What each wrapper does:
 
 DDP (``DistributedDataParallel``): the gradient all-reduce runs from autograd hooks that the wrapper's
 forward arms.
@@ -27,7 +25,7 @@ FSDP2 (``fully_shard``):
   sharded ``DTensor``; ``fused_logprobs`` rejects it with a ``TypeError``. Gathering it with
   ``weight.full_tensor()`` does *not* help a trainable head: the backward of that all-gather only keeps
   each rank's own slice of its own gradient, without the reduce-scatter, so **the head's gradient is
-  wrong on every rank** (measured).
+  wrong on every rank**.
 
 DeepSpeed ZeRO-3: a parameter is partitioned (empty) outside its module's forward; ZeRO-3 gathers it
 in a forward pre-hook and again for backward. ``fused_logprobs`` rejects an empty partitioned
@@ -70,8 +68,7 @@ FSDP-sharded head (pointing here) and gathers no-grad ones with :func:`gathered_
 :func:`~fastpref.integrations.transformers.enable_hidden_forward` lets a loss run inside a
 ``transformers`` model's forward (``model(..., fastpref_head_fn=fn)``), which is how
 ``FastPrefDPOTrainer`` stays correct under the Trainer's DDP (``find_unused_parameters=True`` by
-default) and FSDP2 with a head sharded on its own (both tested with two processes in
-``tests/test_integration_trl.py``).
+default) and FSDP2 with a head sharded on its own.
 
 Vocabulary parallelism (each rank of a group holds a contiguous slice of the head's rows, see
 ``vocab_parallel_group`` in :func:`fastpref.fused_logprobs` and the fused modules)::
@@ -102,7 +99,14 @@ __all__ = [
 
 
 def unwrap_model(module: nn.Module) -> nn.Module:
-    """The module inside DDP / ``DataParallel`` wrappers (``.module``, repeatedly); others unchanged."""
+    """The module inside DDP / ``DataParallel`` wrappers (``.module``, repeatedly); others unchanged.
+
+    Strips only the data-parallel replication wrappers, matched by type, so the result holds the same
+    parameters under the names of the module the user built (what :func:`assert_replicas_in_sync`
+    compares). It is not :func:`fastpref.integrations.transformers.hf_model`, which also strips any
+    ``.module`` holder (DeepSpeed engines, FSDP1 units) and a PEFT wrapper to reach the ``transformers``
+    model itself.
+    """
     while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         module = module.module
     return module
@@ -167,9 +171,8 @@ def through_sharded(module: nn.Module, fn: Callable[[], Any]) -> Any:
     trainable loss (a ``full_tensor()`` all-gather's backward returns each rank's slice of its *own*
     gradient, without the reduction: wrong on every rank). Inside the forward of a parent that holds
     the head in its own parameter group the head is already unsharded, and ``fn`` runs directly.
-    DeepSpeed ZeRO-3 parameters are routed the same way (tested with DeepSpeed 0.19.8 on CPU: the
-    gradients equal one process's). FSDP1 flat
-    parameters raise ``NotImplementedError``. ``fn`` must return tensors in a tensor, tuple, list or
+    DeepSpeed ZeRO-3 parameters are routed the same way. FSDP1 flat parameters raise
+    ``NotImplementedError``. ``fn`` must return tensors in a tensor, tuple, list or
     dict (see :func:`forward_through`).
     """
     kinds = {sharding_kind(p) for p in module.parameters(recurse=False)} - {None}
@@ -247,8 +250,7 @@ def gathered_params(*params: Optional[torch.Tensor]) -> Iterator[Tuple[Optional[
     - plain tensors: ``p.detach()`` (no copy, no communication);
     - DeepSpeed ZeRO-3 parameters (``ds_id``): gathered with ``deepspeed.zero.GatheredParameters``
       (``modifier_rank=None``), released on exit, so the yielded views are valid inside the block only
-      (clone to keep them); ``deepspeed`` is imported only in this case. Tested with DeepSpeed 0.19.8 on
-      CPU/gloo (skipped where it is not installed) and with a stand-in parameter;
+      (clone to keep them); ``deepspeed`` is imported only in this case;
     - ``DTensor`` parameters (FSDP2): ``full_tensor()`` (an all-gather; every rank must call);
     - FSDP1 flat parameters: ``NotImplementedError`` (use :func:`fsdp1_summoned` on the owning unit).
 

@@ -13,7 +13,11 @@ weight/bias and that elementwise map. This module extracts them:
 - ``logits_to_keep`` slices hidden states and the *already shifted* targets together, exactly like the model
   slices its hidden states before its head;
 - logit maps: Gemma 2's ``final_logit_softcapping`` becomes ``softcap``; Cohere's ``logit_scale`` and
-  Granite's ``logits_scaling`` become an equivalent ``temperature`` (logits / temperature);
+  Granite's ``logits_scaling`` become an equivalent ``temperature`` (logits / temperature). Both belong to
+  the head: they are read from the model's config once (:func:`head_inputs`) and travel with it
+  (:meth:`LMHeadInputs.head_kwargs`) into each loss call, never into a loss module's constructor;
+- unwrapping: :func:`hf_model` is the one way to the ``transformers`` model inside DDP / DeepSpeed / PEFT
+  wrappers, and :func:`backbone_hidden` (from ``fastpref._hf``) the one reader of a backbone's output;
 - tied embeddings need nothing special: the head weight *is* the embedding parameter, so its gradient
   accumulates once into that one parameter;
 - sharded heads: :func:`gather_lm_head` gathers a DeepSpeed ZeRO-3 or FSDP-sharded head weight with that
@@ -30,6 +34,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
+
+from .._hf import backbone_hidden
+from .._types import IGNORE_INDEX
+from . import distributed as _dist
+from .distributed import sharding_kind  # re-exported: one detection for every integration
 
 LogitsToKeep = Union[int, torch.Tensor]
 
@@ -59,12 +68,18 @@ class LMHeadInputs:
     temperature: float = 1.0
     seq_ids: Optional[torch.Tensor] = None
     num_seqs: Optional[int] = None
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
 
     def head_kwargs(self) -> Dict[str, Any]:
-        """Keyword arguments describing the head (``bias``, ``softcap``, ``temperature``, packing)."""
-        kwargs: Dict[str, Any] = {"bias": self.bias, "softcap": self.softcap, "temperature": self.temperature,
-                                  "ignore_index": self.ignore_index}
+        """The head and the packing as call keywords: ``bias``, ``temperature``, ``softcap`` (from the model's
+        config) and, for packed inputs, ``seq_ids``/``num_seqs``.
+
+        Pass them to a fused loss module's call, ``loss_fn(out.weight, out.hidden, out.targets,
+        **out.head_kwargs(), ...)``, or to :func:`fastpref.fused_logprobs` (with ``ignore_index=out.ignore_index``,
+        or use :meth:`logprobs`). ``ignore_index`` is not among them: it marks the targets, and a loss module
+        fixes it in its constructor (build the inputs with ``ignore_index=loss_fn.ignore_index``).
+        """
+        kwargs: Dict[str, Any] = {"bias": self.bias, "temperature": self.temperature, "softcap": self.softcap}
         if self.seq_ids is not None:
             kwargs.update(seq_ids=self.seq_ids, num_seqs=self.num_seqs)
         return kwargs
@@ -73,21 +88,41 @@ class LMHeadInputs:
         """``fastpref.fused_logprobs`` on these inputs; extra kwargs (``ref_hidden``, ``kl``...) pass through."""
         from ..ops import fused_logprobs
 
-        return fused_logprobs(self.hidden, self.weight, self.targets, **{**self.head_kwargs(), **kwargs})
+        call = {**self.head_kwargs(), "ignore_index": self.ignore_index, **kwargs}
+        return fused_logprobs(self.hidden, self.weight, self.targets, **call)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The ``transformers`` model inside DDP / DeepSpeed engines / PEFT wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP, DeepSpeedEngine
+def _inside_holders(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip every wrapper that holds the model as ``.module`` (DDP, a DeepSpeed engine, an FSDP1 unit)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):  # PEFT: LoRA layers live inside
-        model = model.get_base_model()
     return model
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    """Whether a PEFT model sits inside ``model``'s wrappers (see :func:`hf_model`)."""
+    model = _inside_holders(model)
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``transformers`` model inside every wrapper: anything holding it as ``.module`` (DDP,
+    ``DataParallel``, a DeepSpeed engine, an FSDP1 unit), then a PEFT model's ``get_base_model()`` (whose
+    LoRA layers live inside the returned model).
+
+    This is the one unwrapping of the Hugging Face helpers and ``FastPrefDPOTrainer``: it reaches the
+    object that owns ``config``, ``get_output_embeddings()`` and the backbone. It differs from
+    :func:`fastpref.integrations.distributed.unwrap_model`, which strips only the data-parallel wrappers
+    (``DistributedDataParallel``/``DataParallel``, matched by type) and keeps a PEFT model, so parameter
+    names stay those of the module the user built.
+    """
+    model = _inside_holders(model)
+    return model.get_base_model() if is_peft(model) else model
 
 
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The module that maps ``input_ids`` to final hidden states, i.e. the model minus its LM head."""
-    model = _unwrap(model)
+    model = hf_model(model)
     base = getattr(model, "base_model", None)
     if isinstance(base, torch.nn.Module) and base is not model:
         return base
@@ -120,7 +155,7 @@ def enable_hidden_forward(model: torch.nn.Module) -> torch.nn.Module:
     Without either flag the model's forward runs unchanged (generation, other trainers' paths). Patches the inner
     ``transformers`` model in place and returns ``model``.
     """
-    inner = _unwrap(model)
+    inner = hf_model(model)
     if getattr(inner, "_fastpref_hidden_forward", False):
         return model
     previous = inner.forward
@@ -134,7 +169,7 @@ def enable_hidden_forward(model: torch.nn.Module) -> torch.nn.Module:
         outputs = backbone(self)(*args, **kwargs)
         if fastpref_head_fn is None:
             return outputs
-        hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
+        hidden = backbone_hidden(outputs)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             return fastpref_head_fn(hidden)
 
@@ -145,7 +180,7 @@ def enable_hidden_forward(model: torch.nn.Module) -> torch.nn.Module:
 
 def head_parameters(model: torch.nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(weight [V, D], bias [V] or None)`` of the output embeddings, without gathering anything."""
-    model = _unwrap(model)
+    model = hf_model(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not hasattr(head, "weight"):
         raise TypeError(f"model ({type(model).__name__}) has no output embeddings (get_output_embeddings())")
@@ -172,7 +207,7 @@ def logit_transform(config: Any) -> Tuple[Optional[float], float]:
     return (None if softcap is None else float(softcap)), temperature
 
 
-def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Next-token targets: ``out[:, t] = labels[:, t + 1]``, ``out[:, -1] = ignore_index``.
 
     Keeping the length ``T`` (rather than slicing hidden states to ``T - 1``) keeps the hidden states
@@ -225,7 +260,7 @@ def head_inputs(
     labels: torch.Tensor,
     *,
     logits_to_keep: LogitsToKeep = 0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     weight: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
 ) -> LMHeadInputs:
@@ -244,7 +279,7 @@ def head_inputs(
         raise ValueError(f"labels must have shape {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}")
     if weight is None:
         weight, bias = head_parameters(model)
-    softcap, temperature = logit_transform(_unwrap(model).config)
+    softcap, temperature = logit_transform(hf_model(model).config)
     if hidden_states.dtype != weight.dtype:
         hidden_states = hidden_states.to(weight.dtype)
     targets = shift_labels(labels.to(hidden_states.device).long(), ignore_index)
@@ -260,16 +295,18 @@ def lm_head_inputs(
     labels: Optional[torch.Tensor] = None,
     *,
     logits_to_keep: LogitsToKeep = 0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     weight: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     **backbone_kwargs: Any,
 ) -> LMHeadInputs:
     """Run a causal LM's backbone (not its head) and return the inputs of the fused losses.
 
-    ``fused_logprobs(out.hidden, out.weight, out.targets, **out.head_kwargs())`` equals
-    ``log_softmax(model(input_ids, attention_mask).logits)`` gathered at the next tokens, summed over the
-    positions where ``labels[t + 1] != ignore_index`` -- without the ``[B, T, V]`` logits.
+    ``out.logprobs()`` (``fused_logprobs`` on ``out.hidden, out.weight, out.targets`` with
+    ``out.head_kwargs()``) equals ``log_softmax(model(input_ids, attention_mask).logits)`` gathered at the next
+    tokens, summed over the positions where ``labels[t + 1] != ignore_index`` -- without the ``[B, T, V]``
+    logits. A fused loss module takes the same inputs: ``loss_fn(out.weight, out.hidden, out.targets,
+    **out.head_kwargs(), ...)``, with ``ignore_index=loss_fn.ignore_index`` here.
 
     Args:
         model: a ``transformers`` ``*ForCausalLM``, possibly inside DDP / DeepSpeed / PEFT wrappers. The backbone
@@ -292,11 +329,11 @@ def lm_head_inputs(
             raise ValueError("labels is required when input_ids is not given (inputs_embeds)")
         labels = _default_labels(input_ids, attention_mask, ignore_index)
     backbone_kwargs.setdefault("use_cache", False)
-    if getattr(_unwrap(model), "_fastpref_hidden_forward", False):  # through the wrappers' forward
+    if getattr(hf_model(model), "_fastpref_hidden_forward", False):  # through the wrappers' forward
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, fastpref_hidden=True, **backbone_kwargs)
     else:
         outputs = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs)
-    hidden_states = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
+    hidden_states = backbone_hidden(outputs)
     return head_inputs(model, hidden_states, labels, logits_to_keep=logits_to_keep, ignore_index=ignore_index,
                        weight=weight, bias=bias)
 
@@ -304,9 +341,6 @@ def lm_head_inputs(
 # ----------------------------------------------------------------------------------------------------------
 # Sharded heads
 # ----------------------------------------------------------------------------------------------------------
-
-from .distributed import sharding_kind  # noqa: E402  (re-exported: one detection for every integration)
-
 
 @contextlib.contextmanager
 def gather_lm_head(model: torch.nn.Module, *, detach: bool = False
@@ -324,22 +358,19 @@ def gather_lm_head(model: torch.nn.Module, *, detach: bool = False
       *trainable* head's loss must run inside the head's forward, whose hooks gather the head again for backward
       and reduce-scatter its gradient (:func:`fastpref.integrations.distributed.through_sharded`); there the head is
       already available and is yielded as is. With ``detach=True`` (a reference head) the yield is a *copy*, valid
-      after the context closes, e.g. for a backward that recomputes reference logit tiles. Tested with DeepSpeed
-      0.19.8 on CPU/gloo (``FastPrefDPOTrainer`` under ZeRO-3, ``tests/test_integration_trl.py``).
+      after the context closes, e.g. for a backward that recomputes reference logit tiles.
     - FSDP2 (``fully_shard``, DTensor parameters): for no-grad use only -- ``detach=True``, grad mode off, or a
       frozen head -- yields ``full_tensor()`` copies. A *trainable* FSDP2 head raises ``RuntimeError``: the
       backward of ``full_tensor()`` keeps each rank's slice of its own gradient without the reduce-scatter, so the
-      head's gradient would be silently wrong on every rank with more than one rank (measured with two processes in
-      ``tests/test_distributed.py``). Compute the head's loss inside the head's forward instead
+      head's gradient would be silently wrong on every rank with more than one rank. Compute the head's loss
+      inside the head's forward instead
       (``fastpref.integrations.distributed.through_sharded(head, fn)``), where FSDP unshards it and reduces its
       gradient; ``FastPrefDPOTrainer`` does so.
     - FSDP1: ``FullyShardedDataParallel.summon_full_params`` on the unit that owns the head, for no-grad use only
       (FSDP1 does not route gradients taken there back to the shards); a trainable head raises.
     """
-    from . import distributed as fdist
-
     weight, bias = head_parameters(model)
-    kind = fdist.sharding_kind(weight)
+    kind = sharding_kind(weight)
     trainable = not detach and torch.is_grad_enabled() and any(
         p is not None and p.requires_grad for p in (weight, bias))
     if kind in ("fsdp1", "fsdp2") and trainable:
@@ -353,14 +384,14 @@ def gather_lm_head(model: torch.nn.Module, *, detach: bool = False
     if kind is None:
         yield _detached(weight, bias) if detach else (weight, bias)
     elif kind == "zero3":
-        with fdist._zero3_gather([p for p in (weight, bias) if p is not None]):
+        with _dist._zero3_gather([p for p in (weight, bias) if p is not None]):
             # a copy: ZeRO-3 re-partitions the parameters (and may reuse their buffers) when the context closes
             yield tuple(None if t is None else t.clone() for t in _detached(weight, bias)) if detach else (weight, bias)
     elif kind == "fsdp2":
-        with fdist.gathered_params(weight, bias) as full:
+        with _dist.gathered_params(weight, bias) as full:
             yield full
     else:  # fsdp1: no-grad only (checked above)
-        with fdist.fsdp1_summoned(model, _unwrap(model).get_output_embeddings()) as head:
+        with _dist.fsdp1_summoned(model, hf_model(model).get_output_embeddings()) as head:
             yield _detached(head.weight, getattr(head, "bias", None))
 
 

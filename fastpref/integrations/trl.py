@@ -23,8 +23,8 @@ Losses and what each needs from the data:
 ``fastpref_loss``  data and behaviour
 ================  =========================================================================================
 ``"dpo"``          prompt/chosen/rejected; reference model or ``precompute_ref_log_probs``. Defaults
-                   ``beta=args.beta``: identical to TRL's ``loss_type="sigmoid"`` (same loss and gradients,
-                   tested). Like TRL's sigmoid loss it ignores ``args.label_smoothing``; pass
+                   ``beta=args.beta``: identical to TRL's ``loss_type="sigmoid"`` (same loss and
+                   gradients). Like TRL's sigmoid loss it ignores ``args.label_smoothing``; pass
                    ``fastpref_loss_kwargs={"label_smoothing": eps}`` for conservative DPO.
 ``"ipo"``, ``"dpop"``, ``"alpha_dpo"``
                    same data; need the reference (IPO's ``tau`` defaults to ``args.beta`` as in TRL).
@@ -55,48 +55,67 @@ Metrics are logged like TRL's: ``rewards/chosen``, ``rewards/rejected``, ``rewar
 metrics under their fastpref names (``weights``, ``kl``, ``margin``, ``nll``, ...). TRL's logit-based metrics
 (``entropy``, ``logits/*``, ``mean_token_accuracy``) need the logits, so they are not logged.
 
+The LM head's ``temperature`` and ``softcap`` (Cohere's ``logit_scale``, Granite's ``logits_scaling``, Gemma 2's
+``final_logit_softcapping``) are read from the policy's config and passed with the head on every loss call
+(:meth:`~fastpref.integrations.transformers.LMHeadInputs.head_kwargs`); they are not loss options, and
+``fastpref_loss_kwargs`` containing either raises. ``fastpref_loss_kwargs={"ignore_index": ...}`` sets the value
+the trainer marks unscored positions with.
+
 Not supported: KTO (unpaired data; use TRL's KTOTrainer), vision datasets, TRL's ``ld_alpha``,
 ``use_weighting``, ``f_divergence_type`` other than ``reverse_kl``, ``loss_type`` other than the default and
 ``loss_weights`` other than ``None``/``[1.0]`` (these are TRL's own loss options; choose the loss with
 ``fastpref_loss``; they raise), the MoE router auxiliary loss (raises unless ``router_aux_loss_coef=0.0``: the
 backbone-only forward does not compute it).
 
-Tested with two CPU/gloo processes: DDP through the Trainer (one SGD step equals one process on the whole batch),
-and the loss's gradients on a policy sharded by hand with FSDP2 (``fully_shard`` on the backbone, the LM head and the
-root) with a reference model sharded by hand too (``fully_shard`` on each decoder layer and the root; the reference
-runs through its own forward, so its root's hooks gather the embeddings). Accelerate's FSDP plugin driving FSDP2 is
-not exercised.
+Distributed training:
 
-DeepSpeed ZeRO-3 works the same way: the head's part of the loss runs as the head module's forward
-(:func:`~fastpref.integrations.distributed.through_sharded`), whose ZeRO-3 hooks gather the head for the forward and
-again for the fused backward and reduce-scatter its gradient; the reference model runs through its DeepSpeed engine,
-its head gathered as a copy that stays valid for the backward (which recomputes reference logit tiles). Tested with
-DeepSpeed 0.19.8 on two CPU/gloo processes (``DS_ACCELERATOR=cpu``; ``tests/test_integration_trl.py``, skipped where
-``deepspeed`` is not installed, and it is not a fastpref dependency): one SGD step of ``"dpo"`` (also with tied
-embeddings), ``"spo"`` (dataset KL samples) and ``"mcpo"`` equals one process on the whole batch. Not tested there:
-SPO's online sampling under ZeRO-3 (``generate`` on a partitioned model; it ran, but per-rank samples make it
-incomparable to one process), ZeRO-3 CPU/NVMe offload, and GPUs.
+- DDP through the Trainer, with its default ``find_unused_parameters=True``.
+- FSDP2 (``fully_shard``): the policy's LM head may be its own unit (its loss runs inside the head's forward),
+  and the reference model may be sharded too (e.g. per decoder layer and root): it runs through its own forward,
+  so its root's hooks gather the embeddings.
+- DeepSpeed ZeRO-3: the head's part of the loss runs as the head module's forward
+  (:func:`~fastpref.integrations.distributed.through_sharded`), whose ZeRO-3 hooks gather the head for the forward
+  and again for the fused backward and reduce-scatter its gradient; the reference model runs through its DeepSpeed
+  engine, its head gathered as a copy that stays valid for the backward (which recomputes reference logit tiles).
+  Tied embeddings, SPO's reference KL and MC-PO's no-grad pass work the same way. ``deepspeed`` is not a fastpref
+  dependency.
+
+Which of these configurations are checked against a single process, and which are not exercised, is recorded in
+``tests/test_integration_trl.py``.
 """
 from __future__ import annotations
 
 import contextlib
 import types
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from trl import DPOTrainer
 
+from ..modules import LOSS_MODULES
+from ..modules.base import _PairwiseLoss
+from ..reference.modules import LOSS_MODULES as EAGER_LOSS_MODULES
+from ._trl_batches import (REWARD_COLUMNS, FastPrefCollator, Rows, cat_rows, check_config, check_loss_kwargs,
+                           left_padded_prompts, sampled_rows, scored_labels, select_group_rows, tokenize_candidates)
 from .distributed import through_sharded
-from .transformers import (backbone, enable_hidden_forward, gather_lm_head, head_inputs, logit_transform,
-                           shift_labels)
+from .transformers import (LMHeadInputs, backbone, backbone_hidden, enable_hidden_forward, gather_lm_head,
+                           head_inputs, hf_model, is_peft)
 
-PAIRWISE = {
-    "dpo": "FusedDPOLoss", "ipo": "FusedIPOLoss", "simpo": "FusedSimPOLoss", "slic": "FusedSLiCLoss",
-    "dpop": "FusedDPOPLoss", "orpo": "FusedORPOLoss", "cpo": "FusedCPOLoss", "alpha_dpo": "FusedAlphaDPOLoss",
-}
-OTHER = {"var": "FusedVARLoss", "mcpo": "FusedMCPOLoss", "spo": "FusedSPOLoss"}
-LOSSES = {**PAIRWISE, **OTHER}
+
+def _trainer_name(class_name: str) -> str:
+    """The ``fastpref_loss`` name of a registry class: ``"FusedSimPOLoss"`` -> ``"simpo"`` (alpha-DPO keeps
+    its word break: ``"alpha_dpo"``)."""
+    core = class_name[len("Fused"):-len("Loss")].lower()
+    return {"alphadpo": "alpha_dpo"}.get(core, core)
+
+
+#: Losses of :data:`fastpref.modules.LOSS_MODULES` this trainer does not run, and why.
+UNSUPPORTED = {"kto": "KTO trains on unpaired data: use TRL's KTOTrainer"}
+# All derived from the registry: fastpref_loss name -> class name (the fused class, or its eager twin).
+LOSSES = {_trainer_name(n): n for n in LOSS_MODULES if _trainer_name(n) not in UNSUPPORTED}
+#: The losses of the pairwise layout (chosen rows, then rejected rows), SPO aside (it adds a KL batch).
+PAIRWISE = {name: n for name, n in LOSSES.items() if issubclass(LOSS_MODULES[n], _PairwiseLoss)}
+OTHER = {name: n for name, n in LOSSES.items() if name not in PAIRWISE}
 
 # fastpref metric key -> TRL's logging name
 TRL_METRIC_NAMES = {
@@ -104,65 +123,6 @@ TRL_METRIC_NAMES = {
     "reward_accuracy": "rewards/accuracies", "reward_margin": "rewards/margins",
     "chosen_logps": "logps/chosen", "rejected_logps": "logps/rejected",
 }
-REWARD_COLUMNS = ("chosen_reward", "rejected_reward")
-
-
-def _pad_rows(rows: List[torch.Tensor], value: int, width: Optional[int] = None) -> torch.Tensor:
-    width = max(r.numel() for r in rows) if width is None else width
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : r.numel()] = r[:width]
-    return out
-
-
-def _cat_rows(a: Tuple[torch.Tensor, ...], b: Tuple[torch.Tensor, ...], pad_id: int) -> Tuple[torch.Tensor, ...]:
-    """Stack two (input_ids, attention_mask, completion_mask) row sets, right-padded to one width."""
-    width = max(a[0].shape[1], b[0].shape[1])
-
-    def widen(t: torch.Tensor, value: int) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
-    return (torch.cat([widen(a[0], pad_id), widen(b[0].to(a[0].device), pad_id)]),
-            torch.cat([widen(a[1], 0), widen(b[1].to(a[1].device), 0)]),
-            torch.cat([widen(a[2], 0), widen(b[2].to(a[2].device), 0)]))
-
-
-@dataclass
-class FastPrefCollator:
-    """TRL's preference collator plus the columns fastpref losses read (rewards, MC-PO candidate groups).
-
-    MC-PO groups come out as ``group_input_ids``/``group_attention_mask``/``group_completion_mask``
-    ``[B * (K + 1), L]``, row ``b * (K + 1) + g``: g = 0 the chosen response, g >= 1 the candidates.
-    """
-
-    base: Callable[[List[Dict[str, Any]]], Dict[str, Any]]
-    pad_token_id: int
-    reward_columns: Tuple[str, ...] = ()
-    candidates: bool = False
-    max_length: Optional[int] = None
-
-    def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, Any]:
-        batch = self.base(examples)
-        for column in self.reward_columns:
-            batch[column] = torch.tensor([float(ex[column]) for ex in examples], dtype=torch.float32)
-        if self.candidates:
-            k = {len(ex["candidate_ids"]) for ex in examples}
-            if len(k) != 1:
-                raise ValueError(f"mcpo: every example of a batch needs the same number of candidates, got {sorted(k)}")
-            ids, completion = [], []
-            for ex in examples:
-                for response in [ex["chosen_ids"], *ex["candidate_ids"]]:
-                    seq = list(ex["prompt_ids"]) + list(response)
-                    mask = [0] * len(ex["prompt_ids"]) + [1] * len(response)
-                    if self.max_length is not None:
-                        seq, mask = seq[: self.max_length], mask[: self.max_length]
-                    ids.append(torch.tensor(seq, dtype=torch.long))
-                    completion.append(torch.tensor(mask, dtype=torch.long))
-            batch["group_input_ids"] = _pad_rows(ids, self.pad_token_id)
-            batch["group_attention_mask"] = _pad_rows([torch.ones_like(t) for t in ids], 0)
-            batch["group_completion_mask"] = _pad_rows(completion, 0)
-            batch["group_size"] = torch.tensor(k.pop() + 1)
-        return batch
 
 
 class FastPrefDPOTrainer(DPOTrainer):
@@ -172,7 +132,8 @@ class FastPrefDPOTrainer(DPOTrainer):
         fastpref_loss: one of ``fastpref.integrations.trl.LOSSES`` (``"dpo"``, ``"var"``, ``"alpha_dpo"``,
             ``"mcpo"``, ``"spo"``, ``"ipo"``, ``"simpo"``, ``"slic"``, ``"dpop"``, ``"orpo"``, ``"cpo"``).
         fastpref_loss_kwargs: constructor arguments of the fused module (``beta=``, ``alpha=``, ``kl_coef=``,
-            ``num_negatives=``, ``backend=``, ...).
+            ``num_negatives=``, ``ignore_index=``, ``backend=``, ...); not ``temperature``/``softcap``, which
+            come from the model config.
         fastpref_eager: use the eager twin from ``fastpref.reference`` (full logits) instead, e.g. to debug.
         var_responses: ``"both"`` (chosen and rejected responses) or ``"chosen"``.
         spo_samples: ``"online"`` or ``"dataset"``; ``spo_num_samples``, ``spo_resample_every``,
@@ -187,7 +148,8 @@ class FastPrefDPOTrainer(DPOTrainer):
                  spo_num_samples: int = 4, spo_resample_every: int = 8, spo_max_new_tokens: int = 32,
                  **kwargs: Any) -> None:
         if fastpref_loss not in LOSSES:
-            raise ValueError(f"fastpref_loss must be one of {sorted(LOSSES)}, got {fastpref_loss!r}")
+            why = f" ({UNSUPPORTED[fastpref_loss]})" if fastpref_loss in UNSUPPORTED else ""
+            raise ValueError(f"fastpref_loss must be one of {sorted(LOSSES)}, got {fastpref_loss!r}{why}")
         if var_responses not in ("both", "chosen"):
             raise ValueError(f"var_responses must be 'both' or 'chosen', got {var_responses!r}")
         if spo_samples not in ("online", "dataset"):
@@ -196,42 +158,28 @@ class FastPrefDPOTrainer(DPOTrainer):
                             ("spo_max_new_tokens", spo_max_new_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        loss_kwargs = dict(fastpref_loss_kwargs or {})
+        check_loss_kwargs(loss_kwargs)
         self.fastpref_loss = fastpref_loss
         self.var_responses = var_responses
         self.spo_samples, self.spo_num_samples = spo_samples, spo_num_samples
         self.spo_resample_every, self.spo_max_new_tokens = spo_resample_every, spo_max_new_tokens
-        self._spo_cache: Optional[Tuple[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
+        self._spo_cache: Optional[Tuple[int, Rows]] = None
 
         args_ = kwargs.get("args", args[2] if len(args) > 2 else None)
         train_dataset = kwargs.get("train_dataset", args[4] if len(args) > 4 else None)
-        self._check_config(args_, train_dataset)
+        check_config(args_, train_dataset, fastpref_loss)
         super().__init__(*args, **kwargs)
-        if getattr(self, "aux_loss_enabled", False):
-            # TRL adds router_aux_loss_coef * outputs.aux_loss (the MoE load-balancing loss), which the *ForCausalLM
-            # forward computes from the router logits; fastpref runs the backbone only, so it would silently drop it.
-            raise ValueError(
-                "FastPrefDPOTrainer does not reproduce the MoE router auxiliary loss (router_aux_loss_coef="
-                f"{self.router_aux_loss_coef} for {type(_base_hf_model(self.model)).__name__}): set "
-                "DPOConfig(router_aux_loss_coef=0.0) to train without it")
-        if self._is_vision_dataset:
-            raise NotImplementedError("FastPrefDPOTrainer does not support vision datasets (the backbone call takes "
-                                      "text inputs only)")
-
-        self.fastpref_loss_fn = self._build_loss(dict(fastpref_loss_kwargs or {}), fastpref_eager)
+        self._check_model()
+        self.fastpref_loss_fn = self._build_loss(loss_kwargs, fastpref_eager)
         self.fastpref_loss_fn.to(self.accelerator.device)
         self._needs_reference = self._uses_reference()
-        if self._needs_reference and not self.precompute_ref_logps and self.ref_model is None \
-                and not _is_peft(self.model):
-            raise ValueError(f"fastpref_loss={fastpref_loss!r} needs a reference model")
-        needs_ref_model = fastpref_loss == "mcpo" or (fastpref_loss == "spo" and self.fastpref_loss_fn.kl_coef > 0)
-        if needs_ref_model and self.ref_model is None and not _is_peft(self.model):
-            raise ValueError(f"fastpref_loss={fastpref_loss!r} needs ref_model (its reference log-probs cannot be "
-                             "precomputed by TRL): pass ref_model and precompute_ref_log_probs=False")
-        enable_hidden_forward(_base_hf_model(self.model))
+        self._check_reference()
+        enable_hidden_forward(hf_model(self.model))
         if self.ref_model is not None:
             # The reference runs through its own (possibly wrapped) forward: FSDP / DeepSpeed hooks on the reference
             # root gather what it owns (embeddings, final norm) only around that forward.
-            enable_hidden_forward(_base_hf_model(self.ref_model))
+            enable_hidden_forward(hf_model(self.ref_model))
         self.data_collator = FastPrefCollator(
             base=self.data_collator, pad_token_id=self._tokenizer.pad_token_id,
             reward_columns=REWARD_COLUMNS if fastpref_loss == "var" else (),
@@ -239,34 +187,28 @@ class FastPrefDPOTrainer(DPOTrainer):
 
     # -- construction ---------------------------------------------------------------------------------
 
-    def _check_config(self, args: Any, train_dataset: Any) -> None:
-        if args is None:
-            return
-        if list(args.loss_type) != ["sigmoid"]:
-            raise ValueError("FastPrefDPOTrainer ignores DPOConfig.loss_type: choose the loss with fastpref_loss "
-                             f"(got loss_type={args.loss_type})")
-        weights = getattr(args, "loss_weights", None)
-        if weights is not None and [float(w) for w in weights] != [1.0]:
-            raise ValueError("FastPrefDPOTrainer does not support DPOConfig.loss_weights (they weight TRL's loss_type "
-                             f"list; the loss is chosen with fastpref_loss): got loss_weights={list(weights)}, expected "
-                             "None or [1.0]. Scale the loss by changing the learning rate instead")
-        for option, default in (("ld_alpha", None), ("use_weighting", False), ("f_divergence_type", "reverse_kl")):
-            value = getattr(args, option, default)
-            if value != default and str(value) != default:
-                raise ValueError(f"FastPrefDPOTrainer does not support DPOConfig.{option}={value!r}")
-        if train_dataset is not None and hasattr(train_dataset, "column_names"):
-            columns = set(train_dataset.column_names)
-            if self.fastpref_loss == "var" and not set(REWARD_COLUMNS) <= columns:
-                raise ValueError(f"fastpref_loss='var' needs dataset columns {REWARD_COLUMNS} (reward-model scores)")
-            if self.fastpref_loss == "mcpo" and "candidates" not in columns:
-                raise ValueError("fastpref_loss='mcpo' needs a dataset column 'candidates' (list of K responses)")
-            if self.fastpref_loss in ("mcpo", "spo") and args.precompute_ref_log_probs:
-                raise ValueError(f"fastpref_loss={self.fastpref_loss!r} does not support precompute_ref_log_probs")
+    def _check_model(self) -> None:
+        if getattr(self, "aux_loss_enabled", False):
+            # TRL adds router_aux_loss_coef * outputs.aux_loss (the MoE load-balancing loss), which the *ForCausalLM
+            # forward computes from the router logits; fastpref runs the backbone only, so it would silently drop it.
+            raise ValueError(
+                "FastPrefDPOTrainer does not reproduce the MoE router auxiliary loss (router_aux_loss_coef="
+                f"{self.router_aux_loss_coef} for {type(hf_model(self.model)).__name__}): set "
+                "DPOConfig(router_aux_loss_coef=0.0) to train without it")
+        if self._is_vision_dataset:
+            raise NotImplementedError("FastPrefDPOTrainer does not support vision datasets (the backbone call takes "
+                                      "text inputs only)")
+
+    def _check_reference(self) -> None:
+        name, peft = self.fastpref_loss, is_peft(self.model)
+        if self._needs_reference and not self.precompute_ref_logps and self.ref_model is None and not peft:
+            raise ValueError(f"fastpref_loss={name!r} needs a reference model")
+        needs_ref_model = name == "mcpo" or (name == "spo" and self.fastpref_loss_fn.kl_coef > 0)
+        if needs_ref_model and self.ref_model is None and not peft:
+            raise ValueError(f"fastpref_loss={name!r} needs ref_model (its reference log-probs cannot be "
+                             "precomputed by TRL): pass ref_model and precompute_ref_log_probs=False")
 
     def _build_loss(self, kwargs: Dict[str, Any], eager: bool) -> torch.nn.Module:
-        import fastpref
-        from fastpref import reference
-
         name = self.fastpref_loss
         if name == "dpo":
             # TRL's "sigmoid" ignores DPOConfig.label_smoothing (its smoothed variants are other loss types), so
@@ -277,11 +219,7 @@ class FastPrefDPOTrainer(DPOTrainer):
         elif name == "var" and "beta" not in kwargs:
             raise ValueError("fastpref_loss='var' needs fastpref_loss_kwargs={'beta': ...} (the paper gives none; "
                              "pick it so rewards / beta spread O(1) within a batch)")
-        softcap, temperature = logit_transform(_base_hf_model(self.model).config)
-        kwargs.setdefault("softcap", softcap)
-        kwargs.setdefault("temperature", temperature)
-        cls = getattr(reference if eager else fastpref, LOSSES[name])
-        return cls(**kwargs)
+        return (EAGER_LOSS_MODULES if eager else LOSS_MODULES)[LOSSES[name]](**kwargs)
 
     def _uses_reference(self) -> bool:
         fn = self.fastpref_loss_fn
@@ -293,26 +231,7 @@ class FastPrefDPOTrainer(DPOTrainer):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if self.fastpref_loss != "mcpo" or "candidate_ids" in dataset.column_names:
             return dataset
-        from trl.data_utils import _tokenize
-
-        eos = self._tokenizer.eos_token
-
-        def tokenize_candidates(example):
-            prompt_ids = example["prompt_ids"]
-            out = []
-            for text in example["candidates"]:
-                if not isinstance(text, str):
-                    raise TypeError("mcpo: 'candidates' must hold plain-text responses (conversational candidates "
-                                    "are not supported)")
-                text = text if text.endswith(eos) else text + eos
-                ids = list(_tokenize(processing_class, example["prompt"] + text)["input_ids"])  # as TRL does
-                if ids[: len(prompt_ids)] != list(prompt_ids):
-                    raise ValueError("mcpo: a candidate's tokenization changes the prompt's tokens; end the prompt "
-                                     "on a token boundary")
-                out.append(ids[len(prompt_ids):])
-            return {"candidate_ids": out}
-
-        return dataset.map(tokenize_candidates, desc=f"Tokenizing {dataset_name} MC-PO candidates")
+        return tokenize_candidates(dataset, processing_class, self._tokenizer.eos_token, dataset_name)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -325,8 +244,7 @@ class FastPrefDPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         name = self.fastpref_loss
-        loss_fn = self.fastpref_loss_fn
-        loss_fn.train(mode == "train")
+        self.fastpref_loss_fn.train(mode == "train")
         mcpo_full = None
         if name == "mcpo":
             rows = (inputs["group_input_ids"], inputs["group_attention_mask"], inputs["group_completion_mask"])
@@ -339,11 +257,11 @@ class FastPrefDPOTrainer(DPOTrainer):
         num_main = rows[0].shape[0]
         kl_rows = self._spo_kl_rows(model, rows, num_pairs) if name == "spo" else None
         if kl_rows is not None and self.spo_samples == "online":
-            rows = _cat_rows(rows, kl_rows, self._tokenizer.pad_token_id)
+            rows = cat_rows(rows, kl_rows, self._tokenizer.pad_token_id)
 
         input_ids, attention_mask, completion_mask = rows
-        labels = input_ids.masked_fill(completion_mask == 0, -100)
-        keep = shift_labels(labels) != -100  # only the scored positions reach the head (packed layout)
+        # only the scored positions reach the head (packed layout)
+        labels, keep = scored_labels(input_ids, completion_mask, self.fastpref_loss_fn.ignore_index)
         extra: Dict[str, Any] = {}
         if name == "var":
             rewards = torch.cat([inputs["chosen_reward"], inputs["rejected_reward"]])
@@ -356,8 +274,8 @@ class FastPrefDPOTrainer(DPOTrainer):
             # turns on find_unused_parameters without gradient checkpointing; a head read after the forward then
             # fails in backward), and FSDP2's root keeps its parameters unsharded. A head that FSDP2 sharded on its
             # own is still a DTensor here: through_sharded runs the loss as the head's forward, where FSDP gathers
-            # it and reduce-scatters its gradient (a full_tensor() gather would give wrong head gradients).
-            head = _base_hf_model(model).get_output_embeddings()
+            # it and reduces its gradient (a full_tensor() gather would give wrong head gradients).
+            head = hf_model(model).get_output_embeddings()
             return through_sharded(head, lambda: self._fused_loss(
                 model, hidden, input_ids, attention_mask, labels, keep, num_main, kl_rows, inputs, extra))
 
@@ -369,15 +287,18 @@ class FastPrefDPOTrainer(DPOTrainer):
             return loss, types.SimpleNamespace(logits=None, metrics=metrics)
         return loss
 
+    def _head_inputs(self, model, hidden, labels, keep, head) -> LMHeadInputs:
+        """:func:`head_inputs` with this trainer's ``ignore_index`` and a gathered ``head = (weight, bias)``."""
+        return head_inputs(model, hidden, labels, logits_to_keep=keep, ignore_index=self.fastpref_loss_fn.ignore_index,
+                           weight=head[0], bias=head[1])
+
     def _fused_loss(self, model, hidden, input_ids, attention_mask, labels, keep, num_main, kl_rows, inputs,
                     extra) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """``(loss, metrics)`` of the fused loss on the policy's final hidden states (head, reference, KL)."""
         call: Dict[str, Any] = {}
         with contextlib.ExitStack() as stack:
-            weight, bias = stack.enter_context(gather_lm_head(model))
-            main = head_inputs(model, hidden[:num_main], labels[:num_main], logits_to_keep=keep[:num_main],
-                               weight=weight, bias=bias)
-            call.update(bias=main.bias, seq_ids=main.seq_ids, num_seqs=main.num_seqs)
+            head = stack.enter_context(gather_lm_head(model))
+            main = self._head_inputs(model, hidden[:num_main], labels[:num_main], keep[:num_main], head)
             ref_head = None
             ref_given = "ref_logps" in extra  # MC-PO: from the no-grad pass over all K + 1 responses
             if (self._needs_reference and not ref_given) or kl_rows is not None:
@@ -388,17 +309,17 @@ class FastPrefDPOTrainer(DPOTrainer):
                     call["ref_logps"] = ref[:num_main]
                 else:
                     ref_hidden = self._reference_hidden(input_ids[:num_main], attention_mask[:num_main])
-                    ref = head_inputs(model, ref_hidden, labels[:num_main], logits_to_keep=keep[:num_main],
-                                      weight=ref_head[0], bias=ref_head[1])
+                    ref = self._head_inputs(model, ref_hidden, labels[:num_main], keep[:num_main], ref_head)
                     call.update(ref_hidden=ref.hidden, ref_weight=ref.weight, ref_bias=ref.bias)
             if kl_rows is not None:
                 extra = {**extra, **self._spo_kl_inputs(model, hidden, input_ids, attention_mask, labels, keep,
-                                                        num_main, weight, bias, ref_head)}
+                                                        num_main, head, ref_head)}
                 call.update(ref_weight=ref_head[0], ref_bias=ref_head[1])
-            out = self.fastpref_loss_fn(main.weight, main.hidden, main.targets, **call, **extra)
+            # the head's keywords (bias, temperature, softcap from the config, packing) travel with the head
+            out = self.fastpref_loss_fn(main.weight, main.hidden, main.targets, **main.head_kwargs(), **call, **extra)
         return out.loss, out.metrics
 
-    def _mcpo_select(self, model, rows: Tuple[torch.Tensor, ...], group_size: int):
+    def _mcpo_select(self, model, rows: Rows, group_size: int):
         """MC-PO's no-grad pass: statistics of all K + 1 responses, MC-kernel negatives, and the rows to train on.
 
         Policy and reference run without grad on every row of the groups (the policy through its wrapped
@@ -408,23 +329,21 @@ class FastPrefDPOTrainer(DPOTrainer):
         (``group_size=1 + M``, ``negatives=[1..M]``, their ``ref_logps``), and the full groups' ``logps`` [B, K + 1]
         and ``negatives`` [B, M] (column indices) for logging. Unselected responses thus cost one no-grad forward and
         no forward with grad, no backward. Loss and gradients equal one forward with grad over all K + 1 rows with
-        the same negatives (tested).
+        the same negatives.
         """
         loss_fn = self.fastpref_loss_fn
         input_ids, attention_mask, completion_mask = rows
         num_groups = input_ids.shape[0] // group_size
-        labels = input_ids.masked_fill(completion_mask == 0, -100)
-        keep = shift_labels(labels) != -100
+        labels, keep = scored_labels(input_ids, completion_mask, loss_fn.ignore_index)
 
         def statistics(hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-            with gather_lm_head(model, detach=True) as (weight, bias), self._reference_head() as ref_head:
-                pol = head_inputs(model, hidden, labels, logits_to_keep=keep, weight=weight, bias=bias)
-                ref_hidden = self._reference_hidden(input_ids, attention_mask)
-                ref = head_inputs(model, ref_hidden, labels, logits_to_keep=keep, weight=ref_head[0],
-                                  bias=ref_head[1])
-                stats = loss_fn.fused_logprobs(
-                    pol.hidden, pol.weight, pol.targets, bias=pol.bias, seq_ids=pol.seq_ids, num_seqs=pol.num_seqs,
-                    ref_hidden=ref.hidden, ref_weight=ref.weight, ref_bias=ref.bias, **loss_fn.logprob_options())
+            with gather_lm_head(model, detach=True) as head, self._reference_head() as ref_head:
+                pol = self._head_inputs(model, hidden, labels, keep, head)
+                ref = self._head_inputs(model, self._reference_hidden(input_ids, attention_mask), labels, keep,
+                                        ref_head)
+                stats = loss_fn.fused_logprobs(pol.hidden, pol.weight, pol.targets, ref_hidden=ref.hidden,
+                                               ref_weight=ref.weight, ref_bias=ref.bias, **pol.head_kwargs(),
+                                               **loss_fn.logprob_options())
             return stats.logps, stats.ref_logps
 
         with torch.no_grad():
@@ -433,13 +352,9 @@ class FastPrefDPOTrainer(DPOTrainer):
             negatives = loss_fn.sample_negatives(logps, ref_logps)
         m = negatives.shape[1]
         columns = torch.cat([torch.zeros_like(negatives[:, :1]), negatives], dim=1)  # [B, 1 + M]
-        offsets = torch.arange(num_groups, device=columns.device).unsqueeze(1) * group_size
-        selected = (offsets + columns).reshape(-1).to(input_ids.device)
-        width = int(attention_mask[selected].any(dim=0).nonzero().max().item()) + 1  # last non-padding column
-        chosen_rows = tuple(t[selected][:, :width] for t in rows)
         extra = dict(group_size=1 + m, ref_logps=ref_logps.gather(1, columns).reshape(-1),
                      negatives=torch.arange(1, m + 1, device=negatives.device).expand(num_groups, m).contiguous())
-        return chosen_rows, extra, dict(logps=logps, negatives=negatives)
+        return select_group_rows(rows, columns), extra, dict(logps=logps, negatives=negatives)
 
     @contextlib.contextmanager
     def _reference_head(self):
@@ -461,7 +376,6 @@ class FastPrefDPOTrainer(DPOTrainer):
         with torch.no_grad():
             if self.ref_model is not None:
                 out = self.ref_model(input_ids=input_ids, attention_mask=attention_mask, fastpref_hidden=True)
-                return out[0] if isinstance(out, tuple) else out.last_hidden_state
             else:
                 from trl.trainer.utils import use_adapter
 
@@ -469,11 +383,11 @@ class FastPrefDPOTrainer(DPOTrainer):
                 name = "ref" if "ref" in getattr(peft_model, "peft_config", {}) else None
                 with use_adapter(peft_model, adapter_name=name):
                     out = backbone(peft_model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state
+        return backbone_hidden(out)
 
     # -- SPO online samples ---------------------------------------------------------------------------
 
-    def _spo_kl_rows(self, model, rows, num_pairs: int) -> Optional[Tuple[torch.Tensor, ...]]:
+    def _spo_kl_rows(self, model, rows: Rows, num_pairs: int) -> Optional[Rows]:
         """(input_ids, attention_mask, completion_mask) of the sequences SPO's KL term is computed on."""
         if getattr(self.fastpref_loss_fn, "kl_coef", 0.0) == 0.0:
             return None
@@ -485,20 +399,10 @@ class FastPrefDPOTrainer(DPOTrainer):
         return self._spo_cache[1]
 
     @torch.no_grad()
-    def _sample_online(self, model, rows, num_pairs: int) -> Tuple[torch.Tensor, ...]:
+    def _sample_online(self, model, rows: Rows, num_pairs: int) -> Rows:
         """Sample completions y' ~ pi_theta(.|x') for the first ``spo_num_samples`` prompts of the batch."""
-        input_ids, attention_mask, completion_mask = rows
         tok = self._tokenizer
-        prompts = []
-        for i in range(min(self.spo_num_samples, num_pairs)):
-            is_prompt = (attention_mask[i] == 1) & (completion_mask[i] == 0)
-            prompts.append(input_ids[i][is_prompt])
-        width = max(p.numel() for p in prompts)
-        left = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long, device=input_ids.device)
-        left_mask = torch.zeros_like(left)
-        for i, p in enumerate(prompts):
-            left[i, width - p.numel():] = p
-            left_mask[i, width - p.numel():] = 1
+        prompts, left, left_mask = left_padded_prompts(rows, min(self.spo_num_samples, num_pairs), tok.pad_token_id)
         policy = self.accelerator.unwrap_model(model)
         was_training = policy.training
         policy.eval()
@@ -508,26 +412,16 @@ class FastPrefDPOTrainer(DPOTrainer):
                 max_new_tokens=self.spo_max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         finally:
             policy.train(was_training)
-        ids, completion = [], []
-        for i, p in enumerate(prompts):
-            new = generated[i, width:].tolist()
-            if tok.eos_token_id in new:
-                new = new[: new.index(tok.eos_token_id) + 1]
-            ids.append(torch.cat([p.cpu(), torch.tensor(new, dtype=torch.long)]))
-            completion.append(torch.tensor([0] * p.numel() + [1] * len(new), dtype=torch.long))
-        return (_pad_rows(ids, tok.pad_token_id), _pad_rows([torch.ones_like(t) for t in ids], 0),
-                _pad_rows(completion, 0))
+        return sampled_rows(prompts, generated, tok.pad_token_id, tok.eos_token_id)
 
-    def _spo_kl_inputs(self, model, hidden, input_ids, attention_mask, labels, keep, num_main, weight, bias,
-                       ref_head):
+    def _spo_kl_inputs(self, model, hidden, input_ids, attention_mask, labels, keep, num_main, head, ref_head):
         """SPO's KL inputs: the sample rows of this step's policy forward, and the reference on them."""
         # online: the samples were appended after the main rows; dataset: the chosen rows (first half)
         rows = slice(num_main, None) if self.spo_samples == "online" else slice(0, num_main // 2)
-        kl_hidden, kl_labels, kl_keep = hidden[rows], labels[rows], keep[rows]
-        kl_ids, kl_mask = input_ids[rows], attention_mask[rows]
-        pol = head_inputs(model, kl_hidden, kl_labels, logits_to_keep=kl_keep, weight=weight, bias=bias)
-        ref_hidden = self._reference_hidden(kl_ids, kl_mask)
-        ref = head_inputs(model, ref_hidden, kl_labels, logits_to_keep=kl_keep, weight=ref_head[0], bias=ref_head[1])
+        kl_labels, kl_keep = labels[rows], keep[rows]
+        pol = self._head_inputs(model, hidden[rows], kl_labels, kl_keep, head)
+        ref_hidden = self._reference_hidden(input_ids[rows], attention_mask[rows])
+        ref = self._head_inputs(model, ref_hidden, kl_labels, kl_keep, ref_head)
         return dict(kl_hidden=pol.hidden, kl_ref_hidden=ref.hidden, kl_targets=pol.targets, kl_seq_ids=pol.seq_ids,
                     kl_num_seqs=pol.num_seqs)
 
@@ -551,16 +445,6 @@ class FastPrefDPOTrainer(DPOTrainer):
         if mode == "train":
             self._total_train_tokens += int(gather(inputs["attention_mask"].sum()).sum().item())
         store["num_tokens"] = [self._total_train_tokens]
-
-
-def _is_peft(model: torch.nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def _base_hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model.get_base_model() if _is_peft(model) else model
 
 
 __all__ = ["FastPrefDPOTrainer", "FastPrefCollator", "LOSSES", "PAIRWISE", "TRL_METRIC_NAMES"]

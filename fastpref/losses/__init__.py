@@ -1,4 +1,4 @@
-"""Loss heads: short pure functions of per-sequence statistics (API.md §2, LOSSES.md).
+"""Loss heads: short pure functions of per-sequence statistics (docs/api.md §2, docs/losses.md).
 
 Each takes the statistics produced by :func:`fastpref.fused_logprobs` (summed policy log-probs with
 grad; reference log-probs, lengths, rewards and batch statistics as constants) and returns

@@ -1,7 +1,7 @@
 """Shared pieces of the loss heads: input checks, dtype promotion and the stable primitives.
 
 Every head does its math in float32, or in float64 when any statistic it is given is float64
-(LOSSES.md §0 "Precision": margins are differences of O(10^2-10^3) sums, which bf16 destroys).
+(docs/losses.md §0 "Precision": margins are differences of O(10^2-10^3) sums, which bf16 destroys).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""α-DPO: adaptive reward margin (α-DPO paper, Eqs. 9-12; public code loss_type ``alpha-dpo``; LOSSES.md §2)."""
+"""α-DPO: adaptive reward margin (α-DPO paper, Eqs. 9-12; public code loss_type ``alpha-dpo``; docs/losses.md §2)."""
 from __future__ import annotations
 
 from typing import Union

@@ -1,4 +1,4 @@
-"""KTO: Kahneman-Tversky Optimization on unpaired examples (Ethayarajh et al. 2024, Eq. 8; LOSSES.md §6)."""
+"""KTO: Kahneman-Tversky Optimization on unpaired examples (Ethayarajh et al. 2024, Eq. 8; docs/losses.md §6)."""
 from __future__ import annotations
 
 from typing import Union
@@ -32,7 +32,7 @@ def kto(logps: Tensor, ref_logps: Tensor, labels: Tensor, *, z0: Union[Tensor, f
     given, not clamped**: it must be a finite scalar (ValueError otherwise), but a negative value is
     accepted, for parity with Liger-Kernel's KTO, which takes the reference point as an input and does
     not clamp it. To get the paper's behaviour pass ``z0=kto_z0(S′, R′)``. The α-DPO repo's paired,
-    undetached z₀ is not reproduced (LOSSES.md §6). Defaults: β = 0.1, λ_D = λ_U = 1.
+    undetached z₀ is not reproduced (docs/losses.md §6). Defaults: β = 0.1, λ_D = λ_U = 1.
     Metrics: ``rewards`` βρ [S], ``chosen_rewards`` / ``rejected_rewards`` (desirable / undesirable
     subsets), ``logps``, ``z0``.
     """
@@ -44,6 +44,7 @@ def kto(logps: Tensor, ref_logps: Tensor, labels: Tensor, *, z0: Union[Tensor, f
         raise TypeError(f"labels must be a bool tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
     if labels.shape != s.shape:
         raise ValueError(f"labels must have the shape of logps {tuple(s.shape)}, got {tuple(labels.shape)}")
+    labels = labels.to(s.device)
     z = as_tensor_stat("z0", z0, s.dtype, s.device)
     if not bool(torch.isfinite(z)):
         raise ValueError(f"z0 must be finite, got {float(z)}")

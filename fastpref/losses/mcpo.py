@@ -1,5 +1,5 @@
 """MC-PO / OnMC-PO: preference optimization with MC-kernel hard negatives (MC-PO paper, Eq. 7 and Alg. 1;
-LOSSES.md §3-4). Column 0 of every [B, K+1] statistic is the preferred response y₀."""
+docs/losses.md §3-4). Column 0 of every [B, K+1] statistic is the preferred response y₀."""
 from __future__ import annotations
 
 from typing import Optional
@@ -22,7 +22,7 @@ def mcpo_sample_negatives(logps: Tensor, ref_logps: Tensor, *, beta: float = 0.0
 
     Rewards use the *current* policy (pass no-grad log-probs of all K+1 sequences). Sampling is
     Gumbel-top-M on βr_i (fp32 or fp64): M distinct negatives, drawn without replacement (the paper does
-    not say which for M > 1; LOSSES.md §3 recommends distinct). For M = 1 this is exactly Cat(softmax(βr)).
+    not say which for M > 1; docs/losses.md §3 recommends distinct). For M = 1 this is exactly Cat(softmax(βr)).
     ``include_positive=False`` (default) samples from the softmax renormalized over candidates 1..K, so
     y₀ is never returned: drawing z = 0 (allowed by Alg. 1, ``include_positive=True``) makes ℓ = log 2
     with zero gradient, a wasted step. ``include_positive=True`` with M > 1: the M distinct draws come
@@ -66,10 +66,12 @@ def mcpo(logps: Tensor, ref_logps: Tensor, *, beta: float = 0.01, negatives: Ten
     if not isinstance(negatives, Tensor) or negatives.dtype != torch.int64:
         raise TypeError(f"negatives must be an int64 tensor, got {getattr(negatives, 'dtype', type(negatives))}")
     if negatives.dim() != 2 or negatives.shape[0] != s.shape[0] or negatives.shape[1] < 1:
-        raise ValueError(f"negatives must be [B, M] with B = {s.shape[0]}, M >= 1; got {tuple(negatives.shape)}")
+        raise ValueError(f"negatives must have shape [B, M] with B = {s.shape[0]} (the groups of logps) and "
+                         f"M >= 1, got shape {tuple(negatives.shape)}")
     k = s.shape[1] - 1
     if bool(((negatives < 0) | (negatives > k)).any()):
-        raise ValueError(f"negatives must be column indices in 1..{k}")
+        raise ValueError(f"negatives must be column indices in 0..{k} of the groups of {k + 1} (candidates "
+                         "1..K; 0, the preferred response, is Alg. 1's literal draw)")
     negatives = negatives.to(s.device)
     reward = beta * (s - r)  # [B, K+1]
     chosen = reward[:, 0]

@@ -1,4 +1,4 @@
-"""Pairwise baselines (LOSSES.md §6): DPO, IPO, SimPO, SLiC-HF, DPOP, ORPO, CPO.
+"""Pairwise baselines (docs/losses.md §6): DPO, IPO, SimPO, SLiC-HF, DPOP, ORPO, CPO.
 
 Notation: S = summed policy log-prob (grad), R = summed reference log-prob (const), n = response
 length, S̄ = S/n, h = (S_w − R_w) − (S_l − R_l), ls = log σ. ``g`` is ∂ℓ/∂S for one pair; the returned
@@ -15,7 +15,7 @@ from ._common import LossOutput, Tensor, check_finite, check_lengths, check_posi
 
 # Keep ORPO's mean log-prob strictly below 0: log-odds and 1/(1 − e^a) diverge as p → 1.
 ORPO_MAX_MEAN_LOGP = -1e-6
-# simpo's γ default (absolute, API.md); gamma_beta_ratio may only replace it when γ is left at it.
+# simpo's γ default (absolute, docs/api.md); gamma_beta_ratio may only replace it when γ is left at it.
 SIMPO_DEFAULT_GAMMA = 0.5
 
 
@@ -74,7 +74,7 @@ def simpo(chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, 
 
     u = β(S̄_w − S̄_l) − γ;  ℓ = −ls(u) − λ_sft·S̄_w.
     Gradient: g_w = −βσ(−u)/n_w − λ_sft/n_w, g_l = +βσ(−u)/n_l.
-    Defaults: β = 2.0, γ = 0.5 absolute (API.md), λ_sft = 0. Rewards: βS̄.
+    Defaults: β = 2.0, γ = 0.5 absolute (docs/api.md), λ_sft = 0. Rewards: βS̄.
     SimPOConfig's ``gamma_beta_ratio`` (default 0.25) means γ = ratio·β, which equals γ = 0.5 only at
     β = 2. Pass ``gamma_beta_ratio`` instead of ``gamma`` to set γ = ratio·β (then ``gamma`` must stay at
     its default: giving both is ambiguous and raises ValueError).
@@ -101,7 +101,7 @@ def slic(chosen_logps: Tensor, rejected_logps: Tensor, *, delta: float = 1.0, re
 
     ℓ = max(0, δ − (S_w − S_l)) − λ·S_ref, with S_ref the log-prob of the SFT target (default y_w).
     Subgradient: g_w = −1[δ > S_w − S_l], g_l = +1[δ > S_w − S_l], g_ref = −λ.
-    Defaults: δ = 1, λ = 0.1 (neither is given in the provided material; see LOSSES.md §6).
+    Defaults: δ = 1, λ = 0.1 (neither is given in the provided material; see docs/losses.md §6).
     Metrics: the calibration "rewards" are the summed log-probs S themselves.
     """
     delta = check_finite("delta", delta)

@@ -1,4 +1,4 @@
-"""SPO: Soft Preference Optimization (SPO paper, Eqs. 5, 10-15 and Alg. 1; LOSSES.md §5).
+"""SPO: Soft Preference Optimization (SPO paper, Eqs. 5, 10-15 and Alg. 1; docs/losses.md §5).
 
 SPO's preference term uses only summed policy log-probs S (no reference inside the loss); the
 reference enters only through the additive token-level KL(π_θ‖π_ref) on online samples (Eq. 13),
@@ -93,7 +93,7 @@ def spo(chosen_logps: Tensor, rejected_logps: Tensor, *, alpha: float = 0.01, ga
     μ = 1 ("SPO-basic"); γ = 0.01 weighted SPO. Ê is the mean over this batch unless ``weight_baseline``
     (e.g. an all-reduced :func:`spo_weight_baseline`) is given. ``kl`` [B_on]: per-sample summed token
     KL(π_θ‖π_ref) of online samples from π_θ; the paper's Alg. 1 adds it with coefficient 1, but β
-    (here ``kl_coef``) is swept in the experiments, so it is exposed (LOSSES.md §5).
+    (here ``kl_coef``) is swept in the experiments, so it is exposed (docs/losses.md §5).
     Gradient (ŝ = σ(α(S_l − S_w))): g_w = −μŝ, g_l = +μŝ (α = 0: ∓μ/2); the KL gradient is kl_coef/B_on
     per online sequence.
     The α ≥ 1e-6 value is the paper's Eq. 10, which carries the constant (μ/α)·softplus(0) = μ·log 2/α

@@ -1,8 +1,8 @@
-"""VAR: Variational Alignment with Re-weighting (VAR paper, Eqs. 9-10 and Alg. 1; LOSSES.md §1)."""
+"""VAR: Variational Alignment with Re-weighting (VAR paper, Eqs. 9-10 and Alg. 1; docs/losses.md §1)."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -49,9 +49,9 @@ def var(logps: Tensor, rewards: Tensor, *, beta: float, ref_logps: Optional[Tens
 
     ``lengths`` [B]: response token counts n_j (the fused op's ``lengths``), needed by either "mean" option.
     policy_reduction="sum" (default, the paper's log π_θ(y|x)); "mean" uses logps_i/n_i (token mean,
-    "SFT-style", LOSSES.md §1 ambiguity 3): L = −(1/B) Σ_i w_i·logps_i/n_i.
+    "SFT-style", docs/losses.md §1 ambiguity 3): L = −(1/B) Σ_i w_i·logps_i/n_i.
     ref_reduction="sum" (default, the paper's Eq. 9); "mean" replaces Lref_ij by Lref_ij/n_j inside Ẑ
-    (response y_j's length; diagonal form: R_i/n_i). This is a **deviation from the paper** (LOSSES.md
+    (response y_j's length; diagonal form: R_i/n_i). This is a **deviation from the paper** (docs/losses.md
     §1 ambiguity 2): Eq. 9 drops the proposal density of y_j ~ π_ref(·|x_j), so summed Lref favours
     short responses and makes the weights extremely peaked; the token mean tames them. It changes the
     weights only where π_ref does not cancel: the cross-pair form, and the diagonal form with
@@ -60,6 +60,29 @@ def var(logps: Tensor, rewards: Tensor, *, beta: float, ref_logps: Optional[Tens
     Metrics: ``logps`` [B] (as given), ``weights`` [B] (detached), ``log_weights`` [B] (lw, before normalization).
     """
     beta = check_positive("beta", beta)
+    summed, s, rew, ref = _var_inputs(logps, rewards, ref_logps, lengths, normalize, policy_reduction,
+                                      ref_reduction)
+    b = s.shape[0]
+    lw = _var_log_weights(rew, ref, beta)
+    if normalize == "self":
+        w = b * torch.softmax(lw, dim=0)
+    else:
+        w = torch.exp(lw)
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(
+                "normalize='none': VAR weights exp(r/β − logẐ) are not finite (overflow); "
+                "use normalize='self' or a larger beta"
+            )
+    w = w.detach()
+    loss = -(w * s).mean()
+    return loss, {"logps": summed.detach(), "weights": w, "log_weights": lw.detach()}
+
+
+def _var_inputs(logps: Tensor, rewards: Tensor, ref_logps: Optional[Tensor], lengths: Optional[Tensor],
+                normalize: str, policy_reduction: str, ref_reduction: str,
+                ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Checked statistics of :func:`var` in one compute dtype: (summed logps, logps after
+    ``policy_reduction``, rewards, ref_logps after ``ref_reduction`` or None); all but logps detached."""
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
     if policy_reduction not in POLICY_REDUCTIONS:
@@ -96,17 +119,4 @@ def var(logps: Tensor, rewards: Tensor, *, beta: float, ref_logps: Optional[Tens
     if ref_reduction == "mean" and ref is not None:
         # Lref[i, j] = log π_ref(y_j | x_i) is a sum over y_j's n_j tokens: divide column j (diagonal: entry i).
         ref = ref / n
-
-    lw = _var_log_weights(rew, ref, beta)
-    if normalize == "self":
-        w = b * torch.softmax(lw, dim=0)
-    else:
-        w = torch.exp(lw)
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError(
-                "normalize='none': VAR weights exp(r/β − logẐ) are not finite (overflow); "
-                "use normalize='self' or a larger beta"
-            )
-    w = w.detach()
-    loss = -(w * s).mean()
-    return loss, {"logps": summed.detach(), "weights": w, "log_weights": lw.detach()}
+    return summed, s, rew, ref

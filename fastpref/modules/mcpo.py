@@ -1,0 +1,80 @@
+"""MC-PO, fused (docs/api.md §3, docs/losses.md §3-4): grouped layout, MC-kernel hard negatives."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .. import losses
+from .._checks import check_int
+from .base import FusedLossBase, Metrics, SequenceBatch, Tensor, check_grouped
+from .batch_stats import broadcast_from_first
+
+
+class FusedMCPOLoss(FusedLossBase):
+    r"""MC-PO, preference optimization with an MC-kernel hard negative, fused: Chen et al., "Preference
+    Optimization via Contrastive Divergence: Your Reward Model is Secretly an NLL Estimator" (Eq. 7, Alg. 1).
+
+    Grouped layout S = B * G, G = K + 1, column 0 the preferred response. With r_i = S_i - R_i:
+    negatives Z are drawn from softmax_i(beta r_i) (no grad; ``include_positive=False`` excludes y_0),
+    ``loss = mean_b[-beta r_0 + LSE_{i in {0} u Z}(beta r_i)]``.
+
+    One fused forward over all K + 1 sequences (policy and reference) gives the statistics; the MC
+    kernel samples from their detached values (:func:`fastpref.losses.mcpo_sample_negatives`), and the
+    loss reads only the preferred and sampled columns. Unselected sequences therefore get an upstream
+    gradient of exactly zero, and the fused backward skips zero-gradient positions: they cost no
+    backward work. (This does the paper's no-grad pass and the gradient pass in one forward; a separate
+    no-grad pass would recompute the selected sequences' forward.)
+
+    Options: ``group_size`` (G = K + 1; also a call keyword), ``num_negatives`` (M), ``include_positive``,
+    ``generator`` (a ``torch.Generator`` on the statistics' device, seeding the sampling; also a call
+    keyword). Needs the reference (``ref_hidden`` or ``ref_logps`` [S]). Metrics include ``negatives``.
+
+    Precomputed negatives: the call keyword ``negatives`` ([B, M] int64 column indices in 0..G-1 of this
+    call's groups, checked by the head :func:`fastpref.losses.mcpo`) skips the sampling. With it a caller
+    can run the no-grad pass itself on all K + 1 sequences (:meth:`sample_negatives` on their
+    statistics), then call the module with grad on the preferred and the selected sequences only, e.g.
+    G = 1 + M rows per prompt (the preferred one, then the M selected ones in order), ``ref_logps`` of
+    those rows and ``negatives = [1..M]`` for every prompt: the loss and the gradients equal the full
+    call's with the same negatives, and the unselected sequences get no forward with grad at all
+    (``FastPrefDPOTrainer`` does this).
+
+    With ``vocab_parallel_group``, the negatives (sampled or given) are broadcast from the group's rank 0,
+    so every rank of the group uses the same ones (with ``generator=None`` the ranks' draws would
+    otherwise differ, silently mixing the gradients of different negatives).
+    """
+
+    def __init__(self, beta: float = 0.01, group_size: Optional[int] = None, num_negatives: int = 1,
+                 include_positive: bool = False, generator: Optional[torch.Generator] = None, **options) -> None:
+        super().__init__(**options)
+        self.beta, self.num_negatives, self.include_positive = beta, num_negatives, include_positive
+        self.group_size = None if group_size is None else check_int("group_size", group_size, minimum=2)
+        self.generator = generator
+
+    def sample_negatives(self, logps: Tensor, ref_logps: Tensor,
+                         generator: Optional[torch.Generator] = None) -> Tensor:
+        """MC-kernel negatives [B, M] from grouped statistics ``logps``/``ref_logps`` [B, G] (detached), with
+        this module's ``beta``, ``num_negatives`` and ``include_positive``; ``generator`` defaults to the
+        module's. Broadcast from rank 0 of ``vocab_parallel_group`` when one is set (every rank must call)."""
+        negatives = losses.mcpo_sample_negatives(
+            logps.detach(), ref_logps.detach(), beta=self.beta, num_negatives=self.num_negatives,
+            generator=generator if generator is not None else self.generator, include_positive=self.include_positive)
+        return broadcast_from_first(negatives, self.vocab_parallel_group)
+
+    def compute_loss(self, batch: SequenceBatch, group_size: Optional[int] = None,
+                     generator: Optional[torch.Generator] = None,
+                     negatives: Optional[Tensor] = None) -> Tuple[Tensor, Metrics]:
+        g = group_size if group_size is not None else self.group_size
+        if g is None:
+            raise ValueError("FusedMCPOLoss needs group_size (K + 1 sequences per prompt), in the constructor or "
+                             "the call")
+        g = check_int("group_size", g, minimum=2)
+        b = check_grouped(batch.num_seqs, g)
+        logps, ref_logps = batch.logps.view(b, g), batch.ref_logps.view(b, g)
+        if negatives is None:
+            negatives = self.sample_negatives(logps, ref_logps, generator)
+        elif generator is not None:
+            raise ValueError("FusedMCPOLoss: pass either negatives (precomputed) or generator (to sample), not both")
+        elif isinstance(negatives, torch.Tensor):  # the head checks dtype, shape and range
+            negatives = broadcast_from_first(negatives.to(logps.device), self.vocab_parallel_group)
+        return losses.mcpo(logps, ref_logps, beta=self.beta, negatives=negatives)
