@@ -14,7 +14,7 @@ recomputed in the backward); the policy runs first, asking for the entropy, mean
 its metrics use, then the reference under ``torch.no_grad()`` with log-probs only. SPO's token KL uses
 TRL's ``ChunkedDivergenceFunction`` (``beta=1``: KL(student || teacher)).
 
-The small loss heads below are written from LOSSES.md for the eager peer (independently of
+The small loss heads below are written from docs/losses.md for the eager peer (independently of
 ``fastpref.losses``, so the comparison also cross-checks the formulas).
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def eager_seq_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.T
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss heads on per-sequence statistics (LOSSES.md); gradients through the policy log-probs only
+# Loss heads on per-sequence statistics (docs/losses.md); gradients through the policy log-probs only
 
 
 def dpo_head(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,

@@ -17,8 +17,20 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import measure, peers, report
-from .workloads import (DPO_BETA, IMPLEMENTATIONS, WORKLOADS, Case, GemmFloor, Impl, Options, build_case, fmt_dtype,
-                        implementations, parse_dtype, release)
+from .workloads import (
+    DPO_BETA,
+    IMPLEMENTATIONS,
+    WORKLOADS,
+    Case,
+    GemmFloor,
+    Impl,
+    Options,
+    build_case,
+    fmt_dtype,
+    implementations,
+    parse_dtype,
+    release,
+)
 
 Shape = Tuple[int, int, int, str]  # tokens, dim, vocab, dtype
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastpref.bench import measure
-from fastpref.bench.workloads import build_case, implementations, Options, release
+from fastpref.bench.workloads import Options, build_case, implementations, release
 
 SHAPE = dict(tokens=512, dim=256, vocab=32000, dtype=torch.float32, device=torch.device("cpu"))
 

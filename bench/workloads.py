@@ -1,7 +1,7 @@
 """Benchmark workloads: inputs for one shape, and one fwd+bwd callable per implementation.
 
 Every workload uses the padded layout ``[S, T, D]`` with every position valid, ``T = N // S``, so the
-reported token count is ``S * T`` (at most ``N``). Workloads and their sequence layouts (API.md §3):
+reported token count is ``S * T`` (at most ``N``). Workloads and their sequence layouts (docs/api.md §3):
 
 - ``logprobs``: the bare op, per-token log-probs of 8 sequences; loss = sum of token log-probs.
 - ``dpo``: 4 chosen + 4 rejected sequences, policy and reference hidden states (separate frozen
@@ -198,7 +198,7 @@ def _trl(case: Case) -> Callable[[], torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------
-# fastpref: the fused modules of API.md §3 (the bare op for ``logprobs``)
+# fastpref: the fused modules of docs/api.md §3 (the bare op for ``logprobs``)
 
 _MODULES = {"dpo": "FusedDPOLoss", "var": "FusedVARLoss", "mcpo": "FusedMCPOLoss", "spo": "FusedSPOLoss"}
 

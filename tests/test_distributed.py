@@ -51,7 +51,7 @@ def _child(rank: int, world: int, port: int, fn: Callable, args: tuple, outdir: 
         torch.save(result, out / f"{rank}.pt")
     except BaseException:
         (out / f"{rank}.err").write_text(traceback.format_exc())
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

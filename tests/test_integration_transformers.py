@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from _trl_fixtures import one_thread  # noqa: E402,F401  (autouse)
+
 from fastpref.integrations import transformers as hf  # noqa: E402
 
 V, D = 300, 32

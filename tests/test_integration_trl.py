@@ -7,8 +7,15 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
-from _trl_fixtures import (dpo_config, one_thread, preference_rows, tiny_llama, tiny_mixtral,  # noqa: E402,F401
-                           tiny_scaled_lm, tiny_tokenizer)
+from _trl_fixtures import (  # noqa: E402,F401
+    dpo_config,
+    one_thread,
+    preference_rows,
+    tiny_llama,
+    tiny_mixtral,
+    tiny_scaled_lm,
+    tiny_tokenizer,
+)
 from trl import DPOTrainer  # noqa: E402
 
 from fastpref.integrations.trl import FastPrefDPOTrainer  # noqa: E402

@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from fastpref.cli import build_parser
 from fastpref.backends import triton_aot as kernels
+from fastpref.cli import build_parser
 
 ARCHS = ("sm_80", "sm_90a")
 

@@ -232,7 +232,6 @@ def _row_block_grad(prep: Prepared, h: torch.Tensor, hr: Optional[torch.Tensor],
     forward KL ``p * (b * ((z - r) - shift) - a) + a * onehot``, reverse KL
     ``(b - a) * p - b * q + a * onehot``.
     """
-    cd = prep.compute_dtype
     rb, cols = h.shape[0], v1 - v0
     z = _logits_tile(h, prep.weight[v0:v1], None if prep.bias is None else prep.bias[v0:v1],
                      prep.temperature, prep.softcap, tiles.get(0, rb, cols))

@@ -2,13 +2,15 @@
 
 No GPU is needed: ``triton.compile`` lowers each (kernel, variant, configuration) to PTX for a
 ``GPUTarget``, and the ``ptxas`` shipped in the Triton wheel assembles it with ``-v`` to report
-registers and spills (Triton's own ptxas invocation, with the flags used at runtime). One ``.ptx`` per configuration is written under ``--out`` and a table is
+registers and spills (Triton's own ptxas invocation, with the flags used at runtime). One ``.ptx`` per
+configuration is written under ``--out`` and a table is
 printed: kernel, variant, config, registers, spill bytes, shared memory, whether Hopper ``wgmma``
 instructions are used, and how many of the kernel's ``tl.dot`` ops became warp-group MMAs.
 
 Variants are the specialisations that matter for resources: the heaviest path of each kernel
 (reference tile + KL + bias + softcap) for bf16 inputs (tensor cores; forward and reverse KL; the
-forward also in its split-vocabulary form) and fp32 inputs (forward KL) with the exact ``ieee`` dot (FMA, the default) or TF32 tensor cores (used when
+forward also in its split-vocabulary form) and fp32 inputs (forward KL) with the exact ``ieee`` dot (FMA, the
+default) or TF32 tensor cores (used when
 ``torch.backends.cuda.matmul.allow_tf32`` is set).
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import multiprocessing
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 ARCH_CAPABILITY = {"sm_80": 80, "sm_90a": 90}

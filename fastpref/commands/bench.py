@@ -13,7 +13,7 @@ def _int_list(text: str):
     try:
         return [int(x) for x in text.split(",") if x]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _str_list(text: str):
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = runner.run(cfg)
     except ValueError as exc:
-        raise SystemExit(f"fastpref bench: {exc}")
+        raise SystemExit(f"fastpref bench: {exc}") from exc
     print(f"fastpref bench: wrote {results['files']['results.json']}, {results['files']['results.md']} "
           f"and {len(results['files']['plots'])} plots in {cfg.out}")
     return 0

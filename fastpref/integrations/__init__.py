@@ -6,8 +6,17 @@
 - :mod:`fastpref.integrations.trl`: ``FastPrefDPOTrainer``, a TRL ``DPOTrainer`` whose loss is a fastpref
   fused loss (needs ``trl``; import it explicitly).
 """
-from .transformers import (LMHeadInputs, backbone_hidden, enable_hidden_forward, gather_lm_head, head_inputs,
-                           hf_model, lm_head_inputs, logit_transform, shift_labels)
+from .transformers import (
+                           LMHeadInputs,
+                           backbone_hidden,
+                           enable_hidden_forward,
+                           gather_lm_head,
+                           head_inputs,
+                           hf_model,
+                           lm_head_inputs,
+                           logit_transform,
+                           shift_labels,
+)
 
 __all__ = ["LMHeadInputs", "backbone_hidden", "enable_hidden_forward", "gather_lm_head", "head_inputs", "hf_model",
            "lm_head_inputs", "logit_transform", "shift_labels"]

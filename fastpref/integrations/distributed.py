@@ -231,7 +231,6 @@ def sharding_kind(param: Any) -> Optional[str]:
 def _zero3_gather(params: List[torch.Tensor]) -> contextlib.AbstractContextManager:
     """``deepspeed.zero.GatheredParameters`` over the partitioned ones (read-only: modifier_rank=None)."""
     import deepspeed  # only reached when DeepSpeed created these parameters
-
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     # A parameter already gathered (inside its module's forward, or tied to one) must not be gathered twice.

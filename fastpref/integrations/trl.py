@@ -1,87 +1,9 @@
 """``FastPrefDPOTrainer``: TRL's ``DPOTrainer`` with any fastpref fused loss.
 
-Swap-in::
-
-    from fastpref.integrations.trl import FastPrefDPOTrainer
-    trainer = FastPrefDPOTrainer(model=model, ref_model=ref_model, args=DPOConfig(...), train_dataset=ds,
-                                 processing_class=tokenizer, fastpref_loss="dpo")   # or "var", "mcpo", "spo", ...
-    trainer.train()
-
-Everything TRL does around the loss is kept (dataset preparation, collation, precomputed reference log-probs,
-reference model handling, logging); only ``_compute_loss`` changes. The policy runs its *backbone* only, and the LM
-head, log-softmax, target gather, per-sequence sums, the reference pass and the loss happen in one fastpref fused
-module, which never builds the logits. All of it runs *inside* the wrapped model's forward
-(``model(..., fastpref_head_fn=...)``, see :func:`~fastpref.integrations.transformers.enable_hidden_forward`), so
-DDP sees the head used even with ``find_unused_parameters=True`` (the Trainer's default without gradient
-checkpointing; a head read after the forward fails there with "marked as ready twice"), and a head that FSDP2
-sharded on its own is used inside its own forward
-(:func:`~fastpref.integrations.distributed.through_sharded`), where FSDP reduce-scatters its gradient.
-
-Losses and what each needs from the data:
-
-================  =========================================================================================
-``fastpref_loss``  data and behaviour
-================  =========================================================================================
-``"dpo"``          prompt/chosen/rejected; reference model or ``precompute_ref_log_probs``. Defaults
-                   ``beta=args.beta``: identical to TRL's ``loss_type="sigmoid"`` (same loss and
-                   gradients). Like TRL's sigmoid loss it ignores ``args.label_smoothing``; pass
-                   ``fastpref_loss_kwargs={"label_smoothing": eps}`` for conservative DPO.
-``"ipo"``, ``"dpop"``, ``"alpha_dpo"``
-                   same data; need the reference (IPO's ``tau`` defaults to ``args.beta`` as in TRL).
-``"simpo"``, ``"slic"``, ``"orpo"``, ``"cpo"``
-                   same data; reference-free (no reference forward is run).
-``"var"``          prompt/chosen/rejected plus float columns ``chosen_reward`` and ``rejected_reward`` (the
-                   reward model's scores r(x, y)). Every chosen and rejected response is one VAR response
-                   (``var_responses="both"``, S = 2B) or only the chosen ones (``"chosen"``, S = B); the
-                   diagonal form r_ii is used, so with the default ``normalize="self"`` the weights are
-                   B * softmax(r / beta) and no reference pass is needed. ``beta`` is required.
-``"mcpo"``         prompt/chosen/rejected plus a ``candidates`` column: a list of K >= 1 non-preferred
-                   responses per prompt (same K in a batch; ``rejected`` is only used by TRL's preprocessing,
-                   put one of the candidates there). Group layout [chosen, candidate_1..K]; needs a
-                   reference model (not precomputed: the MC kernel needs pi_ref on all K + 1). Alg. 1 as
-                   written: a no-grad policy and reference pass on all K + 1 responses gives the kernel's
-                   statistics, then only the chosen and the ``num_negatives`` sampled responses get a
-                   forward with grad (unselected ones cost no backward work).
-``"spo"``          prompt/chosen/rejected; the reference-free pairwise SPO term plus ``kl_coef`` times the
-                   full-vocabulary token KL(pi_theta || pi_ref) on samples. ``spo_samples="online"`` (default)
-                   samples ``spo_num_samples`` completions (temperature 1, no top-k/top-p) from the current
-                   policy for the batch's prompts every ``spo_resample_every`` steps and reuses them in between
-                   (the paper's Alg. 1); ``"dataset"`` uses the batch's chosen responses instead (the paper's
-                   in-dataset token-KL variant, Table 6). Needs a reference model for the KL.
-================  =========================================================================================
-
-Metrics are logged like TRL's: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
-``rewards/margins``, ``logps/chosen``, ``logps/rejected`` where the loss defines them, plus the loss's own
-metrics under their fastpref names (``weights``, ``kl``, ``margin``, ``nll``, ...). TRL's logit-based metrics
-(``entropy``, ``logits/*``, ``mean_token_accuracy``) need the logits, so they are not logged.
-
-The LM head's ``temperature`` and ``softcap`` (Cohere's ``logit_scale``, Granite's ``logits_scaling``, Gemma 2's
-``final_logit_softcapping``) are read from the policy's config and passed with the head on every loss call
-(:meth:`~fastpref.integrations.transformers.LMHeadInputs.head_kwargs`); they are not loss options, and
-``fastpref_loss_kwargs`` containing either raises. ``fastpref_loss_kwargs={"ignore_index": ...}`` sets the value
-the trainer marks unscored positions with.
-
-Not supported: KTO (unpaired data; use TRL's KTOTrainer), vision datasets, TRL's ``ld_alpha``,
-``use_weighting``, ``f_divergence_type`` other than ``reverse_kl``, ``loss_type`` other than the default and
-``loss_weights`` other than ``None``/``[1.0]`` (these are TRL's own loss options; choose the loss with
-``fastpref_loss``; they raise), the MoE router auxiliary loss (raises unless ``router_aux_loss_coef=0.0``: the
-backbone-only forward does not compute it).
-
-Distributed training:
-
-- DDP through the Trainer, with its default ``find_unused_parameters=True``.
-- FSDP2 (``fully_shard``): the policy's LM head may be its own unit (its loss runs inside the head's forward),
-  and the reference model may be sharded too (e.g. per decoder layer and root): it runs through its own forward,
-  so its root's hooks gather the embeddings.
-- DeepSpeed ZeRO-3: the head's part of the loss runs as the head module's forward
-  (:func:`~fastpref.integrations.distributed.through_sharded`), whose ZeRO-3 hooks gather the head for the forward
-  and again for the fused backward and reduce-scatter its gradient; the reference model runs through its DeepSpeed
-  engine, its head gathered as a copy that stays valid for the backward (which recomputes reference logit tiles).
-  Tied embeddings, SPO's reference KL and MC-PO's no-grad pass work the same way. ``deepspeed`` is not a fastpref
-  dependency.
-
-Which of these configurations are checked against a single process, and which are not exercised, is recorded in
-``tests/test_integration_trl.py``.
+Only ``_compute_loss`` changes: the policy runs its backbone, and the LM head, the reference pass and the
+loss run in one fused module inside the wrapped model's forward. Which loss needs which data columns, the
+metrics, the head options read from the model config, what is not supported and the distributed setups
+are in docs/trainer.md.
 """
 from __future__ import annotations
 
@@ -95,11 +17,30 @@ from trl import DPOTrainer
 from ..modules import LOSS_MODULES
 from ..modules.base import _PairwiseLoss
 from ..reference.modules import LOSS_MODULES as EAGER_LOSS_MODULES
-from ._trl_batches import (REWARD_COLUMNS, FastPrefCollator, Rows, cat_rows, check_config, check_loss_kwargs,
-                           left_padded_prompts, sampled_rows, scored_labels, select_group_rows, tokenize_candidates)
+from ._trl_batches import (
+    REWARD_COLUMNS,
+    FastPrefCollator,
+    Rows,
+    cat_rows,
+    check_config,
+    check_loss_kwargs,
+    left_padded_prompts,
+    sampled_rows,
+    scored_labels,
+    select_group_rows,
+    tokenize_candidates,
+)
 from .distributed import through_sharded
-from .transformers import (LMHeadInputs, backbone, backbone_hidden, enable_hidden_forward, gather_lm_head,
-                           head_inputs, hf_model, is_peft)
+from .transformers import (
+    LMHeadInputs,
+    backbone,
+    backbone_hidden,
+    enable_hidden_forward,
+    gather_lm_head,
+    head_inputs,
+    hf_model,
+    is_peft,
+)
 
 
 def _trainer_name(class_name: str) -> str:

@@ -5,8 +5,17 @@ from typing import Union
 
 import torch
 
-from ._common import LossOutput, Tensor, as_tensor_stat, check_finite, check_lengths, check_positive, floats, \
-    logsigmoid, pair_metrics
+from ._common import (
+    LossOutput,
+    Tensor,
+    as_tensor_stat,
+    check_finite,
+    check_lengths,
+    check_positive,
+    floats,
+    logsigmoid,
+    pair_metrics,
+)
 
 # σ_M = 0 (identical margins) or one gathered element would give an infinite / NaN margin.
 MIN_MARGIN_STD = 1e-6

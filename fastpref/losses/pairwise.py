@@ -10,8 +10,17 @@ from typing import Optional
 
 import torch
 
-from ._common import LossOutput, Tensor, check_finite, check_lengths, check_positive, floats, logsigmoid, \
-    log1mexp, pair_metrics
+from ._common import (
+    LossOutput,
+    Tensor,
+    check_finite,
+    check_lengths,
+    check_positive,
+    floats,
+    log1mexp,
+    logsigmoid,
+    pair_metrics,
+)
 
 # Keep ORPO's mean log-prob strictly below 0: log-odds and 1/(1 − e^a) diverge as p → 1.
 ORPO_MAX_MEAN_LOGP = -1e-6
