@@ -8,6 +8,7 @@ import torch
 
 from .. import losses
 from .._checks import check_int, check_positive
+from .._hf import backbone_hidden
 from .._types import IGNORE_INDEX, LogprobStats
 from ..losses.var import NORMALIZE, POLICY_REDUCTIONS, REF_REDUCTIONS
 from ..ops import fused_logprobs as _fused_logprobs
@@ -60,18 +61,6 @@ class FusedVARLoss(FusedLossBase):
                           ref_reduction=self.ref_reduction)
 
 
-def _backbone_hidden(output) -> Tensor:
-    """Hidden states from a backbone's output: a tensor, a tuple (first item) or ``.last_hidden_state``."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "last_hidden_state"):
-        return output.last_hidden_state
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError("ref_backbone must return hidden states [n, L, D] (a tensor, a tuple starting with one, or an "
-                    f"object with last_hidden_state), got {type(output).__name__}")
-
-
 def var_cross_pair_ref_logps(
     prompts: Sequence[Tensor],
     responses: Sequence[Tensor],
@@ -117,7 +106,7 @@ def var_cross_pair_ref_logps(
         for i0 in range(0, b, prompts_per_chunk):
             rows = list(range(i0, min(i0 + prompts_per_chunk, b)))
             ids, mask, targets = _chunk_inputs([prompts[i] for i in rows], responses, pad_token_id, device)
-            hidden = _backbone_hidden(ref_backbone(ids, mask)).to(ref_weight.dtype)
+            hidden = backbone_hidden(ref_backbone(ids, mask), what="ref_backbone").to(ref_weight.dtype)
             stats = fn(hidden, ref_weight, targets, bias=ref_bias, temperature=temperature, softcap=softcap,
                        ignore_index=IGNORE_INDEX, backend=backend)
             out[rows[0]: rows[-1] + 1] = stats.logps.view(len(rows), b).to(out.dtype)
