@@ -114,25 +114,28 @@ def reduce_per_sequence(prep: Prepared, values: torch.Tensor) -> torch.Tensor:
     return out.index_add(0, prep.seq_ids, values)
 
 
+def sequence_sums(prep: Prepared, values: Optional[torch.Tensor],
+                  given: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Per-sequence sums of ``values``: ``given`` when a kernel epilogue already formed them, else reduced."""
+    if values is None:
+        return None
+    return given if given is not None else reduce_per_sequence(prep, values)
+
+
 def assemble(prep: Prepared, token_logps: torch.Tensor, ref_token_logps: Optional[torch.Tensor] = None,
              token_kl: Optional[torch.Tensor] = None, *, logps: Optional[torch.Tensor] = None,
              ref_logps: Optional[torch.Tensor] = None, kl: Optional[torch.Tensor] = None) -> LogprobStats:
     """Build a ``LogprobStats`` from per-position outputs; per-sequence sums already formed (a kernel
     epilogue's) are taken as given, the others are reduced here."""
-    def per_seq(given: Optional[torch.Tensor], values: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        if values is None:
-            return None
-        return given if given is not None else reduce_per_sequence(prep, values)
-
     def shaped(values: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if values is None else values.view(prep.target_shape)
 
     return LogprobStats(
-        logps=per_seq(logps, token_logps),
+        logps=sequence_sums(prep, token_logps, logps),
         lengths=reduce_per_sequence(prep, prep.valid.to(token_logps.dtype)),
         token_logps=shaped(token_logps),
-        ref_logps=per_seq(ref_logps, ref_token_logps),
-        kl=per_seq(kl, token_kl),
+        ref_logps=sequence_sums(prep, ref_token_logps, ref_logps),
+        kl=sequence_sums(prep, token_kl, kl),
         token_kl=shaped(token_kl),
         ref_token_logps=shaped(ref_token_logps),
     )

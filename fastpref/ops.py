@@ -12,7 +12,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._prepare import prepare
-from ._types import IGNORE_INDEX, LogprobStats, Prepared, assemble, reduce_per_sequence
+from ._types import IGNORE_INDEX, LogprobStats, Prepared, assemble, sequence_sums
 
 
 def fused_logprobs(
@@ -121,18 +121,17 @@ class _FusedLogprobs(torch.autograd.Function):
         out = backend.forward(prep)
         empty = out.token_logps.new_empty(0)
 
-        def seq_sum(given: Optional[torch.Tensor], values: Optional[torch.Tensor]) -> torch.Tensor:
-            if values is None:
-                return empty.clone()
-            return given if given is not None else reduce_per_sequence(prep, values)
+        def seq_sum(values: Optional[torch.Tensor], given: Optional[torch.Tensor]) -> torch.Tensor:
+            sums = sequence_sums(prep, values, given)
+            return empty.clone() if sums is None else sums
 
         outputs = (
             out.token_logps,
             empty.clone() if out.ref_token_logps is None else out.ref_token_logps,
             empty.clone() if out.token_kl is None else out.token_kl,
-            seq_sum(out.seq_logps, out.token_logps),
-            seq_sum(out.seq_ref_logps, out.ref_token_logps),
-            seq_sum(out.seq_kl, out.token_kl),
+            seq_sum(out.token_logps, out.seq_logps),
+            seq_sum(out.ref_token_logps, out.seq_ref_logps),
+            seq_sum(out.token_kl, out.seq_kl),
         )
         ctx.prep, ctx.backend = prep, backend
         ctx.set_materialize_grads(False)
