@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from fastpref.backends.triton_aot import KernelReport  # the report's row type (imports no triton)
+from fastpref.backends.triton_aot import KernelReport, SassCounts  # the report's row types (import no triton)
 
 RESULTS_DIR = os.path.join("bench", "results")
 QUICK_MD = os.path.join(RESULTS_DIR, "cpu_quick.md")
@@ -140,14 +140,37 @@ def parse_kernel_md(text: str) -> tuple:
     rows = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 9 or not line.startswith("|") or not cells[4].isdigit():
+        if len(cells) not in (9, 13) or not line.startswith("|") or not cells[4].isdigit():
             continue
         wgmma_dots, dots = (int(x) for x in cells[8].split("/"))
         rows.append(KernelReport(cells[0], cells[1], cells[2], cells[3], int(cells[4]), int(cells[5]), int(cells[6]),
-                                 cells[7] == "yes", wgmma_dots, dots, ptx_path=""))
+                                 cells[7] == "yes", wgmma_dots, dots, ptx_path="",
+                                 sass=_sass_cells(cells[9:]) if len(cells) == 13 else None))
     if not title or not rows:
         raise ValueError("not a fastpref kernel report (no title or no table rows)")
     return title.group(1), triton.group(1) if triton else "?", rows, note
+
+
+def _sass_cells(cells: List[str]) -> SassCounts:
+    """The report's four SASS columns, each "total (inside loops)" or "0"."""
+    pairs = []
+    for cell in cells:
+        m = re.fullmatch(r"(\d+)(?: \((\d+)\))?", cell)
+        if m is None:
+            raise ValueError(f"not a SASS count: {cell!r}")
+        pairs.append((int(m.group(1)), int(m.group(2) or 0)))
+    (f, fl), (a, al), (c, cl), (r, rl) = pairs
+    return SassCounts(fences=f, fences_in_loops=fl, atomics=a, atomics_in_loops=al, l1_invalidates=c,
+                      l1_invalidates_in_loops=cl, reductions=r, reductions_in_loops=rl)
+
+
+def _sass_summary(rows: Sequence[KernelReport]) -> str:
+    if any(r.sass is None for r in rows):
+        return "not read"
+    fences = sum(r.sass.fences for r in rows)
+    atomics = sum(r.sass.atomics for r in rows)
+    reds = sum(r.sass.reductions for r in rows)
+    return f"{fences} / {atomics} / {reds}"
 
 
 def _variants(rows: Sequence[KernelReport]) -> str:
@@ -157,8 +180,8 @@ def _variants(rows: Sequence[KernelReport]) -> str:
 def render_kernels(texts: Dict[str, str]) -> str:
     """A table with one line per architecture, from the reports' rows."""
     lines = ["| report | configurations | kernels | registers | spill bytes | max shared mem (KiB) | "
-             "wgmma (Hopper warp-group MMA) |",
-             "|---|---:|---:|---|---:|---:|---|"]
+             "wgmma (Hopper warp-group MMA) | SASS: GPU fences / ATOMG / RED |",
+             "|---|---:|---:|---|---:|---:|---|---|"]
     versions = set()
     notes = []
     for path, text in texts.items():
@@ -179,11 +202,13 @@ def render_kernels(texts: Dict[str, str]) -> str:
             wgmma = (f"{len(with_mma)} of {len(rows)} configurations ({'every' if full else 'some'} `tl.dot` of "
                      f"{_variants(with_mma)}); none in {_variants(without)}")
         lines.append(f"| `{path}`: {title} | {len(rows)} | {len({r.kernel for r in rows})} | {min(regs)}-{max(regs)} "
-                     f"| {spills} | {max(r.shared_bytes for r in rows) / 1024:.0f} | {wgmma} |")
+                     f"| {spills} | {max(r.shared_bytes for r in rows) / 1024:.0f} | {wgmma} | {_sass_summary(rows)} |")
     lines += ["", f"Compiled ahead of time with Triton {', '.join(sorted(versions))}, without a GPU: "
               "`fastpref kernels --arch sm_80|sm_90a --out DIR --report FILE`. These are compile-time facts "
-              "(register allocation, spills, shared memory, which instructions the GEMMs lower to), not timings. "
-              "Registers are per thread (255 is the hardware cap). From the reports:", "", *notes]
+              "(register allocation, spills, shared memory, which instructions the GEMMs lower to, and from the SASS "
+              "the GPU-wide fences, returning atomics (`ATOMG`) and fire-and-forget reductions (`RED`) of every "
+              "configuration, summed), not timings. Registers are per thread (255 is the hardware cap). From the "
+              "reports:", "", *notes]
     return "\n".join(lines)
 
 

@@ -285,12 +285,12 @@ class GemmFloor:
     """The plain matrix products of ``case`` with preallocated outputs (the unfused lower bound)."""
 
     def __init__(self, case: Case, seed: int = 1):
-        g = torch.Generator().manual_seed(seed)
         d, v, dt, dev = case.dim, case.vocab, case.dtype, case.device
+        g = torch.Generator(device=dev).manual_seed(seed)  # drawn on the device: a GPU row's [N x V] in no time
         rows = max(r for r, _ in case.floor)
-        self.h = torch.randn(rows, d, generator=g).to(dev, dt)
-        self.w = torch.randn(v, d, generator=g).to(dev, dt)
-        self.grad_logits = torch.randn(rows, v, generator=g).to(dev, dt)
+        self.h = torch.randn(rows, d, generator=g, device=dev).to(dt)
+        self.w = torch.randn(v, d, generator=g, device=dev).to(dt)
+        self.grad_logits = torch.randn(rows, v, generator=g, device=dev).to(dt)
         self.logits = torch.empty(rows, v, device=dev, dtype=dt)
         self.dh = torch.empty(rows, d, device=dev, dtype=dt)
         self.dw = torch.empty(v, d, device=dev, dtype=dt)

@@ -3,8 +3,8 @@
 For splits j with partial (m_j, s_j, t_j) the merged online log-sum-exp is m = max_j m_j,
 s = sum_j s_j exp(m_j - m); target logits add (exactly one split holds the target column). The KL
 accumulator is rescaled with the policy's maxima (forward KL) or the reference's (reverse KL), as
-in the forward kernel. Then the same epilogue as the unsplit forward: per-position stores and
-per-sequence atomic sums.
+in the forward kernel. Then the same epilogue as the unsplit forward (per-position stores). The splits
+are the forward's own or, under vocabulary parallelism, one per rank (all-gathered).
 """
 import triton
 import triton.language as tl
@@ -19,14 +19,16 @@ COMBINE_CONFIGS = {(arch, precision): [COMBINE_CONFIG] for arch in ARCHS for pre
 
 @triton.jit
 def logprobs_combine_kernel(
-    partials_ptr, rows_ptr, seq_ids_ptr,
+    partials_ptr, rows_ptr, n_active_ptr,
     token_logps_ptr, lse_ptr, ref_token_logps_ptr, ref_lse_ptr, token_kl_ptr,
-    seq_logps_ptr, seq_ref_logps_ptr, seq_kl_ptr,
     n_rows, n_splits,
     HAS_REF: tl.constexpr, KL_MODE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    n_active = tl.load(n_active_ptr)
+    if tl.program_id(0) * BLOCK_N >= n_active:
+        return
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = offs < n_rows
+    row_mask = offs < n_active
     rows = tl.load(rows_ptr + offs, mask=row_mask, other=0)
     plane = n_splits * n_rows
 
@@ -53,6 +55,5 @@ def logprobs_combine_kernel(
                 kl_acc = kl_acc * rescale + kl_j * rescale_j
             if KL_MODE == 2:
                 kl_acc = kl_acc * rescale_ref + kl_j * rescale_ref_j
-    write_row_results(rows, row_mask, seq_ids_ptr, m, s, target_logit, m_ref, s_ref, ref_target_logit, kl_acc,
-                      token_logps_ptr, lse_ptr, ref_token_logps_ptr, ref_lse_ptr, token_kl_ptr,
-                      seq_logps_ptr, seq_ref_logps_ptr, seq_kl_ptr, HAS_REF, KL_MODE)
+    write_row_results(rows, row_mask, m, s, target_logit, m_ref, s_ref, ref_target_logit, kl_acc,
+                      token_logps_ptr, lse_ptr, ref_token_logps_ptr, ref_lse_ptr, token_kl_ptr, HAS_REF, KL_MODE)

@@ -12,12 +12,15 @@ accumulator:
   KL = acc / s_r - lse_r + lse
 
 Without ``SPLIT`` the program covers the whole vocabulary and finishes the rows itself: per-position
-results are written once, at their original position ``rows[i]``, and the per-sequence sums are
-atomically added into [num_seqs] buffers by ``seq_ids`` (``write_row_results``). With ``SPLIT`` (few
-positions: too few row blocks to fill the GPU) axis 1 of the grid splits the vocabulary into
-``split_v``-column ranges; each program stores its partial (m, s, target logit, ..., acc) and
-``logprobs_combine.py`` merges the splits and runs the same epilogue.
-Only the rows listed in ``rows`` (valid positions) are computed; the others keep their zeros.
+results are written once, at their original position ``rows[i]`` (``write_row_results``). With ``SPLIT``
+(few positions: too few row blocks to fill the GPU; or a vocabulary-parallel head, whose ranks each
+contribute one split) axis 1 of the grid splits the vocabulary into ``split_v``-column ranges; each
+program stores its partial (m, s, target logit, ..., acc) and ``logprobs_combine.py`` merges the splits
+and runs the same epilogue.
+
+Rows are compacted on the device: ``rows`` lists the valid positions first, and their count is read
+from ``n_active_ptr``, so no host sync decides the grid. The grid covers every position; programs past
+the count return at once, and the other positions keep their zeros.
 """
 import triton
 import triton.language as tl
@@ -62,20 +65,21 @@ FWD_CONFIGS = {
     ],
 }
 
-FWD_KEY = ["V", "D", "D_ref", "HAS_REF", "KL_MODE", "DOT_PRECISION", "REF_DOT_PRECISION", "SPLIT"]
+# n_rows_bucket: the number of positions rounded up to a power of two, so a config tuned on a short batch
+# is not reused for a long one (the row count changes the grid, hence the best tile).
+FWD_KEY = ["n_rows_bucket", "V", "D", "D_ref", "HAS_REF", "KL_MODE", "DOT_PRECISION", "REF_DOT_PRECISION", "SPLIT"]
 # Fields of the partial state a SPLIT program stores, each an [n_splits, n_rows] plane.
 # The fewest rows a forward program covers on a GPU (the launcher sizes its vocabulary split with it).
 MIN_BLOCK_N = min(cfg.kwargs["BLOCK_N"] for table in FWD_CONFIGS.values() for cfg in table)
 PARTIAL_FIELDS = 7  # m, s, target logit, m_ref, s_ref, ref target logit, KL accumulator
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows_bucket", "vocab_offset"])
 def logprobs_fwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr,
-    targets_ptr, rows_ptr, seq_ids_ptr,
-    token_logps_ptr, lse_ptr, ref_token_logps_ptr, ref_lse_ptr, token_kl_ptr,
-    seq_logps_ptr, seq_ref_logps_ptr, seq_kl_ptr, partials_ptr,
-    n_rows, V, D, D_ref, split_v,
+    targets_ptr, rows_ptr, n_active_ptr,
+    token_logps_ptr, lse_ptr, ref_token_logps_ptr, ref_lse_ptr, token_kl_ptr, partials_ptr,
+    n_rows, n_rows_bucket, V, D, D_ref, split_v, vocab_offset,
     stride_h, stride_w, stride_rh, stride_rw,
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
@@ -84,12 +88,16 @@ def logprobs_fwd_kernel(
     DOT_PRECISION: tl.constexpr, REF_DOT_PRECISION: tl.constexpr,  # per head: each from its own dtype
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    n_active = tl.load(n_active_ptr)
+    if tl.program_id(0) * BLOCK_N >= n_active:
+        return  # only ignored positions here: their outputs stay 0
     v_start = tl.program_id(1) * split_v
     v_end = tl.minimum(v_start + split_v, V)
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = offs < n_rows
+    row_mask = offs < n_active
     rows = tl.load(rows_ptr + offs, mask=row_mask, other=0)
-    target = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+    # Targets are global ids; this head's columns start at vocab_offset (vocabulary parallelism).
+    target = tl.load(targets_ptr + rows, mask=row_mask, other=-1) - vocab_offset
 
     m, s, target_logit = online_lse_start(BLOCK_N)
     m_ref, s_ref, ref_target_logit = online_lse_start(BLOCK_N)
@@ -98,7 +106,8 @@ def logprobs_fwd_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        is_target = cols[None, :] == target[:, None]
+        # a target beyond this slice (vocabulary parallelism) may fall in the masked tail of the last tile
+        is_target = (cols[None, :] == target[:, None]) & col_mask[None, :]
         z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, D, stride_h,
                         stride_w, inv_temperature, softcap, HAS_BIAS, SOFTCAP, UPCAST, DOT_PRECISION,
                         BLOCK_N, BLOCK_V, BLOCK_D)
@@ -138,14 +147,11 @@ def logprobs_fwd_kernel(
             tl.store(part + 5 * plane, ref_target_logit, mask=row_mask)
             tl.store(part + 6 * plane, kl_acc, mask=row_mask)
     else:
-        write_row_results(rows, row_mask, seq_ids_ptr, m, s, target_logit, m_ref, s_ref, ref_target_logit,
-                          kl_acc, token_logps_ptr, lse_ptr, ref_token_logps_ptr, ref_lse_ptr, token_kl_ptr,
-                          seq_logps_ptr, seq_ref_logps_ptr, seq_kl_ptr, HAS_REF, KL_MODE)
+        write_row_results(rows, row_mask, m, s, target_logit, m_ref, s_ref, ref_target_logit, kl_acc,
+                          token_logps_ptr, lse_ptr, ref_token_logps_ptr, ref_lse_ptr, token_kl_ptr, HAS_REF, KL_MODE)
 
 
 logprobs_fwd_autotuned = triton.autotune(
     configs=union(FWD_CONFIGS), key=FWD_KEY,
     prune_configs_by={"early_config_prune": pruner(FWD_CONFIGS)},
-    # The epilogue accumulates into these with atomics: zero them before every benchmark run.
-    reset_to_zero=["seq_logps_ptr", "seq_ref_logps_ptr", "seq_kl_ptr"],
 )(logprobs_fwd_kernel)

@@ -1,4 +1,4 @@
-"""Pieces shared by the kernels: the logits tile and the forward's per-position epilogue."""
+"""Pieces shared by the kernels: the logits tile, the forward's per-position epilogue and the logits gradient."""
 import triton
 import triton.language as tl
 
@@ -51,29 +51,23 @@ def online_lse_start(BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def write_row_results(rows, row_mask, seq_ids_ptr, m, s, target_logit, m_ref, s_ref, ref_target_logit, kl_acc,
+def write_row_results(rows, row_mask, m, s, target_logit, m_ref, s_ref, ref_target_logit, kl_acc,
                       token_logps_ptr, lse_ptr, ref_token_logps_ptr, ref_lse_ptr, token_kl_ptr,
-                      seq_logps_ptr, seq_ref_logps_ptr, seq_kl_ptr,
                       HAS_REF: tl.constexpr, KL_MODE: tl.constexpr):
-    """Finish the online log-sum-exp of a row block: store per-position results at positions ``rows``
-    and atomically add them into the per-sequence sums by ``seq_ids``.
+    """Finish the online log-sum-exp of a row block and store the per-position results at positions ``rows``.
 
     lse = m + log s; token log-prob = target logit - lse; the KL accumulator ``kl_acc`` is
     sum_v exp(z - m)(z - r) (forward) or sum_v exp(r - m_ref)(r - z) (reverse), so
     KL(p||q) = kl_acc / s - (lse - lse_ref) and KL(q||p) = kl_acc / s_ref + (lse - lse_ref).
+    Per-sequence sums are left to the op (a deterministic reduction, not atomics).
     """
-    seq = tl.load(seq_ids_ptr + rows, mask=row_mask, other=0)
     lse = m + tl.log(s)
-    token_logp = target_logit - lse
     tl.store(lse_ptr + rows, lse, mask=row_mask)
-    tl.store(token_logps_ptr + rows, token_logp, mask=row_mask)
-    tl.atomic_add(seq_logps_ptr + seq, token_logp, mask=row_mask)
+    tl.store(token_logps_ptr + rows, target_logit - lse, mask=row_mask)
     if HAS_REF:
         lse_ref = m_ref + tl.log(s_ref)
-        ref_token_logp = ref_target_logit - lse_ref
         tl.store(ref_lse_ptr + rows, lse_ref, mask=row_mask)
-        tl.store(ref_token_logps_ptr + rows, ref_token_logp, mask=row_mask)
-        tl.atomic_add(seq_ref_logps_ptr + seq, ref_token_logp, mask=row_mask)
+        tl.store(ref_token_logps_ptr + rows, ref_target_logit - lse_ref, mask=row_mask)
         if KL_MODE != 0:
             # lse - lse_ref as (m - m_ref) + log(s / s_ref): the log of a ratio near 1, not the difference
             # of two O(log V) logs whose round-off would dominate a small KL.
@@ -83,4 +77,56 @@ def write_row_results(rows, row_mask, seq_ids_ptr, m, s, target_logit, m_ref, s_
             else:
                 token_kl = kl_acc / s_ref + lse_diff
             tl.store(token_kl_ptr + rows, token_kl, mask=row_mask)
-            tl.atomic_add(seq_kl_ptr + seq, token_kl, mask=row_mask)
+
+
+@triton.jit
+def dlogits_tile(hidden_ptr, weight_ptr, bias_ptr, ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr,
+                 targets_ptr, grad_logps_ptr, grad_kl_ptr, lse_ptr, ref_lse_ptr, token_kl_ptr,
+                 rows, row_mask, cols, col_mask, D, D_ref, vocab_offset,
+                 stride_h, stride_w, stride_rh, stride_rw, inv_temperature, softcap,
+                 HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, KL_MODE: tl.constexpr,
+                 SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, REF_DOT_PRECISION: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The logits gradient of a [BLOCK_N, BLOCK_V] tile, fp32, 0 outside ``row_mask`` x ``col_mask``.
+
+    The logits ``z`` (and the reference's ``r`` when the KL has a gradient) are recomputed and the
+    softmax taken from the forward's saved log-sum-exps:
+
+        dz = a (onehot - p) + b dKL/dz,   a = dL/dtoken_logps, b = dL/dtoken_kl,
+        forward KL(p||q):  dKL/dz = p ((z - r) - (lse - lse_r + KL))
+        reverse KL(q||p):  dKL/dz = p - q
+
+    times the softcap and temperature chain rule (``1 - (z/c)^2`` and ``1/T``). ``cols`` index this
+    head's (possibly vocabulary-parallel) slice; targets are global ids, hence ``vocab_offset``.
+    """
+    target = tl.load(targets_ptr + rows, mask=row_mask, other=-1) - vocab_offset
+    a = tl.load(grad_logps_ptr + rows, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, D, stride_h,
+                    stride_w, inv_temperature, softcap, HAS_BIAS, SOFTCAP, UPCAST, DOT_PRECISION,
+                    BLOCK_N, BLOCK_V, BLOCK_D)
+    p = tl.exp(z - lse[:, None])
+    if KL_MODE == 0:
+        g = -a[:, None] * p
+    else:
+        b = tl.load(grad_kl_ptr + rows, mask=row_mask, other=0.0)
+        lse_ref = tl.load(ref_lse_ptr + rows, mask=row_mask, other=0.0)
+        r = logits_tile(ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr, rows, row_mask, cols, col_mask,
+                        D_ref, stride_rh, stride_rw, inv_temperature, softcap, HAS_REF_BIAS, SOFTCAP,
+                        UPCAST, REF_DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+        if KL_MODE == 1:
+            kl = tl.load(token_kl_ptr + rows, mask=row_mask, other=0.0)
+            shift = lse - lse_ref + kl
+            g = p * (b[:, None] * ((z - r) - shift[:, None]) - a[:, None])
+        else:
+            q = tl.exp(r - lse_ref[:, None])
+            g = (b - a)[:, None] * p - b[:, None] * q
+    g += tl.where(cols[None, :] == target[:, None], a[:, None], 0.0)
+    if SOFTCAP:
+        # d(c tanh(u / c))/du = 1 - (z / c)^2 with z the capped logit.
+        zc = z / softcap
+        g = g * (1.0 - zc * zc)
+    g = g * inv_temperature
+    # Masked columns carry nan (-inf - -inf) and padding rows garbage: zero both before any use.
+    return tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)

@@ -4,7 +4,7 @@ The loss modules (``fastpref.FusedDPOLoss`` ... ``fastpref.FusedSPOLoss``) are t
 registry :data:`fastpref.modules.LOSS_MODULES`, exported here under their class names.
 """
 from . import losses
-from ._types import LogprobStats
+from ._types import KernelOptions, LogprobStats
 from .modules import LOSS_MODULES as _LOSS_MODULES
 from .modules import LossOutput, var_cross_pair_ref_logps
 from .ops import fused_logprobs
@@ -14,6 +14,6 @@ globals().update(_LOSS_MODULES)
 __version__ = "0.1.0"
 
 __all__ = [
-    "LogprobStats", "fused_logprobs", "losses", "__version__", "LossOutput", *_LOSS_MODULES,
+    "KernelOptions", "LogprobStats", "fused_logprobs", "losses", "__version__", "LossOutput", *_LOSS_MODULES,
     "var_cross_pair_ref_logps",
 ]

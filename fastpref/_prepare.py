@@ -1,28 +1,57 @@
 """``prepare``: validate the arguments of ``fused_logprobs`` and flatten them into a :class:`Prepared`.
 
 Every backend works on the same flat view: positions ``[N, D]``, targets ``[N]`` and a sequence id per
-position. Each step below checks one thing and raises a ``ValueError`` or ``TypeError`` naming the
+position. Validation comes in two stages, each check raising a ``ValueError`` or ``TypeError`` naming the
 offending argument:
 
-1. ``_check_head``: hidden / weight / bias / targets types, shapes, dtypes and devices;
-2. ``_flatten_layout``: padded ``[S, T, D]`` or packed ``[N, D]`` + ``seq_ids`` into flat positions;
-3. ``_vocab_partition``: this rank's slice of a vocabulary-parallel head (the one collective);
-4. ``_check_targets``: target ids within the (global) vocabulary;
-5. ``_reference_head``: the reference head, defaulting to the policy head (detached);
-6. ``_resolve_backend``.
+- :func:`check_call`, *metadata* (types, shapes, dtypes, devices, scalars): traceable by ``torch.compile``
+  and free of host synchronization, it runs in the op's Python wrapper. Steps: 1. ``_check_head``;
+  2. ``_flatten_layout`` (padded ``[S, T, D]`` or packed ``[N, D]`` + ``seq_ids``); 3. ``_vocab_partition``
+  (this rank's slice of a vocabulary-parallel head: the one collective, eager only); 5. ``_reference_head``
+  (defaulting to the policy head, detached); 6. ``_resolve_backend``.
+- :func:`build_prepared`, *values* (4. targets within the vocabulary, finite biases, ``seq_ids`` within
+  ``[0, num_seqs)``), through :func:`fastpref._checks.check_values`: precise errors on CPU, device-side
+  assertions without a sync on CUDA. It runs inside the custom op, which ``torch.compile`` does not trace.
+
+:func:`prepare` runs both (the eager oracle and the tests use it).
 """
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 
-from ._checks import check_int, check_optional_positive, check_positive
-from ._types import IGNORE_INDEX, KL_MODES, Prepared
+from ._checks import check_int, check_optional_positive, check_positive, check_values
+from ._types import IGNORE_INDEX, KL_MODES, KernelOptions, Prepared
 
 BACKENDS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DEFAULT_OPTIONS = KernelOptions()
+
+
+class Call(NamedTuple):
+    """One call's arguments after the metadata checks, flattened: what the custom op receives."""
+
+    hidden: torch.Tensor  # [N, D]
+    weight: torch.Tensor  # [V, D]
+    bias: Optional[torch.Tensor]  # [V]
+    targets: torch.Tensor  # [N] int64
+    seq_ids: Optional[torch.Tensor]  # [N] int64 for packed input; None for padded rows
+    ref_hidden: Optional[torch.Tensor]  # [N, D_ref], detached
+    ref_weight: Optional[torch.Tensor]  # [V, D_ref], detached
+    ref_bias: Optional[torch.Tensor]  # [V], detached
+    num_seqs: int
+    kl: Optional[str]
+    temperature: float
+    softcap: Optional[float]
+    ignore_index: int
+    backend: str  # resolved: "torch" or "triton"
+    vocab_offset: int
+    global_vocab: int
+    options: KernelOptions
+    group: Optional[Any]  # the vocabulary-parallel process group
+    target_shape: Tuple[int, ...]
 
 
 def prepare(
@@ -42,10 +71,44 @@ def prepare(
     ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     vocab_parallel_group: Optional[Any] = None,
+    options: Optional[KernelOptions] = None,
 ) -> Prepared:
-    """Validate the arguments of ``fused_logprobs`` (see its docstring) and flatten them."""
+    """Validate the arguments of ``fused_logprobs`` (see its docstring), metadata and values, and flatten them."""
+    call = check_call(
+        hidden, weight, targets, bias=bias, seq_ids=seq_ids, num_seqs=num_seqs, ref_hidden=ref_hidden,
+        ref_weight=ref_weight, ref_bias=ref_bias, kl=kl, temperature=temperature, softcap=softcap,
+        ignore_index=ignore_index, backend=backend, vocab_parallel_group=vocab_parallel_group, options=options,
+    )
+    return build_prepared(call)
+
+
+def check_call(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    seq_ids: Optional[torch.Tensor] = None,
+    num_seqs: Optional[int] = None,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
+    kl: Optional[str] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = IGNORE_INDEX,
+    backend: str = "auto",
+    vocab_parallel_group: Optional[Any] = None,
+    options: Optional[KernelOptions] = None,
+) -> Call:
+    """The metadata checks of ``fused_logprobs`` and the flat view (no value is read, except ``seq_ids.max()``
+    for a packed call without ``num_seqs``, and the slice sizes of a vocabulary-parallel head)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if options is None:
+        options = DEFAULT_OPTIONS
+    elif not isinstance(options, KernelOptions):
+        raise TypeError(f"options must be a fastpref.KernelOptions, got {type(options).__name__}")
     if kl not in KL_MODES:
         raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
     temperature = check_positive("temperature", temperature)
@@ -56,38 +119,46 @@ def prepare(
 
     _check_head(hidden, weight, bias, targets)
     flat_targets, flat_seq, num_seqs = _flatten_layout(hidden, targets, seq_ids, num_seqs)
-    valid = flat_targets != ignore_index
     vocab_offset, global_vocab = 0, weight.shape[0]
     if vocab_parallel_group is not None:
-        if backend == "triton":
-            raise NotImplementedError(
-                "vocab_parallel_group is implemented by the torch backend only; use backend='torch' "
-                "(or 'auto', which picks it when a group is given)"
-            )
-        backend = "torch"
         vocab_offset, global_vocab = _vocab_partition(weight.shape[0], vocab_parallel_group, hidden.device)
-    _check_targets(flat_targets, valid, global_vocab, ignore_index)
     r_hidden, r_weight, r_bias = _reference_head(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl)
     n = flat_targets.shape[0]
+    return Call(
+        hidden=hidden.reshape(n, weight.shape[1]), weight=weight, bias=bias, targets=flat_targets, seq_ids=flat_seq,
+        ref_hidden=None if r_hidden is None else r_hidden.reshape(n, -1), ref_weight=r_weight, ref_bias=r_bias,
+        num_seqs=num_seqs, kl=kl, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+        backend=_resolve_backend(backend, hidden), vocab_offset=vocab_offset, global_vocab=global_vocab,
+        options=options, group=vocab_parallel_group, target_shape=tuple(targets.shape),
+    )
+
+
+def build_prepared(call: Call, *, check_values_: bool = True) -> Prepared:
+    """The value checks (targets, biases, ``seq_ids``; see :func:`fastpref._checks.check_values`) and the
+    :class:`Prepared` view of a checked call. Runs inside the custom op on real tensors; its backward,
+    whose inputs the forward already checked, skips the checks (``check_values_=False``)."""
+    valid = call.targets != call.ignore_index
+    if check_values_:
+        _check_targets(call.targets, valid, call.global_vocab, call.ignore_index)
+        for name, b in (("bias", call.bias), ("ref_bias", call.ref_bias)):
+            if b is not None:
+                _check_finite(name, b)
+    n = call.targets.shape[0]
+    padded = call.seq_ids is None
+    if padded:
+        rows = call.num_seqs
+        seq_ids = torch.arange(rows, device=call.hidden.device).repeat_interleave(n // rows if rows else 0)
+    else:
+        seq_ids = call.seq_ids
+        if check_values_:
+            check_values((seq_ids >= 0) & (seq_ids < call.num_seqs),
+                         f"seq_ids must lie in [0, num_seqs={call.num_seqs})")
     return Prepared(
-        hidden=hidden.reshape(n, weight.shape[1]),
-        weight=weight,
-        bias=bias,
-        targets=flat_targets,
-        valid=valid,
-        seq_ids=flat_seq,
-        num_seqs=num_seqs,
-        target_shape=tuple(targets.shape),
-        padded=hidden.dim() == 3,
-        ref_hidden=None if r_hidden is None else r_hidden.reshape(n, -1),
-        ref_weight=r_weight,
-        ref_bias=r_bias,
-        kl=kl,
-        temperature=temperature,
-        softcap=softcap,
-        backend=_resolve_backend(backend, hidden),
-        vocab_parallel_group=vocab_parallel_group,
-        vocab_offset=vocab_offset,
+        hidden=call.hidden, weight=call.weight, bias=call.bias, targets=call.targets, valid=valid, seq_ids=seq_ids,
+        num_seqs=call.num_seqs, target_shape=call.target_shape, padded=padded, ref_hidden=call.ref_hidden,
+        ref_weight=call.ref_weight, ref_bias=call.ref_bias, kl=call.kl, temperature=call.temperature,
+        softcap=call.softcap, backend=call.backend, vocab_parallel_group=call.group,
+        vocab_offset=call.vocab_offset, options=call.options,
     )
 
 
@@ -110,9 +181,8 @@ def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
 def _check_finite(name: str, t: torch.Tensor) -> None:
     """A bias of -inf (a way to mask tokens) would make whole vocabulary tiles -inf, and the online
     log-sum-exp and the KL terms NaN (-inf - -inf); a large finite negative value masks just as well."""
-    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite (to mask tokens use a large negative value such as -1e4, "
-                         "whose exponential is exactly 0 in fp32, instead of -inf)")
+    check_values(torch.isfinite(t), f"{name} must be finite (to mask tokens use a large negative value such as "
+                 "-1e4, whose exponential is exactly 0 in fp32, instead of -inf)")
 
 
 def _check_bias(name: str, bias: torch.Tensor, vocab: int, head_dtype: torch.dtype, device: torch.device) -> None:
@@ -122,7 +192,6 @@ def _check_bias(name: str, bias: torch.Tensor, vocab: int, head_dtype: torch.dty
     _check_device(name, bias, device)
     if bias.dtype != head_dtype:
         raise TypeError(f"{name} ({bias.dtype}) and its head's weight ({head_dtype}) must have the same dtype")
-    _check_finite(name, bias)
 
 
 def _check_not_sharded(name: str, t: Optional[torch.Tensor]) -> None:
@@ -180,32 +249,36 @@ def _check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 
 def _flatten_layout(hidden: torch.Tensor, targets: torch.Tensor, seq_ids: Optional[torch.Tensor],
-                    num_seqs: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """(targets [N] int64, seq_ids [N] int64, num_seqs) for padded or packed input."""
-    device = hidden.device
+                    num_seqs: Optional[int]) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
+    """(targets [N] int64, seq_ids [N] int64 or None for padded rows, num_seqs) for padded or packed input.
+
+    A packed call without ``num_seqs`` reads ``seq_ids.max()`` back (a host sync; pass ``num_seqs`` to
+    avoid it); under ``torch.compile`` it must be given. The range of ``seq_ids`` is a value check
+    (:func:`build_prepared`)."""
     flat_targets = targets.reshape(-1).long()
     n = flat_targets.shape[0]
     if hidden.dim() == 3:
         if seq_ids is not None:
             raise ValueError("seq_ids is for packed [N, D] input; padded [S, T, D] input uses one sequence per row")
-        rows, cols = targets.shape
+        rows = targets.shape[0]
         if num_seqs is not None and num_seqs != rows:
             raise ValueError(f"num_seqs ({num_seqs}) must equal S ({rows}) for padded input")
-        return flat_targets, torch.arange(rows, device=device).repeat_interleave(cols), rows
+        return flat_targets, None, rows
     if seq_ids is None:
         raise ValueError("seq_ids is required for packed [N, D] input (one sequence id per position)")
     if not isinstance(seq_ids, torch.Tensor) or seq_ids.dtype.is_floating_point or seq_ids.dtype == torch.bool:
         raise TypeError("seq_ids must be an integer tensor")
     if tuple(seq_ids.shape) != (n,):
         raise ValueError(f"seq_ids must have shape ({n},), got {tuple(seq_ids.shape)}")
-    _check_device("seq_ids", seq_ids, device)
+    _check_device("seq_ids", seq_ids, hidden.device)
     flat_seq = seq_ids.long()
     if num_seqs is None:
-        num_seqs = int(flat_seq.max().item()) + 1 if n > 0 else 0
+        if torch.compiler.is_compiling():
+            raise ValueError("num_seqs is required for packed input under torch.compile (inferring it from "
+                             "seq_ids.max() would read a value back to the host); pass num_seqs=")
+        num_seqs = int(flat_seq.max()) + 1 if n > 0 else 0
     if num_seqs < 0:
         raise ValueError(f"num_seqs must be >= 0, got {num_seqs}")
-    if n > 0 and (int(flat_seq.min().item()) < 0 or int(flat_seq.max().item()) >= num_seqs):
-        raise ValueError(f"seq_ids must lie in [0, num_seqs={num_seqs})")
     return flat_targets, flat_seq, num_seqs
 
 
@@ -230,12 +303,9 @@ def _vocab_partition(local_vocab: int, group: Any, device: torch.device) -> Tupl
 
 
 def _check_targets(targets: torch.Tensor, valid: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    if targets.numel() == 0:
-        return
     bad = valid & ((targets < 0) | (targets >= vocab))
-    if bool(bad.any()):
-        first = int(targets[bad][0].item())
-        raise ValueError(f"targets must lie in [0, V={vocab}) or equal ignore_index={ignore_index}; found {first}")
+    check_values(~bad, f"targets must lie in [0, V={vocab}) or equal ignore_index={ignore_index}",
+                 lambda: f"; found {int(targets[bad][0])}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,6 +19,34 @@ import torch
 IGNORE_INDEX = -100
 #: ``kl`` modes of the op: none, KL(pi_theta || pi_ref) or KL(pi_ref || pi_theta).
 KL_MODES = (None, "forward", "reverse")
+#: Default budget of the Triton backward's ``dz`` workspace (see :class:`KernelOptions`).
+DEFAULT_WORKSPACE_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """How the Triton backend runs (``fused_logprobs(..., options=KernelOptions(...))``); the torch backend,
+    deterministic by construction and tiled by its own block sizes, ignores these.
+
+    Attributes:
+        deterministic: True (default): the backward recomputes the logits gradient ``dz`` one vocabulary
+            chunk at a time into a workspace and lets cuBLAS form ``dH`` and ``dW`` from it: no atomics,
+            bitwise-equal gradients run to run. False: one fused kernel adds its tiles into ``dH``/``dW``
+            with (relaxed) fp32 atomics: no workspace, last-bit nondeterminism.
+        workspace_bytes: the budget of the deterministic backward's ``dz`` chunk (``positions x columns``
+            in the input dtype, fp32 for fp32 inputs); it sets how many vocabulary columns one chunk covers
+            (at least 256). The fp32 ``dH`` accumulator (``positions x D``) comes on top of it.
+    """
+
+    deterministic: bool = True
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.deterministic, bool):
+            raise TypeError(f"KernelOptions.deterministic must be a bool, got {self.deterministic!r}")
+        if isinstance(self.workspace_bytes, bool) or not isinstance(self.workspace_bytes, int) \
+                or self.workspace_bytes <= 0:
+            raise ValueError(f"KernelOptions.workspace_bytes must be a positive int, got {self.workspace_bytes!r}")
 
 
 @dataclass(frozen=True)
@@ -46,6 +74,7 @@ class Prepared:
     # vocabulary split across ``vocab_parallel_group``; targets are global ids.
     vocab_parallel_group: Optional[Any] = None
     vocab_offset: int = 0
+    options: KernelOptions = KernelOptions()
 
     @property
     def num_positions(self) -> int:
@@ -67,8 +96,8 @@ class ForwardOutputs:
     """A backend's forward: per-position ``[N]`` vectors in the compute dtype, 0 at ignored positions.
 
     ``lse``/``ref_lse`` (log-sum-exps) and ``token_kl`` are what the backward recomputes from. The
-    per-sequence sums ``seq_*`` are optional: a backend whose kernel epilogue forms them (Triton)
-    fills them in, otherwise :func:`assemble` reduces the per-position values.
+    per-sequence sums ``seq_*`` are optional, and the op ignores them: it reduces the per-position values
+    itself (:func:`reduce_per_sequence`, deterministic on every device).
     """
 
     token_logps: torch.Tensor
@@ -107,11 +136,42 @@ class LogprobStats:
 
 
 def reduce_per_sequence(prep: Prepared, values: torch.Tensor) -> torch.Tensor:
-    """Sum per-position values ``[N]`` into per-sequence values ``[num_seqs]`` (differentiable)."""
+    """Sum per-position values ``[N]`` into per-sequence values ``[num_seqs]`` (differentiable).
+
+    Padded rows sum along a view. Packed positions: ``index_add`` on CPU; on other devices its atomics
+    would make the sums differ run to run, so :func:`segment_sums_deterministic` is used there.
+    """
     if prep.padded and prep.num_positions > 0:
         return values.view(prep.num_seqs, -1).sum(dim=1)
+    if values.device.type not in ("cpu", "meta"):
+        return segment_sums_deterministic(values, prep.seq_ids, prep.num_seqs)
     out = torch.zeros(prep.num_seqs, dtype=values.dtype, device=values.device)
     return out.index_add(0, prep.seq_ids, values)
+
+
+def segment_sums_deterministic(values: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """``out[s] = sum(values[seq_ids == s])``, bitwise reproducible on any device (differentiable).
+
+    Positions are stably sorted by sequence, then a segmented inclusive scan doubles its reach each step
+    (``x[i] += x[i - d]`` while both lie in one sequence): ``ceil(log2 N)`` elementwise passes with a fixed
+    order of additions -- no atomics, and no floating ``cumsum`` (whose CUDA scan is not deterministic).
+    Each sequence's sum is then read at its last position. Accumulates in float64.
+    """
+    n = values.shape[0]
+    seqs = torch.arange(num_seqs, device=values.device)
+    if n == 0:
+        return torch.zeros(num_seqs, dtype=values.dtype, device=values.device)
+    order = torch.argsort(seq_ids, stable=True)
+    ids, x = seq_ids.index_select(0, order), values.index_select(0, order).to(torch.float64)
+    step = 1
+    while step < n:
+        same = ids[step:] == ids[:-step]
+        x = torch.cat([x[:step], x[step:] + torch.where(same, x[:-step], torch.zeros_like(x[:-step]))])
+        step *= 2
+    # One past the last position of sequence s (== its first position when it is empty).
+    end, start = torch.searchsorted(ids, seqs, right=True), torch.searchsorted(ids, seqs)
+    last = x.index_select(0, (end - 1).clamp(min=0))
+    return torch.where(end > start, last, torch.zeros_like(last)).to(values.dtype)
 
 
 def sequence_sums(prep: Prepared, values: Optional[torch.Tensor],

@@ -1,18 +1,23 @@
 """``fastpref.fused_logprobs``: the one fused op everything else stands on.
 
-entry (``fused_logprobs``) -> ``prepare`` (validation, flat view) -> :class:`_FusedLogprobs`, the one
-autograd Function -> a backend's ``forward`` / ``backward`` launchers (``fastpref/backends``).
+entry (``fused_logprobs``: metadata checks, flat view, ``_prepare.check_call``) -> the registered custom op
+``torch.ops.fastpref.fused_logprobs`` (value checks, ``_prepare.build_prepared``; a backend's ``forward``;
+per-sequence sums) with its autograd formula, whose backward is the custom op
+``torch.ops.fastpref.fused_logprobs_backward`` (a backend's ``backward``). Both ops have fake (meta)
+implementations, so ``torch.compile(fullgraph=True)`` traces through them without a graph break; the one
+autograd path serves every backend.
 """
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ._prepare import prepare
-from ._types import IGNORE_INDEX, LogprobStats, Prepared, assemble, sequence_sums
+from ._prepare import Call, build_prepared, check_call
+from ._types import IGNORE_INDEX, KernelOptions, LogprobStats, Prepared, reduce_per_sequence
+
+Tensor = torch.Tensor
 
 
 def fused_logprobs(
@@ -32,6 +37,7 @@ def fused_logprobs(
     ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     vocab_parallel_group: Optional[Any] = None,
+    options: Optional[KernelOptions] = None,
 ) -> LogprobStats:
     """Per-sequence log-probs of ``targets`` under ``softmax(hidden @ weight.T)``, without the logits.
 
@@ -48,7 +54,8 @@ def fused_logprobs(
         bias: optional ``[V]`` LM-head bias.
         seq_ids: ``[N]`` sequence id of each packed position, in ``[0, num_seqs)``; required for packed
             input. Sequences may be interleaved and of any length.
-        num_seqs: number of sequences; defaults to ``seq_ids.max() + 1`` (packed) or ``S`` (padded).
+        num_seqs: number of sequences; defaults to ``S`` (padded) or ``seq_ids.max() + 1`` (packed, read
+            back to the host: pass ``num_seqs`` to avoid a host sync; required under ``torch.compile``).
         ref_hidden: reference model hidden states, same layout as ``hidden`` (treated as constant).
         ref_weight: ``[V, D_ref]`` reference LM head; defaults to ``weight`` (detached) when
             ``ref_hidden`` is given. With the shared head, ``ref_bias`` defaults to ``bias``.
@@ -69,26 +76,67 @@ def fused_logprobs(
             outputs of the unsharded head: ``lse = M + log(sum_r exp(m_r - M) s_r)`` with ``M = max_r m_r``.
             Backward gives each rank the gradient of its slice of ``weight``/``bias`` and the full
             (all-reduced) gradient of ``hidden``. Every rank of the group must make the same call.
-            Torch backend only (``"auto"`` picks it; ``"triton"`` raises ``NotImplementedError``).
+            Both backends (the Triton forward all-gathers one partial state per rank). The slice
+            sizes are all-gathered eagerly in the wrapper (one small collective and host sync per call); the
+            op itself receives the group's name.
+        options: :class:`fastpref.KernelOptions` for the Triton backend (deterministic backward, its
+            workspace budget); None takes the defaults.
 
     Returns:
         :class:`fastpref.LogprobStats`. Outputs are float32 for fp16/bf16/fp32 inputs and float64
         for float64 inputs. Gradients reach ``hidden``, ``weight`` and ``bias`` from ``logps``,
         ``token_logps``, ``kl`` and ``token_kl``. A sequence with no valid position gets 0 everywhere.
+
+    Value checks (targets in range, finite biases, ``seq_ids`` in range) raise ``ValueError`` for CPU
+    tensors; on CUDA they are device-side assertions (no host sync) unless ``FASTPREF_SYNC_CHECKS=1``.
     """
-    prep = prepare(
+    call = check_call(
         hidden, weight, targets, bias=bias, seq_ids=seq_ids, num_seqs=num_seqs, ref_hidden=ref_hidden,
         ref_weight=ref_weight, ref_bias=ref_bias, kl=kl, temperature=temperature, softcap=softcap,
-        ignore_index=ignore_index, backend=backend, vocab_parallel_group=vocab_parallel_group,
+        ignore_index=ignore_index, backend=backend, vocab_parallel_group=vocab_parallel_group, options=options,
     )
-    token_logps, ref_token_logps, token_kl, logps, ref_logps, seq_kl = _FusedLogprobs.apply(
-        prep.hidden, prep.weight, prep.bias, prep, _backend_module(prep)
+    outs = torch.ops.fastpref.fused_logprobs(*_op_args(call))
+    token_logps, ref_token_logps, token_kl, logps, ref_logps, seq_kl, lengths = outs[:7]
+    has_ref, has_kl = call.ref_hidden is not None, call.kl is not None
+
+    def shaped(values: Tensor) -> Tensor:
+        return values.view(call.target_shape)
+
+    return LogprobStats(
+        logps=logps, lengths=lengths, token_logps=shaped(token_logps),
+        ref_logps=ref_logps if has_ref else None, kl=seq_kl if has_kl else None,
+        token_kl=shaped(token_kl) if has_kl else None, ref_token_logps=shaped(ref_token_logps) if has_ref else None,
     )
-    has_ref, has_kl = prep.ref_hidden is not None, prep.kl is not None
-    return assemble(
-        prep, token_logps, ref_token_logps if has_ref else None, token_kl if has_kl else None,
-        logps=logps, ref_logps=ref_logps if has_ref else None, kl=seq_kl if has_kl else None,
+
+
+def _op_args(call: Call) -> tuple:
+    """The custom op's arguments: tensors, then scalars (a process group travels as its name, the
+    options as their fields)."""
+    return (
+        call.hidden, call.weight, call.bias, call.targets, call.seq_ids, call.ref_hidden, call.ref_weight,
+        call.ref_bias, call.num_seqs, call.kl, call.temperature, call.softcap, call.ignore_index, call.backend,
+        None if call.group is None else call.group.group_name, call.vocab_offset, call.global_vocab,
+        call.options.deterministic, call.options.workspace_bytes,
     )
+
+
+def _prepared(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, seq_ids: Optional[Tensor],
+              ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor],
+              scalars: tuple, check: bool = True) -> Prepared:
+    """The value-checked :class:`Prepared` of the op's arguments (the scalars as :func:`_op_args` orders them)."""
+    num_seqs, kl, temperature, softcap, ignore_index, backend, group_name, offset, vocab, det, ws = scalars
+    group = None
+    if group_name is not None:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        group = _resolve_process_group(group_name)
+    n = targets.shape[0]
+    shape = (n,) if seq_ids is not None else (num_seqs, n // num_seqs if num_seqs else 0)
+    return build_prepared(Call(
+        hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, num_seqs, kl, temperature,
+        softcap, ignore_index, backend, offset, vocab, KernelOptions(deterministic=det, workspace_bytes=ws), group,
+        shape,
+    ), check_values_=check)
 
 
 def _backend_module(prep: Prepared) -> ModuleType:
@@ -103,70 +151,146 @@ def _backend_module(prep: Prepared) -> ModuleType:
     return triton_backend
 
 
-class _FusedLogprobs(torch.autograd.Function):
-    """The op's autograd Function, for every backend.
+# ---------------------------------------------------------------------------------------------------
+# the forward op: outputs are token_logps, ref_token_logps, token_kl, logps, ref_logps, kl, lengths, lse,
+# ref_lse ([N] per position, [num_seqs] per sequence; an absent one is an empty tensor). The per-sequence
+# sums are formed here from the per-position values, deterministically on every device.
 
-    Forward runs the backend's forward (per-position values and the log-sum-exps the backward needs)
-    and returns the per-position outputs plus their per-sequence sums. Backward folds the gradient of
-    each per-sequence sum into its positions (d sum / d token = 1, a gather by ``seq_ids``) and calls
-    the backend's backward once, which recomputes the logits tile by tile.
-
-    Outputs: ``token_logps, ref_token_logps, token_kl, logps, ref_logps, kl``; absent ones are empty
-    tensors. The reference outputs carry no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], prep: Prepared,
-                backend: ModuleType):
-        out = backend.forward(prep)
-        empty = out.token_logps.new_empty(0)
-
-        def seq_sum(values: Optional[torch.Tensor], given: Optional[torch.Tensor]) -> torch.Tensor:
-            sums = sequence_sums(prep, values, given)
-            return empty.clone() if sums is None else sums
-
-        outputs = (
-            out.token_logps,
-            empty.clone() if out.ref_token_logps is None else out.ref_token_logps,
-            empty.clone() if out.token_kl is None else out.token_kl,
-            seq_sum(out.token_logps, out.seq_logps),
-            seq_sum(out.ref_token_logps, out.seq_ref_logps),
-            seq_sum(out.token_kl, out.seq_kl),
-        )
-        ctx.prep, ctx.backend = prep, backend
-        ctx.set_materialize_grads(False)
-        # The inputs go through save_for_backward too (the backward reads them from ``prep``): autograd's
-        # version check then raises if one is modified in place before the backward recomputes the tiles.
-        ctx.save_for_backward(out.lse, out.ref_lse, out.token_kl, hidden, weight, bias, prep.ref_hidden,
-                              prep.ref_weight, prep.ref_bias)
-        ctx.mark_non_differentiable(outputs[1], outputs[4])
-        return outputs
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_token_logps, _g_ref_token, g_token_kl, g_logps, _g_ref_logps, g_kl):
-        prep: Prepared = ctx.prep
-        lse, ref_lse, token_kl = ctx.saved_tensors[:3]
-        cd = prep.compute_dtype
-        grad_logps = _per_position(prep, g_token_logps, g_logps, cd)
-        if grad_logps is None:
-            grad_logps = torch.zeros(prep.num_positions, dtype=cd, device=lse.device)
-        grad_kl = _per_position(prep, g_token_kl, g_kl, cd) if prep.kl else None
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], prep.bias is not None and ctx.needs_input_grad[2])
-        d_hidden, d_weight, d_bias = ctx.backend.backward(prep, lse, ref_lse, token_kl, grad_logps, grad_kl, need)
-        return (
-            None if d_hidden is None else d_hidden.to(prep.hidden.dtype),
-            None if d_weight is None else d_weight.to(prep.weight.dtype),
-            None if d_bias is None else d_bias.to(prep.bias.dtype),
-            None,
-            None,
-        )
+_FORWARD_SCHEMA_OUT = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
-def _per_position(prep: Prepared, per_token: Optional[torch.Tensor], per_seq: Optional[torch.Tensor],
-                  dtype: torch.dtype) -> Optional[torch.Tensor]:
+@torch.library.custom_op("fastpref::fused_logprobs", mutates_args=())
+def _fused_forward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, seq_ids: Optional[Tensor],
+    ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor], num_seqs: int,
+    kl: Optional[str], temperature: float, softcap: Optional[float], ignore_index: int, backend: str,
+    group_name: Optional[str], vocab_offset: int, global_vocab: int, deterministic: bool, workspace_bytes: int,
+) -> _FORWARD_SCHEMA_OUT:
+    """Real implementation: value checks, the backend's forward, per-sequence sums."""
+    prep = _prepared(hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, (
+        num_seqs, kl, temperature, softcap, ignore_index, backend, group_name, vocab_offset, global_vocab,
+        deterministic, workspace_bytes))
+    out = _backend_module(prep).forward(prep)
+    empty = out.token_logps.new_empty(0)
+
+    def present(values: Optional[Tensor]) -> Tensor:
+        return empty.clone() if values is None else values
+
+    def seq_sum(values: Optional[Tensor]) -> Tensor:
+        # Always reduced here (a backend's own epilogue sums, if any, are ignored): deterministic everywhere.
+        return empty.clone() if values is None else reduce_per_sequence(prep, values)
+
+    return (
+        out.token_logps, present(out.ref_token_logps), present(out.token_kl), seq_sum(out.token_logps),
+        seq_sum(out.ref_token_logps), seq_sum(out.token_kl), reduce_per_sequence(prep, prep.valid.to(empty.dtype)),
+        out.lse, present(out.ref_lse),
+    )
+
+
+def _compute_dtype(hidden: Tensor) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+@_fused_forward.register_fake
+def _fused_forward_fake(hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, num_seqs, kl,
+                        *_scalars) -> _FORWARD_SCHEMA_OUT:
+    """Shapes and dtypes only: [N] per position, [num_seqs] per sequence, empty where absent."""
+    n, cd = hidden.shape[0], _compute_dtype(hidden)
+
+    def new(size: Any, present: bool = True) -> Tensor:
+        return hidden.new_empty(size if present else 0, dtype=cd)
+
+    has_ref, has_kl = ref_hidden is not None, kl is not None
+    return (new(n), new(n, has_ref), new(n, has_kl), new(num_seqs), new(num_seqs, has_ref), new(num_seqs, has_kl),
+            new(num_seqs), new(n), new(n, has_ref))
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias = inputs[:8]
+    ctx.scalars = tuple(inputs[8:])
+    ctx.set_materialize_grads(False)
+    # The inputs are saved too (the backward recomputes the tiles from them): autograd's version check
+    # then raises if one is modified in place before the backward.
+    ctx.save_for_backward(hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias,
+                          output[7], output[8], output[2])
+    ctx.mark_non_differentiable(output[1], output[4], output[6], output[7], output[8])
+
+
+def _per_position(per_token: Optional[Tensor], per_seq: Optional[Tensor], seq_ids: Optional[Tensor], n: int,
+                  dtype: torch.dtype) -> Optional[Tensor]:
     """A position's upstream gradient: its own plus its sequence's (None when neither exists)."""
-    if per_seq is not None and per_seq.numel():
-        from_seq = per_seq.to(dtype).index_select(0, prep.seq_ids)
-        return from_seq if per_token is None else per_token.to(dtype) + from_seq
-    return None if per_token is None else per_token.to(dtype)
+    per_token = None if per_token is None or per_token.numel() == 0 else per_token.to(dtype)
+    if per_seq is None or per_seq.numel() == 0:
+        return per_token
+    if seq_ids is not None:
+        from_seq = per_seq.to(dtype).index_select(0, seq_ids)
+    else:  # padded rows: sequence s owns positions [s * T, (s + 1) * T)
+        from_seq = per_seq.to(dtype).unsqueeze(1).expand(per_seq.shape[0], n // per_seq.shape[0]).reshape(n)
+    return from_seq if per_token is None else per_token + from_seq
+
+
+def _backward(ctx, g_token_logps, _g_ref_token, g_token_kl, g_logps, _g_ref_logps, g_kl, *_no_grads):
+    hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, lse, ref_lse, token_kl = \
+        ctx.saved_tensors
+    n, cd, has_kl = targets.shape[0], _compute_dtype(hidden), ctx.scalars[1] is not None
+    grad_logps = _per_position(g_token_logps, g_logps, seq_ids, n, cd)
+    if grad_logps is None:
+        grad_logps = lse.new_zeros(n)
+    grad_kl = _per_position(g_token_kl, g_kl, seq_ids, n, cd) if has_kl else None
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+    d_hidden, d_weight, d_bias = torch.ops.fastpref.fused_logprobs_backward(
+        hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, lse, ref_lse, token_kl,
+        grad_logps, grad_kl, *ctx.scalars, *need,
+    )
+    return (d_hidden if need[0] else None, d_weight if need[1] else None, d_bias if need[2] else None,
+            *([None] * (len(ctx.scalars) + 5)))
+
+
+_fused_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the backward op: (d_hidden, d_weight, d_bias) in the inputs' dtypes; one not needed is an empty tensor.
+
+
+@torch.library.custom_op("fastpref::fused_logprobs_backward", mutates_args=())
+def _fused_backward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, seq_ids: Optional[Tensor],
+    ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor], lse: Tensor,
+    ref_lse: Tensor, token_kl: Tensor, grad_logps: Tensor, grad_kl: Optional[Tensor], num_seqs: int,
+    kl: Optional[str], temperature: float, softcap: Optional[float], ignore_index: int, backend: str,
+    group_name: Optional[str], vocab_offset: int, global_vocab: int, deterministic: bool, workspace_bytes: int,
+    need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Real implementation: the backend's backward (it recomputes the logit tiles)."""
+    prep = _prepared(hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, (
+        num_seqs, kl, temperature, softcap, ignore_index, backend, group_name, vocab_offset, global_vocab,
+        deterministic, workspace_bytes), check=False)
+    has_ref = ref_hidden is not None
+    d_hidden, d_weight, d_bias = _backend_module(prep).backward(
+        prep, lse, ref_lse if has_ref else None, token_kl if kl else None, grad_logps, grad_kl,
+        (need_hidden, need_weight, need_bias),
+    )
+    return (
+        hidden.new_empty(0) if d_hidden is None else d_hidden.to(hidden.dtype),
+        weight.new_empty(0) if d_weight is None else d_weight.to(weight.dtype),
+        weight.new_empty(0) if d_bias is None else d_bias.to(bias.dtype),
+    )
+
+
+@_fused_backward.register_fake
+def _fused_backward_fake(hidden, weight, bias, *args) -> Tuple[Tensor, Tensor, Tensor]:
+    need_hidden, need_weight, need_bias = args[-3:]
+    return (
+        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if need_weight else weight.new_empty(0),
+        torch.empty_like(bias) if need_bias else weight.new_empty(0),
+    )
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fastpref.fused_logprobs is once_differentiable: its backward has no gradient of its own "
+                       "(double backward, e.g. create_graph=True followed by another backward, is not supported)")
+
+
+_fused_backward.register_autograd(_no_double_backward)

@@ -30,6 +30,7 @@ LAYERS: List[Tuple[str, ...]] = [
     ("fastpref",),  # the package root: the public API, above everything it re-exports
     ("fastpref.integrations",),
     ("fastpref.testing",),
+    ("fastpref.device_check",),  # the GPU device check (fastpref check --device cuda), built on the testing helpers
     ("fastpref.bench",),
     ("fastpref.commands", "fastpref.cli", "fastpref.demo", "fastpref.__main__"),
 ]

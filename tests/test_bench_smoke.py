@@ -234,3 +234,28 @@ def test_failed_compile_falls_back_or_is_skipped():
     assert impl is None and "torch.compile failed" in reason
     with pytest.raises(RuntimeError):  # an uncompiled implementation's error is a real error
         runner._warm_up(Impl("eager", broken), case, Options())
+
+
+def test_gpu_report_beside_the_cost_model():
+    """bench/gpu.py's targets and Markdown on fabricated GPU rows (no GPU here: the numbers are made up)."""
+    from fastpref.bench import cost_model, gpu
+
+    card = cost_model.CARDS["H100 SXM"]
+
+    def row(workload, impl, time_s, vocab, workspace=None):
+        pred = cost_model.predict(impl, workload, 8192, 4096, vocab, "bf16", card)
+        return dict(workload=workload, tokens=8192, dim=4096, vocab=vocab, dtype="bf16", device="cuda", impl=impl,
+                    time_s=time_s, time_min_s=time_s, times_s=[time_s], peak_bytes=None, workspace_bytes=workspace,
+                    workspace_beyond_dw_mib=workspace, time_vs_floor=time_s / 0.04,
+                    time_vs_liger=time_s / 0.2 if workload == "dpo" else None, prediction=pred.to_dict(),
+                    time_vs_predicted=time_s / pred.time_s, note="")
+
+    rows = [row("dpo", "gemm-floor", 0.04, 128256), row("dpo", "fastpref-triton", 0.05, 128256, 300.0),
+            row("dpo", "liger", 0.2, 128256), row("logprobs", "fastpref-triton", 0.07, 151936)]
+    targets = gpu.targets(rows, on_gpu=True)
+    assert [t["met"] for t in targets] == [True, True, True, False]  # 1.25x floor, 0.25x liger, 300 MiB; 1.75x floor
+    assert all(t["met"] is None for t in gpu.targets(rows, on_gpu=False))
+    md = gpu.markdown({"meta": dict(machine="GPU NVIDIA H100 80GB HBM3 (made-up rows)", torch="x", repeats=1,
+                                    elapsed_s=0), "rows": rows, "targets": targets, "skipped": []})
+    assert "| dpo | 8192 | 4096 | 128256 | bf16 | fastpref-triton | 50.00 |" in md and "| compute |" in md
+    assert "| logprobs | time_vs_floor <= 1.5 | 1.750 | NO |" in md

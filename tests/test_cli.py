@@ -23,3 +23,11 @@ def test_check_reports_failures(capsys, monkeypatch):
     monkeypatch.setitem(check.SUITES, "broken", check.Suite(lambda dtype, seed: [("case", 1.0)]))
     assert main(["check", "--backend", "torch"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_check_device_flags_are_documented():
+    out = subprocess.run([sys.executable, "-m", "fastpref", "check", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for flag in ("--device", "--out", "--budget-s"):
+        assert flag in out
+    assert "--tiny" not in out  # test-only

@@ -114,6 +114,7 @@ def test_each_head_gets_its_own_dot_precision(monkeypatch, kl):
     launches = []
     monkeypatch.setattr(triton_backend, "_launch", lambda name, grid, *args, **kw: launches.append((name, kw)))
     monkeypatch.setattr(triton_backend, "vocab_splits", lambda n_rows, vocab, device: (1, vocab))
+    monkeypatch.setattr(triton_backend, "chunk_columns", lambda *args: 256)
     n, d, d_ref, v = 6, 8, 12, 20
     prep = prepare(torch.randn(n, d, dtype=torch.bfloat16), torch.randn(v, d, dtype=torch.bfloat16),
                    torch.randint(0, v, (n,)), seq_ids=torch.zeros(n, dtype=torch.long),
@@ -121,9 +122,39 @@ def test_each_head_gets_its_own_dot_precision(monkeypatch, kl):
     out = triton_backend.forward(prep)
     triton_backend.backward(prep, out.lse, out.ref_lse, out.token_kl, torch.ones(n), torch.ones(n) if kl else None,
                             (True, True, False))
-    assert [name for name, _ in launches] == ["fwd", "bwd"]
+    assert [name for name, _ in launches] == ["fwd", "dz"]
     for name, kw in launches:
         assert kw["DOT_PRECISION"] == "tf32"  # ignored by tl.dot for bf16 operands
         # The backward reads the reference head only for the KL gradient.
         expected = "ieee" if (name == "fwd" or kl) else "tf32"
         assert kw["REF_DOT_PRECISION"] == expected, (name, kw)
+
+
+def test_autotune_keys_bucket_the_row_count():
+    """A config tuned on a short batch is not reused for a long one: every GEMM kernel's autotune key
+    holds the row count rounded up to a power of two."""
+    from fastpref.backends import triton_backend
+    from fastpref.kernels import logprobs_bwd, logprobs_dz, logprobs_fwd
+
+    for key in (logprobs_fwd.FWD_KEY, logprobs_dz.DZ_KEY, logprobs_bwd.BWD_KEY):
+        assert key[0] == "n_rows_bucket"
+    assert [triton_backend.rows_bucket(n) for n in (0, 1, 64, 65, 4096, 5000)] == [64, 64, 64, 128, 4096, 8192]
+
+
+def test_chunk_columns_follow_the_workspace_budget():
+    from fastpref.backends.triton_backend import CHUNK_ALIGN, chunk_columns
+
+    # 8192 bf16 rows in 256 MiB: 16384 columns; never below one aligned chunk, never beyond the vocabulary
+    assert chunk_columns(8192, 128256, 2, 256 * 2**20) == 16384
+    assert chunk_columns(8192, 128256, 2, 1) == CHUNK_ALIGN
+    assert chunk_columns(10, 1000, 4, 2**30) == 1024
+    assert chunk_columns(3000, 128256, 4, 100 * 2**20) % CHUNK_ALIGN == 0
+
+
+def test_kernel_options_are_checked():
+    import fastpref
+
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        fastpref.KernelOptions(workspace_bytes=0)
+    with pytest.raises(TypeError, match="deterministic"):
+        fastpref.KernelOptions(deterministic=1)

@@ -13,9 +13,14 @@ The contract every backend keeps (no autograd inside a backend; backends never i
 
 ``backward(prep, lse, ref_lse, token_kl, grad_logps, grad_kl, need) -> (dH, dW, db)``
     Gradients with respect to ``prep.hidden`` ``[N, D]``, ``prep.weight`` ``[V, D]`` and ``prep.bias``
-    ``[V]`` in the compute dtype, None where ``need = (hidden, weight, bias)`` is False, from the upstream
+    ``[V]`` in the compute dtype (or already in the input's dtype, when one GEMM rounded it once, as eager
+    autograd does), None where ``need = (hidden, weight, bias)`` is False, from the upstream
     per-position gradients of ``token_logps`` (``grad_logps``, ``[N]``) and of ``token_kl`` (``grad_kl``,
     ``[N]`` or None). The per-sequence gradients were already folded into them by the Function.
 
 A backend may also define ``check_supported(prep)``, raising for inputs it does not take.
+
+The Triton backend never synchronizes with the host (no ``.item()``, ``nonzero()`` or Python branch on a
+tensor's value), since on a GPU it runs between a model's forward and its optimizer step; the torch
+backend, the CPU path where a sync costs nothing, compacts rows with ``nonzero()``.
 """

@@ -3,10 +3,19 @@
 Runs the grid of bench/runner.py (``--quick``: a small CPU grid that finishes in under 3 minutes) and
 writes ``results.json``, ``results.md`` and PNG plots under ``--out``. ``--n/--d/--v/--dtype`` replace
 the grid by their cartesian product.
+
+``--device cuda --quick`` runs the GPU benchmark of bench/gpu.py instead: the issue's two target rows
+(DPO with a reference at N=8192, D=4096, V=128256; the log-prob op at V=151936) against the measured cuBLAS
+floor, eager, Liger, Cut Cross-Entropy and TRL's chunked path, with the cost model's prediction beside
+each row; it writes ``gpu_bench.json`` and ``gpu_bench.md``. ``--device cpu-interpret --tiny`` (tests
+only) is the same on tiny shapes under Triton's interpreter.
 """
 from __future__ import annotations
 
 import argparse
+import os
+
+DEFAULT_OUT = "bench/out"
 
 
 def _int_list(text: str):
@@ -25,8 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--quick", action="store_true",
                         help="small CPU grid (fp32, D=128, N<=512), 3 repeats, 1 torch thread; under 3 minutes")
-    parser.add_argument("--out", default="bench/out", help="output directory (default: %(default)s)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: %(default)s)")
+    parser.add_argument("--device", choices=["cpu", "cuda", "cpu-interpret"], default="cpu",
+                        help="cuda with --quick: the GPU target rows vs the cuBLAS floor and the cost model")
+    # Test-only: tiny shapes of the GPU benchmark (with --device cpu-interpret under TRITON_INTERPRET=1).
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--losses", type=_str_list, default=list(WORKLOADS),
                         help=f"comma-separated workloads from {','.join(WORKLOADS)} (default: all)")
     parser.add_argument("--impls", type=_str_list, default=list(IMPLEMENTATIONS),
@@ -47,8 +59,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def run_gpu(args: argparse.Namespace) -> int:
+    """``--device cuda --quick`` / ``--device cpu-interpret --tiny``: bench/gpu.py."""
+    from fastpref.bench import gpu
+
+    out = args.out if args.out != DEFAULT_OUT else os.path.join(DEFAULT_OUT, "gpu")
+    cfg = gpu.Config(device=args.device, out=out, tiny=args.tiny, repeats=args.repeats, compile=not args.no_compile,
+                     seed=args.seed)
+    try:
+        results = gpu.run(cfg)
+    except ValueError as exc:
+        raise SystemExit(f"fastpref bench: {exc}") from exc
+    print(gpu.markdown(results))
+    print(f"fastpref bench: wrote {results['files']['json']} and {results['files']['md']}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from fastpref.bench import runner
+
+    if args.device == "cpu-interpret" or args.tiny or (args.device == "cuda" and args.quick):
+        if args.device == "cpu":
+            raise SystemExit("fastpref bench: --tiny goes with --device cpu-interpret or cuda")
+        if any(x is not None for x in (args.n, args.d, args.v, args.dtype)):
+            raise SystemExit("fastpref bench: --n/--d/--v/--dtype do not apply to --device cuda --quick (fixed rows)")
+        return run_gpu(args)
     from fastpref.bench.workloads import IMPLEMENTATIONS
 
     bad = [i for i in args.impls if i not in IMPLEMENTATIONS]

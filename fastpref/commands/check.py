@@ -4,6 +4,11 @@ Each row runs a fused computation and its eager reference (``fastpref.reference`
 inputs, applies the same random upstream gradients, and reports the largest relative error over the
 outputs and the gradients. Exit status 1 if any row exceeds its tolerance. The suites are listed in
 :data:`SUITES`; their cases live in :mod:`fastpref.testing`.
+
+``--device cuda`` runs the GPU device check instead (:mod:`fastpref.device_check`: every shipped kernel
+configuration forced once, fp64-truth parity at realistic shapes by the eager-error rule, bias and precision
+cases, determinism, the host-sync count) and writes ``device_check.json`` / ``device_check.md`` under
+``--out``. ``--device cpu-interpret --tiny`` (tests only) is the same on tiny shapes under Triton's interpreter.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import torch
 from .. import testing
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+#: Default time budget of ``--device cuda`` (with ``fastpref bench --device cuda --quick``: under 8 min on an H100).
+DEVICE_BUDGET_S = 240.0
 
 
 class Suite(NamedTuple):
@@ -42,6 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", action="append", choices=["torch", "triton"],
                         help="backend(s) to check (default: every one available on this machine)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["cpu", "cuda", "cpu-interpret"], default=None,
+                        help="cuda: the GPU device check (writes JSON and Markdown to --out); "
+                             "default/cpu: the parity table above")
+    parser.add_argument("--out", default="bench/out/device-check",
+                        help="output directory of --device cuda (default: %(default)s)")
+    parser.add_argument("--budget-s", type=float, default=DEVICE_BUDGET_S,
+                        help="--device cuda: rows that would start after this many seconds are skipped "
+                             "(default: %(default)s)")
+    # Test-only: tiny shapes (with --device cpu-interpret under TRITON_INTERPRET=1, the CPU smoke of make test).
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
 
 
 def available_backends() -> List[str]:
@@ -57,8 +74,29 @@ def available_backends() -> List[str]:
     return backends
 
 
+def run_device(args: argparse.Namespace) -> int:
+    """``--device cuda`` / ``cpu-interpret``: the device check; 1 if any row failed."""
+    from .. import device_check
+
+    if args.backend:
+        raise SystemExit("fastpref check: --backend applies to the CPU table; --device checks the triton backend")
+    try:
+        results = device_check.run(args.device, args.out, tiny=args.tiny, seed=args.seed, budget_s=args.budget_s)
+    except ValueError as exc:
+        raise SystemExit(f"fastpref check: {exc}") from exc
+    print(device_check.report.markdown(results))
+    s = results["summary"]
+    print(f"fastpref check --device {args.device}: {s['ok']} ok, {s['FAIL']} failed, {s['skipped']} skipped; "
+          f"wrote {results['files']['json']} and {results['files']['md']}")
+    return 1 if s["FAIL"] else 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the table of every suite for the chosen backends; 1 if any row fails its tolerance."""
+    if getattr(args, "device", None) not in (None, "cpu"):
+        return run_device(args)
+    if getattr(args, "tiny", False):
+        raise SystemExit("fastpref check: --tiny goes with --device cpu-interpret or cuda")
     backends = args.backend or available_backends()
     failures = 0
     print(f"fastpref check: backends {', '.join(backends)}; relative tolerance fp64 1e-10, fp32 1e-4")

@@ -11,7 +11,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_finite, check_positive  # noqa: F401  (re-exported for the heads)
+from .._checks import check_finite, check_positive, check_values  # noqa: F401  (re-exported for the heads)
 
 Tensor = torch.Tensor
 Number = Union[float, int]
@@ -94,8 +94,7 @@ def floats(shape: Sequence[Optional[int]], **named: Optional[Tensor]) -> Tuple[T
 def check_lengths(**named: Tensor) -> Tuple[Tensor, ...]:
     """Lengths are constants and must be strictly positive (a zero would silently divide to inf/NaN)."""
     for name, t in named.items():
-        if bool((t <= 0).any()):
-            raise ValueError(f"{name} must be > 0 everywhere (a sequence with no response tokens?)")
+        check_values(t > 0, f"{name} must be > 0 everywhere (a sequence with no response tokens?)")
     return tuple(t.detach() for t in named.values())
 
 

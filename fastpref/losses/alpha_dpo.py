@@ -12,6 +12,7 @@ from ._common import (
     check_finite,
     check_lengths,
     check_positive,
+    check_values,
     floats,
     logsigmoid,
     pair_metrics,
@@ -73,10 +74,8 @@ def alpha_dpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Te
     nw, nl = check_lengths(chosen_lengths=nw, rejected_lengths=nl)
     mean = as_tensor_stat("margin_mean", margin_mean, sw.dtype, sw.device)
     std = as_tensor_stat("margin_std", margin_std, sw.dtype, sw.device)
-    if not bool(torch.isfinite(mean)):
-        raise ValueError(f"margin_mean must be finite, got {float(mean)}")
-    if not bool(torch.isfinite(std)) or bool(std < 0):
-        raise ValueError(f"margin_std must be finite and >= 0, got {float(std)}")
+    check_values(torch.isfinite(mean), "margin_mean must be finite", lambda: f", got {float(mean)}")
+    check_values(torch.isfinite(std) & (std >= 0), "margin_std must be finite and >= 0", lambda: f", got {float(std)}")
     margin = _margin(sw, sl, rw, rl, nw, nl)
     m = beta * (gamma_r + alpha * (margin - mean) / torch.clamp(std, min=MIN_MARGIN_STD))
     x = beta * (sw / nw - sl / nl) - m

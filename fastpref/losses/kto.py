@@ -5,7 +5,7 @@ from typing import Union
 
 import torch
 
-from ._common import LossOutput, Tensor, as_tensor_stat, check_positive, floats
+from ._common import LossOutput, Tensor, as_tensor_stat, check_positive, check_values, floats
 
 
 def kto_z0(mismatched_logps: Tensor, mismatched_ref_logps: Tensor) -> Tensor:
@@ -46,8 +46,7 @@ def kto(logps: Tensor, ref_logps: Tensor, labels: Tensor, *, z0: Union[Tensor, f
         raise ValueError(f"labels must have the shape of logps {tuple(s.shape)}, got {tuple(labels.shape)}")
     labels = labels.to(s.device)
     z = as_tensor_stat("z0", z0, s.dtype, s.device)
-    if not bool(torch.isfinite(z)):
-        raise ValueError(f"z0 must be finite, got {float(z)}")
+    check_values(torch.isfinite(z), "z0 must be finite", lambda: f", got {float(z)}")
     rho = s - r.detach()
     x = beta * (rho - z)
     # σ(−x) for desirable, σ(x) for undesirable: sign flip keeps one sigmoid call.

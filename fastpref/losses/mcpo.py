@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ._common import LossOutput, Tensor, check_positive, floats
+from ._common import LossOutput, Tensor, check_positive, check_values, floats
 
 
 def _check_grouped(logps: Tensor, ref_logps: Tensor):
@@ -69,9 +69,8 @@ def mcpo(logps: Tensor, ref_logps: Tensor, *, beta: float = 0.01, negatives: Ten
         raise ValueError(f"negatives must have shape [B, M] with B = {s.shape[0]} (the groups of logps) and "
                          f"M >= 1, got shape {tuple(negatives.shape)}")
     k = s.shape[1] - 1
-    if bool(((negatives < 0) | (negatives > k)).any()):
-        raise ValueError(f"negatives must be column indices in 0..{k} of the groups of {k + 1} (candidates "
-                         "1..K; 0, the preferred response, is Alg. 1's literal draw)")
+    check_values((negatives >= 0) & (negatives <= k), f"negatives must be column indices in 0..{k} of the groups of "
+                 f"{k + 1} (candidates 1..K; 0, the preferred response, is Alg. 1's literal draw)")
     negatives = negatives.to(s.device)
     reward = beta * (s - r)  # [B, K+1]
     chosen = reward[:, 0]

@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 import torch
 
-from ._common import LossOutput, Tensor, check_positive, floats, pair_metrics
+from ._common import LossOutput, Tensor, check_positive, check_values, floats, pair_metrics
 
 # Below this α the α = 0 form (Eq. 11) replaces (1/α)·LSE. The switch is continuous in the gradient
 # but not in the value: (1/α)·LSE_j(α d_j) = log(n)/α + mean_j d_j + O(α), so the loss jumps by
@@ -134,8 +134,7 @@ def spo_best_of_n(logps: Tensor, best: Tensor, *, alpha: float = 0.01, gamma: fl
         raise ValueError(f"logps must be [B, n] with n >= 2, got shape {tuple(s.shape)}")
     if not isinstance(best, Tensor) or best.dtype != torch.int64 or best.shape != s.shape[:1]:
         raise ValueError(f"best must be an int64 tensor of shape [{s.shape[0]}], got {getattr(best, 'shape', best)}")
-    if bool(((best < 0) | (best >= s.shape[1])).any()):
-        raise ValueError(f"best must hold column indices in 0..{s.shape[1] - 1}")
+    check_values((best >= 0) & (best < s.shape[1]), f"best must hold column indices in 0..{s.shape[1] - 1}")
     winners = best.to(s.device)[:, None]
     loss, m = _spo_listwise(s, winners, 1, alpha, gamma, kl, kl_coef, weight_baseline)
     m["weights"] = m["weights"][:, 0]

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._common import LossOutput, Tensor, check_lengths, check_positive, floats
+from ._common import LossOutput, Tensor, check_lengths, check_positive, check_values, floats
 
 NORMALIZE = ("self", "none")
 POLICY_REDUCTIONS = ("sum", "mean")
@@ -68,11 +68,8 @@ def var(logps: Tensor, rewards: Tensor, *, beta: float, ref_logps: Optional[Tens
         w = b * torch.softmax(lw, dim=0)
     else:
         w = torch.exp(lw)
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError(
-                "normalize='none': VAR weights exp(r/β − logẐ) are not finite (overflow); "
-                "use normalize='self' or a larger beta"
-            )
+        check_values(torch.isfinite(w), "normalize='none': VAR weights exp(r/β − logẐ) are not finite (overflow); "
+                     "use normalize='self' or a larger beta")
     w = w.detach()
     loss = -(w * s).mean()
     return loss, {"logps": summed.detach(), "weights": w, "log_weights": lw.detach()}
