@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("triton")
 
 SCRIPT = r"""
-import json, sys, torch
+import dataclasses, json, sys, torch
 import fastpref
 from fastpref.backends import triton_backend
 
@@ -58,6 +58,30 @@ out["tf32/call"] = max_diff(run("triton"), run("torch"))
 torch.backends.fp32_precision = "ieee"
 out["ieee/enabled"] = tf32_enabled()
 out["ieee/call"] = max_diff(run("triton"), run("torch"))
+
+# No host sync inside the backend: count every tensor -> Python value conversion during its forward and
+# both backwards (the value checks of the op are tested separately: tests/test_compile.py).
+from fastpref._prepare import prepare
+prep = prepare(hidden.detach(), weight.detach(), targets, seq_ids=seq_ids, num_seqs=3, ref_hidden=ref_hidden,
+               kl="forward", backend="triton")
+reads = []
+originals = {}
+for name in ("item", "__bool__", "__int__", "__float__", "tolist", "nonzero", "__index__"):
+    originals[name] = getattr(torch.Tensor, name)
+    def probe(self, *a, _name=name, **k):
+        reads.append(_name)
+        return originals[_name](self, *a, **k)
+    setattr(torch.Tensor, name, probe)
+try:
+    fwd = triton_backend.forward(prep)
+    for deterministic in (True, False):
+        prep = dataclasses.replace(prep, options=fastpref.KernelOptions(deterministic=deterministic))
+        triton_backend.backward(prep, fwd.lse, fwd.ref_lse, fwd.token_kl, torch.ones(N), torch.ones(N),
+                                (True, True, False))
+finally:
+    for name, fn in originals.items():
+        setattr(torch.Tensor, name, fn)
+out["host_reads"] = reads
 json.dump(out, sys.stdout)
 """
 
@@ -80,6 +104,11 @@ def test_tf32_through_the_new_precision_api_does_not_raise(results):
     assert results["tf32/enabled"] is True
     # The interpreter runs the dot in fp32 whatever the precision flag says: equal up to fp32 round-off.
     assert results["tf32/call"] < 1e-4
+
+
+def test_backend_reads_no_tensor_value_on_the_host(results):
+    """Row compaction, grids and chunking come from shapes and device tensors: no .item()/bool()/nonzero()."""
+    assert results["host_reads"] == []
 
 
 def test_ieee_through_the_new_precision_api(results):
