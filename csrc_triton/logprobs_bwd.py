@@ -58,19 +58,21 @@ BWD_CONFIGS = {
 
 GROUP_N = 8  # row blocks per group of the grouped launch order
 
-BWD_KEY = ["n_rows_bucket", "V", "D", "D_ref", "KL_MODE", "DOT_PRECISION", "REF_DOT_PRECISION"]
+BWD_KEY = ["n_rows_bucket", "V", "D", "D_ref", "KL_MODE", "DOT_PRECISION", "REF_DOT_PRECISION", "ENTROPY"]
 
 
 @triton.jit(do_not_specialize=["n_rows_bucket", "vocab_offset"])
 def logprobs_bwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr,
     targets_ptr, rows_ptr, n_active_ptr, grad_logps_ptr, grad_kl_ptr, lse_ptr, ref_lse_ptr, token_kl_ptr,
+    grad_entropy_ptr, entropy_ptr,
     d_hidden_ptr, d_weight_ptr, d_bias_ptr,
     n_rows, n_rows_bucket, V, D, D_ref, vocab_offset,
     stride_h, stride_w, stride_rh, stride_rw, stride_dh, stride_dw,
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
     KL_MODE: tl.constexpr,  # 0: no KL gradient, 1: forward KL(p||q), 2: reverse KL(q||p)
+    ENTROPY: tl.constexpr,  # the entropy (an extra output) has a gradient
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, REF_DOT_PRECISION: tl.constexpr,  # per head: each from its own dtype
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
@@ -96,9 +98,9 @@ def logprobs_bwd_kernel(
 
     g = dlogits_tile(hidden_ptr, weight_ptr, bias_ptr, ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr,
                      targets_ptr, grad_logps_ptr, grad_kl_ptr, lse_ptr, ref_lse_ptr, token_kl_ptr,
-                     rows, row_mask, cols, col_mask, D, D_ref, vocab_offset,
+                     grad_entropy_ptr, entropy_ptr, rows, row_mask, cols, col_mask, D, D_ref, vocab_offset,
                      stride_h, stride_w, stride_rh, stride_rw, inv_temperature, softcap,
-                     HAS_BIAS, HAS_REF_BIAS, KL_MODE, SOFTCAP, UPCAST, DOT_PRECISION, REF_DOT_PRECISION,
+                     HAS_BIAS, HAS_REF_BIAS, KL_MODE, ENTROPY, SOFTCAP, UPCAST, DOT_PRECISION, REF_DOT_PRECISION,
                      BLOCK_N, BLOCK_V, BLOCK_D)
     if NEED_DB:
         tl.atomic_add(d_bias_ptr + cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")

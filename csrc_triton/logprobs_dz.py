@@ -48,19 +48,21 @@ DZ_CONFIGS = {
     ],
 }
 
-DZ_KEY = ["n_rows_bucket", "V", "D", "D_ref", "KL_MODE", "DOT_PRECISION", "REF_DOT_PRECISION"]
+DZ_KEY = ["n_rows_bucket", "V", "D", "D_ref", "KL_MODE", "DOT_PRECISION", "REF_DOT_PRECISION", "ENTROPY"]
 
 
 @triton.jit(do_not_specialize=["n_rows_bucket", "v_start", "v_end", "vocab_offset"])
 def logprobs_dz_kernel(
     hidden_ptr, weight_ptr, bias_ptr, ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr,
     targets_ptr, rows_ptr, n_active_ptr, grad_logps_ptr, grad_kl_ptr, lse_ptr, ref_lse_ptr, token_kl_ptr,
+    grad_entropy_ptr, entropy_ptr,
     dz_ptr,
     n_rows_bucket, V, D, D_ref, v_start, v_end, vocab_offset,
     stride_h, stride_w, stride_rh, stride_rw, stride_dz,
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
     KL_MODE: tl.constexpr,  # 0: no KL gradient, 1: forward KL(p||q), 2: reverse KL(q||p)
+    ENTROPY: tl.constexpr,  # the entropy (an extra output) has a gradient
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, REF_DOT_PRECISION: tl.constexpr,  # per head: each from its own dtype
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -76,9 +78,9 @@ def logprobs_dz_kernel(
 
     g = dlogits_tile(hidden_ptr, weight_ptr, bias_ptr, ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr,
                      targets_ptr, grad_logps_ptr, grad_kl_ptr, lse_ptr, ref_lse_ptr, token_kl_ptr,
-                     rows, row_mask, cols, col_mask, D, D_ref, vocab_offset,
+                     grad_entropy_ptr, entropy_ptr, rows, row_mask, cols, col_mask, D, D_ref, vocab_offset,
                      stride_h, stride_w, stride_rh, stride_rw, inv_temperature, softcap,
-                     HAS_BIAS, HAS_REF_BIAS, KL_MODE, SOFTCAP, UPCAST, DOT_PRECISION, REF_DOT_PRECISION,
+                     HAS_BIAS, HAS_REF_BIAS, KL_MODE, ENTROPY, SOFTCAP, UPCAST, DOT_PRECISION, REF_DOT_PRECISION,
                      BLOCK_N, BLOCK_V, BLOCK_D)
     dz = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + (cols - v_start)[None, :]
     tl.store(dz, g.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])

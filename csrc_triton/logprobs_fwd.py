@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .configs import config, pruner, union
-from .tiles import logits_tile, online_lse_start, write_row_results
+from .tiles import extra_sums_update, logits_tile, online_lse_start, write_extras, write_row_results
 
 # sm_90a: 64/128-row tiles feed Hopper wgmma (one or two warpgroups); sm_80: mma.sync tiles with a
 # 32-wide K slice so z, r and their exponentials fit the register file next to the pipeline.
@@ -67,24 +67,27 @@ FWD_CONFIGS = {
 
 # n_rows_bucket: the number of positions rounded up to a power of two, so a config tuned on a short batch
 # is not reused for a long one (the row count changes the grid, hence the best tile).
-FWD_KEY = ["n_rows_bucket", "V", "D", "D_ref", "HAS_REF", "KL_MODE", "DOT_PRECISION", "REF_DOT_PRECISION", "SPLIT"]
+FWD_KEY = ["n_rows_bucket", "V", "D", "D_ref", "HAS_REF", "KL_MODE", "DOT_PRECISION", "REF_DOT_PRECISION", "SPLIT",
+           "EXTRAS"]
 # Fields of the partial state a SPLIT program stores, each an [n_splits, n_rows] plane.
 # The fewest rows a forward program covers on a GPU (the launcher sizes its vocabulary split with it).
 MIN_BLOCK_N = min(cfg.kwargs["BLOCK_N"] for table in FWD_CONFIGS.values() for cfg in table)
 PARTIAL_FIELDS = 7  # m, s, target logit, m_ref, s_ref, ref target logit, KL accumulator
+EXTRA_FIELDS = 3  # with EXTRAS, planes 7-9: the extras' partial sums pz, s2, sum_z (tiles.extra_sums_update)
 
 
 @triton.jit(do_not_specialize=["n_rows_bucket", "vocab_offset"])
 def logprobs_fwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr,
     targets_ptr, rows_ptr, n_active_ptr,
-    token_logps_ptr, lse_ptr, ref_token_logps_ptr, ref_lse_ptr, token_kl_ptr, partials_ptr,
+    token_logps_ptr, lse_ptr, ref_token_logps_ptr, ref_lse_ptr, token_kl_ptr, partials_ptr, extras_ptr,
     n_rows, n_rows_bucket, V, D, D_ref, split_v, vocab_offset,
     stride_h, stride_w, stride_rh, stride_rw,
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
     KL_MODE: tl.constexpr,  # 0: none, 1: forward KL(p||q), 2: reverse KL(q||p)
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    EXTRAS: tl.constexpr,  # the extra outputs (entropy, mean logit, top-1, log sum p^2) into extras_ptr
     DOT_PRECISION: tl.constexpr, REF_DOT_PRECISION: tl.constexpr,  # per head: each from its own dtype
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -102,6 +105,7 @@ def logprobs_fwd_kernel(
     m, s, target_logit = online_lse_start(BLOCK_N)
     m_ref, s_ref, ref_target_logit = online_lse_start(BLOCK_N)
     kl_acc = tl.zeros((BLOCK_N,), tl.float32)
+    pz, s2, sum_z = kl_acc, kl_acc, kl_acc
 
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
@@ -117,6 +121,8 @@ def logprobs_fwd_kernel(
         e = tl.exp(z - m_new[:, None])  # 0 in the masked columns (z = -inf there)
         s = s * rescale + tl.sum(e, axis=1)
         m = m_new
+        if EXTRAS:
+            pz, s2, sum_z = extra_sums_update(pz, s2, sum_z, z, e, rescale, col_mask)
         if HAS_REF:
             r = logits_tile(ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr, rows, row_mask, cols, col_mask,
                             D_ref, stride_rh, stride_rw, inv_temperature, softcap, HAS_REF_BIAS, SOFTCAP,
@@ -146,9 +152,15 @@ def logprobs_fwd_kernel(
             tl.store(part + 4 * plane, s_ref, mask=row_mask)
             tl.store(part + 5 * plane, ref_target_logit, mask=row_mask)
             tl.store(part + 6 * plane, kl_acc, mask=row_mask)
+        if EXTRAS:
+            tl.store(part + 7 * plane, pz, mask=row_mask)
+            tl.store(part + 8 * plane, s2, mask=row_mask)
+            tl.store(part + 9 * plane, sum_z, mask=row_mask)
     else:
         write_row_results(rows, row_mask, m, s, target_logit, m_ref, s_ref, ref_target_logit, kl_acc,
                           token_logps_ptr, lse_ptr, ref_token_logps_ptr, ref_lse_ptr, token_kl_ptr, HAS_REF, KL_MODE)
+        if EXTRAS:
+            write_extras(rows, row_mask, m, s, target_logit, pz, s2, sum_z, extras_ptr, n_rows)
 
 
 logprobs_fwd_autotuned = triton.autotune(

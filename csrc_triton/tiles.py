@@ -51,6 +51,28 @@ def online_lse_start(BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def extra_sums_update(pz, s2, sum_z, z, e, rescale, col_mask):
+    """Fold one logits tile into the extras' partial sums (``EXTRAS``): ``pz = sum exp(z - m) z`` and
+    ``s2 = sum exp(2 (z - m))``, rescaled with the running max ``m`` like the sum-exp, and ``sum_z = sum z``.
+    ``e = exp(z - m_new)`` is 0 in the masked columns; z (-inf there) is zeroed before the products."""
+    z0 = tl.where(col_mask[None, :], z, 0.0)
+    return (pz * rescale + tl.sum(e * z0, axis=1), s2 * (rescale * rescale) + tl.sum(e * e, axis=1),
+            sum_z + tl.sum(z0, axis=1))
+
+
+@triton.jit
+def write_extras(rows, row_mask, m, s, target_logit, pz, s2, sum_z, extras_ptr, n_rows):
+    """Store the extras of a row block into the ``[4, n_rows]`` planes at ``extras_ptr``: entropy
+    ``lse - pz / s``, the logits' sum (the launcher divides by V), target-is-top-1 (``target_logit >= m``:
+    both read the same tiles, so a tie compares equal values) and ``log sum p^2 = log s2 - 2 log s``."""
+    log_s = tl.log(s)
+    tl.store(extras_ptr + rows, (m + log_s) - pz / s, mask=row_mask)
+    tl.store(extras_ptr + n_rows + rows, sum_z, mask=row_mask)
+    tl.store(extras_ptr + 2 * n_rows + rows, tl.where(target_logit >= m, 1.0, 0.0), mask=row_mask)
+    tl.store(extras_ptr + 3 * n_rows + rows, tl.log(s2) - 2.0 * log_s, mask=row_mask)
+
+
+@triton.jit
 def write_row_results(rows, row_mask, m, s, target_logit, m_ref, s_ref, ref_target_logit, kl_acc,
                       token_logps_ptr, lse_ptr, ref_token_logps_ptr, ref_lse_ptr, token_kl_ptr,
                       HAS_REF: tl.constexpr, KL_MODE: tl.constexpr):
@@ -82,10 +104,11 @@ def write_row_results(rows, row_mask, m, s, target_logit, m_ref, s_ref, ref_targ
 @triton.jit
 def dlogits_tile(hidden_ptr, weight_ptr, bias_ptr, ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr,
                  targets_ptr, grad_logps_ptr, grad_kl_ptr, lse_ptr, ref_lse_ptr, token_kl_ptr,
+                 grad_entropy_ptr, entropy_ptr,
                  rows, row_mask, cols, col_mask, D, D_ref, vocab_offset,
                  stride_h, stride_w, stride_rh, stride_rw, inv_temperature, softcap,
                  HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, KL_MODE: tl.constexpr,
-                 SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                 ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, REF_DOT_PRECISION: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """The logits gradient of a [BLOCK_N, BLOCK_V] tile, fp32, 0 outside ``row_mask`` x ``col_mask``.
@@ -96,6 +119,8 @@ def dlogits_tile(hidden_ptr, weight_ptr, bias_ptr, ref_hidden_ptr, ref_weight_pt
         dz = a (onehot - p) + b dKL/dz,   a = dL/dtoken_logps, b = dL/dtoken_kl,
         forward KL(p||q):  dKL/dz = p ((z - r) - (lse - lse_r + KL))
         reverse KL(q||p):  dKL/dz = p - q
+
+    plus, with ``ENTROPY`` (the entropy has a gradient ``c = dL/dH``), ``-c p (z - lse + H)``
 
     times the softcap and temperature chain rule (``1 - (z/c)^2`` and ``1/T``). ``cols`` index this
     head's (possibly vocabulary-parallel) slice; targets are global ids, hence ``vocab_offset``.
@@ -122,6 +147,10 @@ def dlogits_tile(hidden_ptr, weight_ptr, bias_ptr, ref_hidden_ptr, ref_weight_pt
         else:
             q = tl.exp(r - lse_ref[:, None])
             g = (b - a)[:, None] * p - b[:, None] * q
+    if ENTROPY:
+        c = tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0)
+        shift_h = lse - tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
+        g -= (c[:, None] * p) * (z - shift_h[:, None])
     g += tl.where(cols[None, :] == target[:, None], a[:, None], 0.0)
     if SOFTCAP:
         # d(c tanh(u / c))/du = 1 - (z / c)^2 with z the capped logit.

@@ -18,12 +18,12 @@ offending argument:
 from __future__ import annotations
 
 import sys
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from ._checks import check_int, check_optional_positive, check_positive, check_values
-from ._types import IGNORE_INDEX, KL_MODES, KernelOptions, Prepared
+from ._types import EXTRA_OUTPUTS, IGNORE_INDEX, KL_MODES, KernelOptions, Prepared
 
 BACKENDS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -52,6 +52,18 @@ class Call(NamedTuple):
     options: KernelOptions
     group: Optional[Any]  # the vocabulary-parallel process group
     target_shape: Tuple[int, ...]
+    extra_outputs: Tuple[str, ...] = ()  # validated, in EXTRA_OUTPUTS order
+
+
+def check_extra_outputs(extra_outputs: Sequence[str]) -> Tuple[str, ...]:
+    """The requested optional outputs as a tuple in :data:`EXTRA_OUTPUTS` order (duplicates dropped)."""
+    if isinstance(extra_outputs, str) or not isinstance(extra_outputs, (list, tuple, set, frozenset)):
+        raise TypeError(f"extra_outputs must be a sequence of names from {EXTRA_OUTPUTS} (e.g. ('entropy',)), "
+                        f"got {extra_outputs!r}")
+    unknown = [name for name in extra_outputs if name not in EXTRA_OUTPUTS]
+    if unknown:
+        raise ValueError(f"extra_outputs: unknown name(s) {unknown}; choose from {EXTRA_OUTPUTS}")
+    return tuple(name for name in EXTRA_OUTPUTS if name in extra_outputs)
 
 
 def prepare(
@@ -72,12 +84,14 @@ def prepare(
     backend: str = "auto",
     vocab_parallel_group: Optional[Any] = None,
     options: Optional[KernelOptions] = None,
+    extra_outputs: Sequence[str] = (),
 ) -> Prepared:
     """Validate the arguments of ``fused_logprobs`` (see its docstring), metadata and values, and flatten them."""
     call = check_call(
         hidden, weight, targets, bias=bias, seq_ids=seq_ids, num_seqs=num_seqs, ref_hidden=ref_hidden,
         ref_weight=ref_weight, ref_bias=ref_bias, kl=kl, temperature=temperature, softcap=softcap,
         ignore_index=ignore_index, backend=backend, vocab_parallel_group=vocab_parallel_group, options=options,
+        extra_outputs=extra_outputs,
     )
     return build_prepared(call)
 
@@ -100,6 +114,7 @@ def check_call(
     backend: str = "auto",
     vocab_parallel_group: Optional[Any] = None,
     options: Optional[KernelOptions] = None,
+    extra_outputs: Sequence[str] = (),
 ) -> Call:
     """The metadata checks of ``fused_logprobs`` and the flat view (no value is read, except ``seq_ids.max()``
     for a packed call without ``num_seqs``, and the slice sizes of a vocabulary-parallel head)."""
@@ -111,6 +126,7 @@ def check_call(
         raise TypeError(f"options must be a fastpref.KernelOptions, got {type(options).__name__}")
     if kl not in KL_MODES:
         raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
+    extras = check_extra_outputs(extra_outputs)
     temperature = check_positive("temperature", temperature)
     softcap = check_optional_positive("softcap", softcap)
     ignore_index = check_int("ignore_index", ignore_index)
@@ -129,7 +145,7 @@ def check_call(
         ref_hidden=None if r_hidden is None else r_hidden.reshape(n, -1), ref_weight=r_weight, ref_bias=r_bias,
         num_seqs=num_seqs, kl=kl, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
         backend=_resolve_backend(backend, hidden), vocab_offset=vocab_offset, global_vocab=global_vocab,
-        options=options, group=vocab_parallel_group, target_shape=tuple(targets.shape),
+        options=options, group=vocab_parallel_group, target_shape=tuple(targets.shape), extra_outputs=extras,
     )
 
 
@@ -158,7 +174,8 @@ def build_prepared(call: Call, *, check_values_: bool = True) -> Prepared:
         num_seqs=call.num_seqs, target_shape=call.target_shape, padded=padded, ref_hidden=call.ref_hidden,
         ref_weight=call.ref_weight, ref_bias=call.ref_bias, kl=call.kl, temperature=call.temperature,
         softcap=call.softcap, backend=call.backend, vocab_parallel_group=call.group,
-        vocab_offset=call.vocab_offset, options=call.options,
+        vocab_offset=call.vocab_offset, options=call.options, extra_outputs=call.extra_outputs,
+        global_vocab=call.global_vocab,
     )
 
 

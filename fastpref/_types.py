@@ -11,7 +11,7 @@ Nothing here imports another fastpref module.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -19,6 +19,10 @@ import torch
 IGNORE_INDEX = -100
 #: ``kl`` modes of the op: none, KL(pi_theta || pi_ref) or KL(pi_ref || pi_theta).
 KL_MODES = (None, "forward", "reverse")
+#: Optional per-position outputs of ``fused_logprobs(..., extra_outputs=...)``, all of the policy's softmax
+#: (after the head's logit map): entropy (differentiable), mean logit over the full vocabulary, whether the
+#: target is the top-1 token, and ``log sum_v p_v^2``.
+EXTRA_OUTPUTS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 #: Default budget of the Triton backward's ``dz`` workspace (see :class:`KernelOptions`).
 DEFAULT_WORKSPACE_BYTES = 256 * 2**20
 
@@ -75,6 +79,8 @@ class Prepared:
     vocab_parallel_group: Optional[Any] = None
     vocab_offset: int = 0
     options: KernelOptions = KernelOptions()
+    extra_outputs: Tuple[str, ...] = ()  # a subset of EXTRA_OUTPUTS, in EXTRA_OUTPUTS order
+    global_vocab: Optional[int] = None  # V over every rank of vocab_parallel_group (None: vocab_size)
 
     @property
     def num_positions(self) -> int:
@@ -84,6 +90,11 @@ class Prepared:
     def vocab_size(self) -> int:
         """This rank's vocabulary size (the whole vocabulary without a vocab-parallel group)."""
         return self.weight.shape[0]
+
+    @property
+    def total_vocab(self) -> int:
+        """The whole vocabulary's size (all ranks of a vocabulary-parallel group)."""
+        return self.vocab_size if self.global_vocab is None else self.global_vocab
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -98,6 +109,11 @@ class ForwardOutputs:
     ``lse``/``ref_lse`` (log-sum-exps) and ``token_kl`` are what the backward recomputes from. The
     per-sequence sums ``seq_*`` are optional, and the op ignores them: it reduces the per-position values
     itself (:func:`reduce_per_sequence`, deterministic on every device).
+
+    The extras (each None unless named in ``Prepared.extra_outputs``) are of the policy's softmax over the
+    full (global) vocabulary: ``entropy`` H, ``mean_logits``, ``is_top1`` (1.0 where the target's logit
+    equals the maximum, else 0.0) and ``log_sum_sq_probs`` (log sum_v p_v^2); the backward reads the saved
+    ``entropy``.
     """
 
     token_logps: torch.Tensor
@@ -108,6 +124,10 @@ class ForwardOutputs:
     seq_logps: Optional[torch.Tensor] = None
     seq_ref_logps: Optional[torch.Tensor] = None
     seq_kl: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    mean_logits: Optional[torch.Tensor] = None
+    is_top1: Optional[torch.Tensor] = None
+    log_sum_sq_probs: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -124,6 +144,15 @@ class LogprobStats:
         kl: [num_seqs] per-sequence sum of the full-vocabulary KL when ``kl`` was set, else None.
         token_kl: shape of ``targets``; per-position KL, 0 at ignored positions, or None.
         ref_token_logps: shape of ``targets``; per-position reference log-prob, or None (no grad).
+
+    Requested with ``extra_outputs`` (else None), all of the policy's softmax, 0 / False at ignored positions:
+        token_entropy: shape of ``targets``; entropy ``H = -sum_v p_v log p_v`` (differentiable).
+        token_mean_logits: mean of the (transformed) logits over the full vocabulary (no grad).
+        token_is_top1: bool; True where the target's logit equals the maximum logit (no grad).
+        token_log_sum_sq_probs: ``log sum_v p_v^2`` (no grad).
+        entropy, mean_logits, log_sum_sq_probs: [num_seqs] sums of the per-position values over the
+            non-ignored positions (``entropy`` differentiable).
+        is_top1: [num_seqs] float count of the top-1 positions.
     """
 
     logps: torch.Tensor
@@ -133,6 +162,14 @@ class LogprobStats:
     kl: Optional[torch.Tensor] = None
     token_kl: Optional[torch.Tensor] = None
     ref_token_logps: Optional[torch.Tensor] = None
+    token_entropy: Optional[torch.Tensor] = None
+    token_mean_logits: Optional[torch.Tensor] = None
+    token_is_top1: Optional[torch.Tensor] = None
+    token_log_sum_sq_probs: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    mean_logits: Optional[torch.Tensor] = None
+    is_top1: Optional[torch.Tensor] = None
+    log_sum_sq_probs: Optional[torch.Tensor] = None
 
 
 def reduce_per_sequence(prep: Prepared, values: torch.Tensor) -> torch.Tensor:
@@ -184,13 +221,19 @@ def sequence_sums(prep: Prepared, values: Optional[torch.Tensor],
 
 def assemble(prep: Prepared, token_logps: torch.Tensor, ref_token_logps: Optional[torch.Tensor] = None,
              token_kl: Optional[torch.Tensor] = None, *, logps: Optional[torch.Tensor] = None,
-             ref_logps: Optional[torch.Tensor] = None, kl: Optional[torch.Tensor] = None) -> LogprobStats:
+             ref_logps: Optional[torch.Tensor] = None, kl: Optional[torch.Tensor] = None,
+             extras: Optional[Dict[str, torch.Tensor]] = None) -> LogprobStats:
     """Build a ``LogprobStats`` from per-position outputs; per-sequence sums already formed (a kernel
-    epilogue's) are taken as given, the others are reduced here."""
+    epilogue's) are taken as given, the others are reduced here. ``extras`` maps names of
+    :data:`EXTRA_OUTPUTS` to per-position ``[N]`` values (``is_top1`` as 0/1 floats)."""
     def shaped(values: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if values is None else values.view(prep.target_shape)
 
-    return LogprobStats(
+    extra_fields: Dict[str, torch.Tensor] = {}
+    for name, values in (extras or {}).items():
+        extra_fields[name] = reduce_per_sequence(prep, values)
+        extra_fields["token_" + name] = shaped(values.bool() if name == "is_top1" else values)
+    return LogprobStats(**extra_fields,
         logps=sequence_sums(prep, token_logps, logps),
         lengths=reduce_per_sequence(prep, prep.valid.to(token_logps.dtype)),
         token_logps=shaped(token_logps),

@@ -10,12 +10,12 @@ autograd path serves every backend.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 
 from ._prepare import Call, build_prepared, check_call
-from ._types import IGNORE_INDEX, KernelOptions, LogprobStats, Prepared, reduce_per_sequence
+from ._types import EXTRA_OUTPUTS, IGNORE_INDEX, KernelOptions, LogprobStats, Prepared, reduce_per_sequence
 
 Tensor = torch.Tensor
 
@@ -38,6 +38,7 @@ def fused_logprobs(
     backend: str = "auto",
     vocab_parallel_group: Optional[Any] = None,
     options: Optional[KernelOptions] = None,
+    extra_outputs: Sequence[str] = (),
 ) -> LogprobStats:
     """Per-sequence log-probs of ``targets`` under ``softmax(hidden @ weight.T)``, without the logits.
 
@@ -81,11 +82,19 @@ def fused_logprobs(
             op itself receives the group's name.
         options: :class:`fastpref.KernelOptions` for the Triton backend (deterministic backward, its
             workspace budget); None takes the defaults.
+        extra_outputs: optional per-position outputs, any subset of ``fastpref._types.EXTRA_OUTPUTS``, all
+            of the policy's softmax after the logit map (0 / False at ignored positions): ``"entropy"``
+            ``H = -sum_v p_v log p_v`` (differentiable: ``dH/dz_j = -p_j (log p_j + H)``), ``"mean_logits"``
+            (mean of the logits over the full vocabulary), ``"is_top1"`` (the target's logit equals the
+            maximum) and ``"log_sum_sq_probs"`` (``log sum_v p_v^2``); the last three carry no gradient.
+            Off by default; computed in the same pass, memory flat in V, every backend.
 
     Returns:
         :class:`fastpref.LogprobStats`. Outputs are float32 for fp16/bf16/fp32 inputs and float64
         for float64 inputs. Gradients reach ``hidden``, ``weight`` and ``bias`` from ``logps``,
-        ``token_logps``, ``kl`` and ``token_kl``. A sequence with no valid position gets 0 everywhere.
+        ``token_logps``, ``kl``, ``token_kl`` and, when requested, ``entropy``/``token_entropy``. A sequence
+        with no valid position gets 0 everywhere. Each extra fills ``token_<name>`` (shape of ``targets``)
+        and ``<name>`` (``[num_seqs]`` sums; ``is_top1`` a float count), else they are None.
 
     Value checks (targets in range, finite biases, ``seq_ids`` in range) raise ``ValueError`` for CPU
     tensors; on CUDA they are device-side assertions (no host sync) unless ``FASTPREF_SYNC_CHECKS=1``.
@@ -94,6 +103,7 @@ def fused_logprobs(
         hidden, weight, targets, bias=bias, seq_ids=seq_ids, num_seqs=num_seqs, ref_hidden=ref_hidden,
         ref_weight=ref_weight, ref_bias=ref_bias, kl=kl, temperature=temperature, softcap=softcap,
         ignore_index=ignore_index, backend=backend, vocab_parallel_group=vocab_parallel_group, options=options,
+        extra_outputs=extra_outputs,
     )
     outs = torch.ops.fastpref.fused_logprobs(*_op_args(call))
     token_logps, ref_token_logps, token_kl, logps, ref_logps, seq_kl, lengths = outs[:7]
@@ -102,11 +112,27 @@ def fused_logprobs(
     def shaped(values: Tensor) -> Tensor:
         return values.view(call.target_shape)
 
+    extras = {}
+    for i, name in enumerate(EXTRA_OUTPUTS):
+        if name in call.extra_outputs:
+            per_position = outs[_EXTRA_FIRST + i]
+            extras["token_" + name] = shaped(per_position.bool() if name == "is_top1" else per_position)
+            extras[name] = outs[_EXTRA_FIRST + len(EXTRA_OUTPUTS) + i]
     return LogprobStats(
         logps=logps, lengths=lengths, token_logps=shaped(token_logps),
         ref_logps=ref_logps if has_ref else None, kl=seq_kl if has_kl else None,
         token_kl=shaped(token_kl) if has_kl else None, ref_token_logps=shaped(ref_token_logps) if has_ref else None,
+        **extras,
     )
+
+
+def _extras_mask(names: Sequence[str]) -> int:
+    """The op's ``extras`` scalar: bit i set when ``EXTRA_OUTPUTS[i]`` is requested."""
+    return sum(1 << i for i, name in enumerate(EXTRA_OUTPUTS) if name in names)
+
+
+def _extras_names(mask: int) -> Tuple[str, ...]:
+    return tuple(name for i, name in enumerate(EXTRA_OUTPUTS) if mask >> i & 1)
 
 
 def _op_args(call: Call) -> tuple:
@@ -116,7 +142,7 @@ def _op_args(call: Call) -> tuple:
         call.hidden, call.weight, call.bias, call.targets, call.seq_ids, call.ref_hidden, call.ref_weight,
         call.ref_bias, call.num_seqs, call.kl, call.temperature, call.softcap, call.ignore_index, call.backend,
         None if call.group is None else call.group.group_name, call.vocab_offset, call.global_vocab,
-        call.options.deterministic, call.options.workspace_bytes,
+        call.options.deterministic, call.options.workspace_bytes, _extras_mask(call.extra_outputs),
     )
 
 
@@ -124,7 +150,7 @@ def _prepared(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: T
               ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor],
               scalars: tuple, check: bool = True) -> Prepared:
     """The value-checked :class:`Prepared` of the op's arguments (the scalars as :func:`_op_args` orders them)."""
-    num_seqs, kl, temperature, softcap, ignore_index, backend, group_name, offset, vocab, det, ws = scalars
+    num_seqs, kl, temperature, softcap, ignore_index, backend, group_name, offset, vocab, det, ws, extras = scalars
     group = None
     if group_name is not None:
         from torch.distributed.distributed_c10d import _resolve_process_group
@@ -135,7 +161,7 @@ def _prepared(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: T
     return build_prepared(Call(
         hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, num_seqs, kl, temperature,
         softcap, ignore_index, backend, offset, vocab, KernelOptions(deterministic=det, workspace_bytes=ws), group,
-        shape,
+        shape, _extras_names(extras),
     ), check_values_=check)
 
 
@@ -153,10 +179,12 @@ def _backend_module(prep: Prepared) -> ModuleType:
 
 # ---------------------------------------------------------------------------------------------------
 # the forward op: outputs are token_logps, ref_token_logps, token_kl, logps, ref_logps, kl, lengths, lse,
-# ref_lse ([N] per position, [num_seqs] per sequence; an absent one is an empty tensor). The per-sequence
+# ref_lse, then the extras per position (EXTRA_OUTPUTS order, ``is_top1`` as 0/1) and per sequence
+# ([N] per position, [num_seqs] per sequence; an absent one is an empty tensor). The per-sequence
 # sums are formed here from the per-position values, deterministically on every device.
 
-_FORWARD_SCHEMA_OUT = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+_EXTRA_FIRST = 9  # index of the first extra output
+_FORWARD_SCHEMA_OUT = Tuple[(Tensor,) * (_EXTRA_FIRST + 2 * len(EXTRA_OUTPUTS))]
 
 
 @torch.library.custom_op("fastpref::fused_logprobs", mutates_args=())
@@ -165,11 +193,12 @@ def _fused_forward(
     ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor], num_seqs: int,
     kl: Optional[str], temperature: float, softcap: Optional[float], ignore_index: int, backend: str,
     group_name: Optional[str], vocab_offset: int, global_vocab: int, deterministic: bool, workspace_bytes: int,
+    extras: int,
 ) -> _FORWARD_SCHEMA_OUT:
     """Real implementation: value checks, the backend's forward, per-sequence sums."""
     prep = _prepared(hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, (
         num_seqs, kl, temperature, softcap, ignore_index, backend, group_name, vocab_offset, global_vocab,
-        deterministic, workspace_bytes))
+        deterministic, workspace_bytes, extras))
     out = _backend_module(prep).forward(prep)
     empty = out.token_logps.new_empty(0)
 
@@ -180,10 +209,11 @@ def _fused_forward(
         # Always reduced here (a backend's own epilogue sums, if any, are ignored): deterministic everywhere.
         return empty.clone() if values is None else reduce_per_sequence(prep, values)
 
+    extra_values = [getattr(out, name) if name in prep.extra_outputs else None for name in EXTRA_OUTPUTS]
     return (
         out.token_logps, present(out.ref_token_logps), present(out.token_kl), seq_sum(out.token_logps),
         seq_sum(out.ref_token_logps), seq_sum(out.token_kl), reduce_per_sequence(prep, prep.valid.to(empty.dtype)),
-        out.lse, present(out.ref_lse),
+        out.lse, present(out.ref_lse), *(present(v) for v in extra_values), *(seq_sum(v) for v in extra_values),
     )
 
 
@@ -193,7 +223,7 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 
 @_fused_forward.register_fake
 def _fused_forward_fake(hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, num_seqs, kl,
-                        *_scalars) -> _FORWARD_SCHEMA_OUT:
+                        *scalars) -> _FORWARD_SCHEMA_OUT:
     """Shapes and dtypes only: [N] per position, [num_seqs] per sequence, empty where absent."""
     n, cd = hidden.shape[0], _compute_dtype(hidden)
 
@@ -201,8 +231,9 @@ def _fused_forward_fake(hidden, weight, bias, targets, seq_ids, ref_hidden, ref_
         return hidden.new_empty(size if present else 0, dtype=cd)
 
     has_ref, has_kl = ref_hidden is not None, kl is not None
+    wanted = [bool(scalars[-1] >> i & 1) for i in range(len(EXTRA_OUTPUTS))]
     return (new(n), new(n, has_ref), new(n, has_kl), new(num_seqs), new(num_seqs, has_ref), new(num_seqs, has_kl),
-            new(num_seqs), new(n), new(n, has_ref))
+            new(num_seqs), new(n), new(n, has_ref), *(new(n, w) for w in wanted), *(new(num_seqs, w) for w in wanted))
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
@@ -212,8 +243,11 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     # The inputs are saved too (the backward recomputes the tiles from them): autograd's version check
     # then raises if one is modified in place before the backward.
     ctx.save_for_backward(hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias,
-                          output[7], output[8], output[2])
-    ctx.mark_non_differentiable(output[1], output[4], output[6], output[7], output[8])
+                          output[7], output[8], output[2], output[_EXTRA_FIRST])
+    # Of the extras only the entropy (per position and per sequence) has a gradient.
+    k = len(EXTRA_OUTPUTS)
+    no_grad_extras = [output[_EXTRA_FIRST + j * k + i] for j in range(2) for i in range(1, k)]
+    ctx.mark_non_differentiable(output[1], output[4], output[6], output[7], output[8], *no_grad_extras)
 
 
 def _per_position(per_token: Optional[Tensor], per_seq: Optional[Tensor], seq_ids: Optional[Tensor], n: int,
@@ -229,10 +263,14 @@ def _per_position(per_token: Optional[Tensor], per_seq: Optional[Tensor], seq_id
     return from_seq if per_token is None else per_token + from_seq
 
 
-def _backward(ctx, g_token_logps, _g_ref_token, g_token_kl, g_logps, _g_ref_logps, g_kl, *_no_grads):
-    hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, lse, ref_lse, token_kl = \
+def _backward(ctx, g_token_logps, _g_ref_token, g_token_kl, g_logps, _g_ref_logps, g_kl, *others):
+    hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, lse, ref_lse, token_kl, entropy = \
         ctx.saved_tensors
     n, cd, has_kl = targets.shape[0], _compute_dtype(hidden), ctx.scalars[1] is not None
+    grad_entropy = None
+    if ctx.scalars[-1] & 1:  # the entropy was requested: its per-position and per-sequence gradients
+        first = _EXTRA_FIRST - 6  # ``others`` starts at output 6
+        grad_entropy = _per_position(others[first], others[first + len(EXTRA_OUTPUTS)], seq_ids, n, cd)
     grad_logps = _per_position(g_token_logps, g_logps, seq_ids, n, cd)
     if grad_logps is None:
         grad_logps = lse.new_zeros(n)
@@ -240,7 +278,7 @@ def _backward(ctx, g_token_logps, _g_ref_token, g_token_kl, g_logps, _g_ref_logp
     need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
     d_hidden, d_weight, d_bias = torch.ops.fastpref.fused_logprobs_backward(
         hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, lse, ref_lse, token_kl,
-        grad_logps, grad_kl, *ctx.scalars, *need,
+        grad_logps, grad_kl, *ctx.scalars, *need, entropy, grad_entropy,
     )
     return (d_hidden if need[0] else None, d_weight if need[1] else None, d_bias if need[2] else None,
             *([None] * (len(ctx.scalars) + 5)))
@@ -260,16 +298,19 @@ def _fused_backward(
     ref_lse: Tensor, token_kl: Tensor, grad_logps: Tensor, grad_kl: Optional[Tensor], num_seqs: int,
     kl: Optional[str], temperature: float, softcap: Optional[float], ignore_index: int, backend: str,
     group_name: Optional[str], vocab_offset: int, global_vocab: int, deterministic: bool, workspace_bytes: int,
-    need_hidden: bool, need_weight: bool, need_bias: bool,
+    extras: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+    entropy: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Real implementation: the backend's backward (it recomputes the logit tiles)."""
+    """Real implementation: the backend's backward (it recomputes the logit tiles). ``entropy`` (saved) and
+    ``grad_entropy`` (its upstream gradient) come last, None unless the entropy extra has a gradient."""
     prep = _prepared(hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, (
         num_seqs, kl, temperature, softcap, ignore_index, backend, group_name, vocab_offset, global_vocab,
-        deterministic, workspace_bytes), check=False)
-    has_ref = ref_hidden is not None
+        deterministic, workspace_bytes, extras), check=False)
+    has_ref, has_entropy = ref_hidden is not None, grad_entropy is not None and entropy is not None and extras & 1
     d_hidden, d_weight, d_bias = _backend_module(prep).backward(
         prep, lse, ref_lse if has_ref else None, token_kl if kl else None, grad_logps, grad_kl,
-        (need_hidden, need_weight, need_bias),
+        (need_hidden, need_weight, need_bias), entropy=entropy if has_entropy else None,
+        grad_entropy=grad_entropy if has_entropy else None,
     )
     return (
         hidden.new_empty(0) if d_hidden is None else d_hidden.to(hidden.dtype),
@@ -279,8 +320,11 @@ def _fused_backward(
 
 
 @_fused_backward.register_fake
-def _fused_backward_fake(hidden, weight, bias, *args) -> Tuple[Tensor, Tensor, Tensor]:
-    need_hidden, need_weight, need_bias = args[-3:]
+def _fused_backward_fake(hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, lse, ref_lse,
+                         token_kl, grad_logps, grad_kl, num_seqs, kl, temperature, softcap, ignore_index, backend,
+                         group_name, vocab_offset, global_vocab, deterministic, workspace_bytes, extras,
+                         need_hidden, need_weight, need_bias, entropy=None, grad_entropy=None,
+                         ) -> Tuple[Tensor, Tensor, Tensor]:
     return (
         torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
         torch.empty_like(weight) if need_weight else weight.new_empty(0),

@@ -113,3 +113,36 @@ def dpo_config(tmp_path, **overrides):
                    disable_dropout=True, lr_scheduler_type="constant", warmup_steps=0)
     options.update(overrides)
     return DPOConfig(**options)
+
+
+def unpaired_rows(n: int = 8, seed: int = 0, desirable_every: int = 3):
+    """Unpaired KTO data (prompt, completion, label): prompts of 3-5 words; a desirable completion is the prompt's
+    words shifted by one, an undesirable one random words. Every ``desirable_every``-th row is undesirable, so the
+    labels are unbalanced and batches mix both."""
+    rng = random.Random(seed)
+    rows = {"prompt": [], "completion": [], "label": []}
+    text = lambda ws: " ".join(WORDS[w] for w in ws)  # noqa: E731
+    for i in range(n):
+        prompt = [rng.randrange(len(WORDS)) for _ in range(rng.randint(3, 5))]
+        desirable = i % desirable_every != desirable_every - 1
+        if desirable:
+            completion = [(w + 1) % len(WORDS) for w in prompt][: rng.randint(2, 4)]
+        else:
+            completion = [rng.randrange(len(WORDS)) for _ in range(rng.randint(2, 4))]
+        rows["prompt"].append(text(prompt))
+        rows["completion"].append(" " + text(completion))
+        rows["label"].append(desirable)
+    from datasets import Dataset
+
+    return Dataset.from_dict(rows)
+
+
+def kto_config(tmp_path, **overrides):
+    from trl import KTOConfig
+
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=1e-2,
+                   report_to="none", use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+                   logging_steps=1, save_strategy="no", seed=0, dataloader_num_workers=0, beta=0.1,
+                   disable_dropout=True, lr_scheduler_type="constant", warmup_steps=0)
+    options.update(overrides)
+    return KTOConfig(**options)

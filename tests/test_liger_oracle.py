@@ -4,7 +4,8 @@ Both sides get the same fp32 inputs (padded [2B, T, D], first half chosen) and a
 same semantics; loss, dH, dW and db must agree to 1e-4 (relative to the largest entry). Deliberate
 default differences (documented in the module docstrings):
 - SimPO: Liger adds the chosen token-mean NLL by default (compute_nll_loss=True) and its beta default
-  is 0.1; we compare with compute_nll_loss=False and equal beta/gamma.
+  is 0.1; we compare with compute_nll_loss=False and equal beta/gamma, and ``from_liger()`` with Liger's
+  defaults (tests/test_liger_cases.py runs Liger's own test parameters).
 - ORPO: Liger's ``beta`` is our ``orpo_lambda``; both include the NLL and length-average.
 - KTO: Liger takes the reference point as ``kl`` (not clamped); we pass our z0 directly.
 - DPO / CPO: Liger's defaults (summed log-probs, CPO with NLL weight alpha=1) equal ours.
@@ -94,4 +95,14 @@ def test_kto_equals_liger_with_the_same_reference_point():
     # Liger's KTO takes (_input, lin_weight) in that order.
     theirs = liger(seq.hidden, weight, seq.targets, bias, preference_labels=labels, ref_input=seq.ref_hidden,
                    ref_weight=ref_weight, ref_bias=ref_bias, kl=torch.tensor(z0))
+    _assert_same(_loss_and_grads(ours.loss, leaves), _loss_and_grads(_liger_loss(theirs), leaves))
+
+
+@pytest.mark.parametrize("name", ["SimPO", "ORPO", "CPO"])
+def test_from_liger_defaults_equal_liger_defaults(name):
+    """``FusedXLoss.from_liger()`` is Liger's module at Liger's defaults (SimPO: beta 0.1 and the NLL on)."""
+    weight, bias, _, _, seq = _inputs(6)
+    leaves = [seq.hidden, weight, bias]
+    ours = getattr(fastpref, f"Fused{name}Loss").from_liger()(weight, seq.hidden, seq.targets, bias=bias)
+    theirs = getattr(chunked, f"LigerFusedLinear{name}Loss")(compiled=False)(weight, seq.hidden, seq.targets, bias)
     _assert_same(_loss_and_grads(ours.loss, leaves), _loss_and_grads(_liger_loss(theirs), leaves))

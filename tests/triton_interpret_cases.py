@@ -25,7 +25,7 @@ import torch
 
 import fastpref
 from fastpref.reference import fused_logprobs as eager_fused_logprobs
-from fastpref.testing import make_core_case, rel_err, run_core
+from fastpref.testing import CoreCase, make_core_case, rel_err, run_core
 
 # Interpreter-sized defaults: N is never a multiple of BLOCK_N=16 and V=100 is not a multiple of
 # BLOCK_V=64 (one vocabulary split); a separate reference head is narrower than the policy's.
@@ -109,7 +109,81 @@ def main(path: str) -> None:
         json.dump(results, f, indent=1)
 
 
+# ----------------------------------------------------------------------------------- extra outputs
+# (tests/test_extra_outputs.py imports these helpers and runs ``extras_main`` in its own subprocess)
+
+EXTRAS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+EXTRA_KEYS = tuple(k for name in EXTRAS for k in (name, "token_" + name))
+EXTRA_SPECS = {
+    "extras_softcap_bias": dict(SMALL, bias=True, temperature=0.7, softcap=5.0, ignore_seq=1),
+    "extras_split_packed_kl": dict(SMALL, layout="packed", V=300, bias=True, ref="shared", kl="forward", ignore_seq=2),
+}
+
+
+def with_top1_targets(case: CoreCase) -> CoreCase:
+    """``case`` with every other valid target replaced by the argmax of its logits (so that ``is_top1`` is
+    True at some positions and False at others)."""
+    from fastpref.reference.logprobs import eager_logits
+
+    kw = case.kwargs
+    flat = case.hidden.reshape(-1, case.hidden.shape[-1]).double()
+    z = eager_logits(flat, case.weight.double(), None if kw.get("bias") is None else kw["bias"].double(),
+                     kw.get("temperature", 1.0), kw.get("softcap"))
+    targets = case.targets.clone().view(-1)
+    pick = (targets != -100) & (torch.arange(targets.numel()) % 2 == 0)
+    targets[pick] = z.argmax(-1)[pick]
+    return CoreCase(case.hidden, case.weight, targets.view(case.targets.shape), case.kwargs, case.upstream)
+
+
+def run_extras(fn, case: CoreCase, extras=EXTRAS, **extra) -> Dict[str, torch.Tensor]:
+    """Like ``run_core``, with ``extra_outputs``: the outputs (``EXTRA_KEYS`` and ``logps``) and the gradients
+    of ``sum(token_entropy * u) + sum(entropy * v)`` plus ``case.upstream``'s terms (fixed random u, v)."""
+    kwargs = dict(case.kwargs)
+    leaves = {"hidden": case.hidden, "weight": case.weight}
+    if kwargs.get("bias") is not None:
+        leaves["bias"] = kwargs["bias"]
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
+    if "bias" in leaves:
+        kwargs["bias"] = leaves["bias"]
+    stats = fn(leaves["hidden"], leaves["weight"], case.targets, extra_outputs=extras, **kwargs, **extra)
+    out = {k: getattr(stats, k).detach() for k in EXTRA_KEYS + ("logps",) if getattr(stats, k) is not None}
+    g = torch.Generator().manual_seed(7)
+    terms = [(getattr(stats, k).double() * up).sum() for k, up in case.upstream.items()
+             if getattr(stats, k) is not None]
+    if stats.entropy is not None:
+        terms.append((stats.token_entropy.double() * torch.randn(stats.token_entropy.shape, generator=g,
+                                                                  dtype=torch.float64)).sum())
+        terms.append((stats.entropy.double() * torch.randn(stats.entropy.shape, generator=g,
+                                                           dtype=torch.float64)).sum())
+    grads = torch.autograd.grad(sum(terms), list(leaves.values()), allow_unused=True)
+    for (name, leaf), grad in zip(leaves.items(), grads):
+        out["d_" + name] = torch.zeros_like(leaf) if grad is None else grad
+    return out
+
+
+def extras_main(path: str) -> None:
+    """fp32 Triton (chunked and atomic backward) vs the eager reference, with every extra output."""
+    torch.set_num_threads(1)
+    results: Dict[str, Dict[str, float]] = {}
+    for i, (name, spec) in enumerate(EXTRA_SPECS.items()):
+        case = with_top1_targets(make_core_case(torch.float32, seed=300 + i, **spec))
+        eager = run_extras(eager_fused_logprobs, case)
+        res = {"keys": sorted(eager)}
+        for label, options in (("chunked", CHUNKED), ("atomic", ATOMIC)):
+            tri = run_extras(fastpref.fused_logprobs, case, backend="triton", options=options)
+            for key in eager:
+                res[f"{key}/{label}"] = rel_err(tri[key], eager[key])
+        res["top1_count"] = int(eager["token_is_top1"].sum())
+        res["valid_count"] = int((case.targets != -100).sum())
+        results[name] = res
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("set TRITON_INTERPRET=1")
-    main(sys.argv[1])
+    if len(sys.argv) > 2 and sys.argv[2] == "extras":
+        extras_main(sys.argv[1])
+    else:
+        main(sys.argv[1])

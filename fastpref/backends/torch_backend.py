@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._types import ForwardOutputs, Prepared
+from .torch_online import ExtraSums, OnlineLSE, entropy_grad_term, entropy_rows
 
 # Tile sizes. A [BLOCK_N, BLOCK_V] fp32 tile is 4 MiB: big enough for efficient GEMMs on CPU (the
 # backward's dW product has K = BLOCK_N), small enough that the few live tiles stay a tiny fraction of
@@ -58,43 +59,24 @@ def _target_logit(z: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, picked, torch.zeros_like(picked))
 
 
-class _OnlineLSE:
-    """Running max and sum-exp of one row block; ``update`` returns exp(z - new_max) and the rescale.
-
-    ``exp_out`` may be ``z`` itself (the tile is then overwritten with its exponentials).
-    """
-
-    def __init__(self, rows: int, dtype: torch.dtype, device: torch.device):
-        self.max = torch.full((rows,), float("-inf"), dtype=dtype, device=device)
-        self.sum = torch.zeros(rows, dtype=dtype, device=device)
-
-    def update(self, z: torch.Tensor, exp_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        new_max = torch.maximum(self.max, z.amax(dim=1))
-        rescale = torch.exp(self.max - new_max)
-        e = torch.sub(z, new_max.unsqueeze(1), out=exp_out).exp_()
-        self.sum.mul_(rescale).add_(e.sum(dim=1))
-        self.max = new_max
-        return e, rescale
-
-    def lse(self) -> torch.Tensor:
-        return self.max + self.sum.log()
-
-
 class _Partials:
     """Per-position softmax statistics over this rank's vocabulary (the whole vocabulary without a group).
 
     ``max``/``sum``: running max and sum-exp of the policy logits; ``target``: the target logit (0 when
     the target is outside this vocabulary); ``ref_*`` the same for the reference; ``kl_acc``: the KL
-    accumulator, relative to the policy max (forward KL) or the reference max (reverse KL).
+    accumulator, relative to the policy max (forward KL) or the reference max (reverse KL); ``extra``: the
+    partial sums of the extra outputs (``torch_extras.ExtraSums``), when any is requested.
     """
 
-    def __init__(self, n: int, has_ref: bool, kl: Optional[str], dtype: torch.dtype, device: torch.device):
+    def __init__(self, n: int, has_ref: bool, kl: Optional[str], dtype: torch.dtype, device: torch.device,
+                 extras: bool = False):
         def new() -> torch.Tensor:
             return torch.empty(n, dtype=dtype, device=device)
 
         self.max, self.sum, self.target = new(), new(), new()
         self.ref_max, self.ref_sum, self.ref_target = (new(), new(), new()) if has_ref else (None, None, None)
         self.kl_acc = new() if kl else None
+        self.extra = ExtraSums.zeros(n, dtype, device) if extras else None
 
     def all_reduce(self, kl: Optional[str], group) -> None:
         """Combine the slices of a vocabulary-parallel group: global max, then rescaled sums (in place)."""
@@ -114,6 +96,8 @@ class _Partials:
         if kl:
             self.kl_acc.mul_(rescale[0] if kl == "forward" else rescale[1])
             sums.append(self.kl_acc)
+        if self.extra is not None:
+            sums += self.extra.rescaled(rescale[0])
         stacked = torch.stack(sums)
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
         for dst, src in zip(sums, stacked):
@@ -122,8 +106,9 @@ class _Partials:
         if has_ref:
             self.ref_max = global_max[1]
 
-    def finalize(self, kl: Optional[str]):
-        """(token_logps, lse, ref_token_logps, ref_lse, token_kl) from the (reduced) statistics."""
+    def finalize(self, kl: Optional[str], extras: Tuple[str, ...] = (), vocab: int = 0):
+        """(token_logps, lse, ref_token_logps, ref_lse, token_kl, extras) from the (reduced) statistics;
+        ``extras`` maps the requested names to their values (``vocab``: the whole vocabulary's size)."""
         lse = self.max + self.sum.log()
         ref_token_logps = ref_lse = token_kl = None
         if self.ref_max is not None:
@@ -138,11 +123,12 @@ class _Partials:
                 token_kl = self.kl_acc / self.sum - lse_diff
             else:
                 token_kl = self.kl_acc / self.ref_sum + lse_diff
-        return self.target - lse, lse, ref_token_logps, ref_lse, token_kl
+        extra = {} if self.extra is None else self.extra.finalize(extras, self.max, self.sum, self.target, vocab)
+        return self.target - lse, lse, ref_token_logps, ref_lse, token_kl, extra
 
 
 def _forward(prep: Prepared, rows: torch.Tensor, all_rows: bool):
-    """Per-position (token_logps, lse, ref_token_logps, ref_lse, token_kl) for positions ``rows``."""
+    """Per-position (token_logps, lse, ref_token_logps, ref_lse, token_kl, extras) for positions ``rows``."""
     cd = prep.compute_dtype
     device = prep.hidden.device
     n = rows.numel()
@@ -157,22 +143,25 @@ def _forward(prep: Prepared, rows: torch.Tensor, all_rows: bool):
     if has_ref:
         ref_hidden = prep.ref_hidden if all_rows else prep.ref_hidden.index_select(0, rows)
 
-    part = _Partials(n, has_ref, kl, cd, device)
+    want_extras = bool(prep.extra_outputs)
+    part = _Partials(n, has_ref, kl, cd, device, want_extras)
     bn, bv = min(BLOCK_N, max(n, 1)), min(BLOCK_V, vocab)
-    tiles = _Tiles(3 if kl else (2 if has_ref else 1), bn, bv, cd, device)
+    exp_tile = 3 if kl else (2 if has_ref else 1)  # with extras, the exponentials get their own tile
+    tiles = _Tiles(exp_tile + want_extras, bn, bv, cd, device)
     for n0 in range(0, n, bn):
         n1 = min(n0 + bn, n)
         rb = n1 - n0
         h = hidden[n0:n1].to(cd)
         tgt = targets[n0:n1]
-        pol = _OnlineLSE(rb, cd, device)
+        pol = OnlineLSE(rb, cd, device)
         tz = torch.zeros(rb, dtype=cd, device=device)
         if has_ref:
             hr = ref_hidden[n0:n1].to(cd)
-            ref = _OnlineLSE(rb, cd, device)
+            ref = OnlineLSE(rb, cd, device)
             tr = torch.zeros(rb, dtype=cd, device=device)
         if kl:
             acc = torch.zeros(rb, dtype=cd, device=device)
+        extra = part.extra.rows(n0, n1) if want_extras else None
         for v0 in range(0, vocab, bv):
             v1 = min(v0 + bv, vocab)
             cols = v1 - v0
@@ -180,28 +169,24 @@ def _forward(prep: Prepared, rows: torch.Tensor, all_rows: bool):
             z = _logits_tile(h, prep.weight[v0:v1], None if prep.bias is None else prep.bias[v0:v1],
                              prep.temperature, prep.softcap, tiles.get(0, rb, cols))
             tz += _target_logit(z, tgt - (offset + v0))
-            if not has_ref:
-                pol.update(z, z)
-                continue
-            r = _logits_tile(hr, prep.ref_weight[v0:v1],
-                             None if prep.ref_bias is None else prep.ref_bias[v0:v1],
-                             prep.temperature, prep.softcap, tiles.get(1, rb, cols))
-            tr += _target_logit(r, tgt - (offset + v0))
+            if has_ref:
+                r = _logits_tile(hr, prep.ref_weight[v0:v1],
+                                 None if prep.ref_bias is None else prep.ref_bias[v0:v1],
+                                 prep.temperature, prep.softcap, tiles.get(1, rb, cols))
+                tr += _target_logit(r, tgt - (offset + v0))
+            # forward KL: acc = sum_v exp(z - max) * (z - r), rescaled with the policy's running max;
+            # reverse KL: acc = sum_v exp(r - max_r) * (r - z), rescaled with the reference's running max.
+            d = torch.sub(z, r, out=tiles.get(2, rb, cols)) if kl == "forward" else (
+                torch.sub(r, z, out=tiles.get(2, rb, cols)) if kl == "reverse" else None)
+            e, rescale = pol.update(z, tiles.get(exp_tile, rb, cols) if want_extras else z)
+            if want_extras:
+                extra.update(z, e, rescale)  # z is consumed
             if kl == "forward":
-                # acc = sum_v exp(z - max) * (z - r), rescaled with the policy's running max.
-                d = torch.sub(z, r, out=tiles.get(2, rb, cols))
-                e, rescale = pol.update(z, z)
                 acc.mul_(rescale).add_(d.mul_(e).sum(dim=1))
-                ref.update(r, r)
-            elif kl == "reverse":
-                # acc = sum_v exp(r - max_r) * (r - z), rescaled with the reference's running max.
-                d = torch.sub(r, z, out=tiles.get(2, rb, cols))
-                pol.update(z, z)
+            if has_ref:
                 er, rescale_r = ref.update(r, r)
-                acc.mul_(rescale_r).add_(d.mul_(er).sum(dim=1))
-            else:
-                pol.update(z, z)
-                ref.update(r, r)
+                if kl == "reverse":
+                    acc.mul_(rescale_r).add_(d.mul_(er).sum(dim=1))
         part.max[n0:n1], part.sum[n0:n1], part.target[n0:n1] = pol.max, pol.sum, tz
         if has_ref:
             part.ref_max[n0:n1], part.ref_sum[n0:n1], part.ref_target[n0:n1] = ref.max, ref.sum, tr
@@ -209,7 +194,7 @@ def _forward(prep: Prepared, rows: torch.Tensor, all_rows: bool):
             part.kl_acc[n0:n1] = acc
     if prep.vocab_parallel_group is not None:
         part.all_reduce(kl, prep.vocab_parallel_group)
-    return part.finalize(kl)
+    return part.finalize(kl, prep.extra_outputs, prep.total_vocab)
 
 
 def _scatter_rows(values: Optional[torch.Tensor], rows: torch.Tensor, n: int, all_rows: bool):
@@ -223,35 +208,45 @@ def _scatter_rows(values: Optional[torch.Tensor], rows: torch.Tensor, n: int, al
 
 
 def _row_block_grad(prep: Prepared, h: torch.Tensor, hr: Optional[torch.Tensor], tgt: torch.Tensor,
-                    a_blk: torch.Tensor, lse_blk: torch.Tensor, kl_terms, v0: int, v1: int, tiles: _Tiles
+                    a_blk: torch.Tensor, lse_blk: torch.Tensor, terms, v0: int, v1: int, tiles: _Tiles
                     ) -> torch.Tensor:
     """dL/dz for one [rows, v1 - v0] tile, up to the per-row factor the caller applies to the operands.
 
-    Without KL the tile is ``p - onehot`` (the factor ``-a / T`` is applied to the GEMM operands);
-    with KL, ``kl_terms = (b, ref_lse, shift)`` and the tile is the full gradient (factor ``1 / T``):
-    forward KL ``p * (b * ((z - r) - shift) - a) + a * onehot``, reverse KL
-    ``(b - a) * p - b * q + a * onehot``.
+    ``terms = (kl_terms, ent_terms)``. Without KL and entropy the tile is ``p - onehot`` (the factor
+    ``-a / T`` is applied to the GEMM operands); otherwise it is the full gradient (factor ``1 / T``):
+    ``p * c + a * onehot`` with ``c = -a`` plus, with ``kl_terms = (b, ref_lse, shift)``,
+    ``b * ((z - r) - shift)`` (forward KL) or ``b - b * q / p`` (reverse KL), and with
+    ``ent_terms = (g_H, lse - H)`` the entropy's ``-g_H * (z - (lse - H))``.
     """
+    kl_terms, ent_terms = terms
     rb, cols = h.shape[0], v1 - v0
     z = _logits_tile(h, prep.weight[v0:v1], None if prep.bias is None else prep.bias[v0:v1],
                      prep.temperature, prep.softcap, tiles.get(0, rb, cols))
     g = torch.sub(z, lse_blk, out=tiles.get(1, rb, cols)).exp_()  # p
-    if kl_terms is not None:
-        b_blk, ref_lse_blk, shift_blk = kl_terms
-        r = _logits_tile(hr, prep.ref_weight[v0:v1], None if prep.ref_bias is None else prep.ref_bias[v0:v1],
-                         prep.temperature, prep.softcap, tiles.get(2, rb, cols))
-        if prep.kl == "forward":
-            coef = torch.sub(z, r, out=r).sub_(shift_blk).mul_(b_blk).sub_(a_blk)
-            g.mul_(coef)
-        else:
-            q = r.sub_(ref_lse_blk).exp_().mul_(b_blk)
-            g.mul_(b_blk - a_blk).sub_(q)
+    full = kl_terms is not None or ent_terms is not None
+    q = None
+    if full:
+        coef = -a_blk
+        if kl_terms is not None:
+            b_blk, ref_lse_blk, shift_blk = kl_terms
+            r = _logits_tile(hr, prep.ref_weight[v0:v1], None if prep.ref_bias is None else prep.ref_bias[v0:v1],
+                             prep.temperature, prep.softcap, tiles.get(2, rb, cols))
+            if prep.kl == "forward":
+                coef = torch.sub(z, r, out=r).sub_(shift_blk).mul_(b_blk).sub_(a_blk)
+            else:
+                q = r.sub_(ref_lse_blk).exp_().mul_(b_blk)
+                coef = b_blk - a_blk
+        if ent_terms is not None:
+            coef = entropy_grad_term(z, ent_terms, tiles.get(2 + (kl_terms is not None), rb, cols)).neg_().add_(coef)
+        g.mul_(coef)
+        if q is not None:
+            g.sub_(q)
     # The target's onehot: + a at (i, target_i) when the target lies in this block (-1 in the
     # unscaled tile p - onehot of the no-KL path).
     local = tgt - (prep.vocab_offset + v0)
     inside = ((local >= 0) & (local < cols)).nonzero().squeeze(1)
     if inside.numel():
-        onehot = a_blk.squeeze(1).index_select(0, inside) if kl_terms is not None else g.new_full((inside.numel(),), -1.0)
+        onehot = a_blk.squeeze(1).index_select(0, inside) if full else g.new_full((inside.numel(),), -1.0)
         g.index_put_((inside, local.index_select(0, inside)), onehot, accumulate=True)
     if prep.softcap is not None:
         # d(c * tanh(u / c))/du = 1 - (z / c)^2, with z the capped logits.
@@ -294,13 +289,18 @@ class _Grads:
 
 
 def backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor], token_kl: Optional[torch.Tensor],
-             grad_logps: torch.Tensor, grad_kl: Optional[torch.Tensor], need: Tuple[bool, bool, bool]):
+             grad_logps: torch.Tensor, grad_kl: Optional[torch.Tensor], need: Tuple[bool, bool, bool], *,
+             entropy: Optional[torch.Tensor] = None, grad_entropy: Optional[torch.Tensor] = None):
     """(dH, dW, db) in the compute dtype from the upstream per-position gradients ``grad_logps`` (of
-    ``token_logps``) and ``grad_kl`` (of ``token_kl``); None where ``need`` says so."""
+    ``token_logps``), ``grad_kl`` (of ``token_kl``) and ``grad_entropy`` (of the saved ``entropy``); None
+    where ``need`` says so."""
     cd = prep.compute_dtype
     a = grad_logps.to(cd) * prep.valid
     b = grad_kl.to(cd) * prep.valid if (prep.kl and grad_kl is not None) else None
+    ent = entropy_rows(grad_entropy, entropy, prep.valid, cd)
     active = a != 0 if b is None else (a != 0) | (b != 0)
+    if ent[0] is not None:
+        active = active | (ent[0] != 0)
     rows = active.nonzero().squeeze(1)
     n = rows.numel()
     all_rows = n == prep.num_positions
@@ -310,7 +310,7 @@ def backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor],
             if t is not None:
                 t.zero_()
     else:
-        _backward_rows(prep, rows, all_rows, a, b, lse, ref_lse, token_kl, grads)
+        _backward_rows(prep, rows, all_rows, a, b, lse, ref_lse, token_kl, grads, ent)
     if grads.hidden is not None and prep.vocab_parallel_group is not None:
         _all_reduce_sum(grads.hidden, prep.vocab_parallel_group)  # every rank of the group joins
     return grads.hidden, grads.weight, grads.bias
@@ -318,8 +318,9 @@ def backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor],
 
 def _backward_rows(prep: Prepared, rows: torch.Tensor, all_rows: bool, a: torch.Tensor, b: Optional[torch.Tensor],
                    lse: torch.Tensor, ref_lse: Optional[torch.Tensor], token_kl: Optional[torch.Tensor],
-                   grads: _Grads) -> None:
-    """Recompute the tiles of the active ``rows`` and accumulate their gradients into ``grads``."""
+                   grads: _Grads, ent: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)) -> None:
+    """Recompute the tiles of the active ``rows`` and accumulate their gradients into ``grads``;
+    ``ent``: (upstream gradient of the entropy, saved entropy), or Nones."""
     cd, device = prep.compute_dtype, prep.hidden.device
     vocab, dim = prep.weight.shape
     n = rows.numel()
@@ -334,9 +335,12 @@ def _backward_rows(prep: Prepared, rows: torch.Tensor, all_rows: bool, a: torch.
         b, ref_hidden, ref_lse = take(b), take(prep.ref_hidden), take(ref_lse)
         # dKL(p||q)/dz = p * ((z - lse) - (r - lse_r) - KL) = p * ((z - r) - shift)
         shift = lse - ref_lse + take(token_kl) if prep.kl == "forward" else None
+    use_ent = ent[0] is not None
+    if use_ent:  # dH/dz = -p (z - (lse - H)), scaled by the entropy's upstream gradient
+        g_ent, ent_shift = take(ent[0]), lse - take(ent[1])
 
     bn, bv = min(BLOCK_N, n), min(BLOCK_V, vocab)
-    tiles = _Tiles(3 if use_ref else 2, bn, bv, cd, device)
+    tiles = _Tiles(2 + use_ref + use_ent, bn, bv, cd, device)
     for n0 in range(0, n, bn):
         n1 = min(n0 + bn, n)
         h = hidden[n0:n1].to(cd)
@@ -346,9 +350,11 @@ def _backward_rows(prep: Prepared, rows: torch.Tensor, all_rows: bool, a: torch.
             hr = ref_hidden[n0:n1].to(cd)
             kl_terms = (b[n0:n1].unsqueeze(1), ref_lse[n0:n1].unsqueeze(1),
                         None if shift is None else shift[n0:n1].unsqueeze(1))
+        ent_terms = (g_ent[n0:n1].unsqueeze(1), ent_shift[n0:n1].unsqueeze(1)) if use_ent else None
         # Per-row factors commute with the GEMMs: apply them to the [rows, D] operands (h for dW, the
-        # accumulated dH) instead of the [rows, BLOCK_V] tile. Without KL the tile is then just p - onehot.
-        row_scale = -a_blk if not use_ref else None  # [rows, 1] or None
+        # accumulated dH) instead of the [rows, BLOCK_V] tile. Without KL and entropy the tile is then
+        # just p - onehot.
+        row_scale = -a_blk if not (use_ref or use_ent) else None  # [rows, 1] or None
         if prep.temperature != 1.0:
             ones = torch.ones(n1 - n0, 1, dtype=cd, device=device)
             row_scale = (ones if row_scale is None else row_scale) / prep.temperature
@@ -359,7 +365,7 @@ def _backward_rows(prep: Prepared, rows: torch.Tensor, all_rows: bool, a: torch.
         lse_blk = lse[n0:n1].unsqueeze(1)
         for v0 in range(0, vocab, bv):
             v1 = min(v0 + bv, vocab)
-            g = _row_block_grad(prep, h, hr, targets[n0:n1], a_blk, lse_blk, kl_terms, v0, v1, tiles)
+            g = _row_block_grad(prep, h, hr, targets[n0:n1], a_blk, lse_blk, (kl_terms, ent_terms), v0, v1, tiles)
             grads.add_tile(g, prep.weight[v0:v1], h_scaled, row_scale, dh_blk, n0 == 0, v0, v1)
         if dh_blk is not None:
             if row_scale is not None:
@@ -380,8 +386,7 @@ def forward(prep: Prepared) -> ForwardOutputs:
     n = prep.num_positions
     all_rows = bool(prep.valid.all()) if n > 0 else True
     rows = torch.arange(n, device=prep.hidden.device) if all_rows else prep.valid.nonzero().squeeze(1)
-    token_logps, lse, ref_token_logps, ref_lse, token_kl = (
-        _scatter_rows(o, rows, n, all_rows) for o in _forward(prep, rows, all_rows)
-    )
+    *outs, extras = _forward(prep, rows, all_rows)
+    token_logps, lse, ref_token_logps, ref_lse, token_kl = (_scatter_rows(o, rows, n, all_rows) for o in outs)
     return ForwardOutputs(token_logps=token_logps, lse=lse, ref_token_logps=ref_token_logps, ref_lse=ref_lse,
-                          token_kl=token_kl)
+                          token_kl=token_kl, **{k: _scatter_rows(v, rows, n, all_rows) for k, v in extras.items()})

@@ -189,17 +189,20 @@ def forward(prep: Prepared) -> ForwardOutputs:
     placeholder = out.token_logps  # stands in for absent outputs; never touched (constexpr flags)
     outputs = (out.token_logps, out.lse, out.ref_token_logps if has_ref else placeholder,
                out.ref_lse if has_ref else placeholder, out.token_kl if kl else placeholder)
+    extras = bool(prep.extra_outputs)  # all four planes are computed when any extra is requested
+    extras_buf = torch.zeros(4, n, dtype=f32, device=device) if extras else placeholder
     group = prep.vocab_parallel_group
     # A vocabulary-parallel head gives one split per rank; the ranks' partial states are all-gathered.
     n_splits, split_v = (1, prep.vocab_size) if group is not None else vocab_splits(n, prep.vocab_size, device)
-    from ..kernels.logprobs_fwd import PARTIAL_FIELDS
+    from ..kernels.logprobs_fwd import EXTRA_FIELDS, PARTIAL_FIELDS
 
     split = n_splits > 1 or group is not None
-    partials = torch.empty((PARTIAL_FIELDS, n_splits, n) if split else (1,), dtype=f32, device=device)
-    flags = dict(heads.flags, HAS_REF=has_ref, KL_MODE=KL_CODES[kl], SPLIT=split)
+    fields = PARTIAL_FIELDS + (EXTRA_FIELDS if extras else 0)
+    partials = torch.empty((fields, n_splits, n) if split else (1,), dtype=f32, device=device)
+    flags = dict(heads.flags, HAS_REF=has_ref, KL_MODE=KL_CODES[kl], SPLIT=split, EXTRAS=extras)
     _launch(
         "fwd", lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), n_splits),
-        *heads.pointers(), prep.targets.contiguous(), rows, n_active, *outputs, partials,
+        *heads.pointers(), prep.targets.contiguous(), rows, n_active, *outputs, partials, extras_buf,
         n, rows_bucket(n), prep.vocab_size, heads.hidden.shape[1], heads.ref_hidden.shape[1], split_v,
         prep.vocab_offset, *heads.strides(), *heads.scalars, **flags,
     )
@@ -208,7 +211,14 @@ def forward(prep: Prepared) -> ForwardOutputs:
             partials = _gather_partials(partials, group)
             n_splits = partials.shape[1]
         _launch("combine", lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),),
-                partials, rows, n_active, *outputs, n, n_splits, HAS_REF=has_ref, KL_MODE=KL_CODES[kl])
+                partials, rows, n_active, *outputs, extras_buf, n, n_splits, HAS_REF=has_ref, KL_MODE=KL_CODES[kl],
+                EXTRAS=extras)
+    if extras:
+        # separate tensors (the op's outputs may not alias each other)
+        planes = dict(entropy=extras_buf[0].clone(), mean_logits=extras_buf[1] / prep.total_vocab,
+                      is_top1=extras_buf[2].clone(), log_sum_sq_probs=extras_buf[3].clone())
+        for name in prep.extra_outputs:
+            setattr(out, name, planes[name])
     return out
 
 
@@ -222,19 +232,25 @@ def _gather_partials(partials: torch.Tensor, group) -> torch.Tensor:
 
 
 def backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor], token_kl: Optional[torch.Tensor],
-             grad_logps: torch.Tensor, grad_kl: Optional[torch.Tensor], need: Tuple[bool, bool, bool]):
+             grad_logps: torch.Tensor, grad_kl: Optional[torch.Tensor], need: Tuple[bool, bool, bool], *,
+             entropy: Optional[torch.Tensor] = None, grad_entropy: Optional[torch.Tensor] = None):
     """(dH fp32, dW, db fp32) from upstream per-position gradients (None where not needed); dW is fp32, or in
-    the weight's dtype from the deterministic backward (one cuBLAS GEMM rounds it once, as eager does)."""
+    the weight's dtype from the deterministic backward (one cuBLAS GEMM rounds it once, as eager does).
+    ``grad_entropy`` (with the saved ``entropy``) is the upstream gradient of the entropy extra, or None."""
     n, f32 = prep.num_positions, torch.float32
     a = grad_logps.to(f32) * prep.valid
     use_kl = prep.kl is not None and grad_kl is not None
     b = grad_kl.to(f32) * prep.valid if use_kl else a  # ``a`` stands in when the KL has no gradient
+    use_ent = grad_entropy is not None and entropy is not None
+    c = grad_entropy.to(f32) * prep.valid if use_ent else a  # likewise for the entropy
     if n == 0 or not any(need):
         return _zero_grads(prep, need)
-    rows, n_active = compact((a != 0) | (b != 0) if use_kl else a != 0)
+    active = (a != 0) | (b != 0) if use_kl else a != 0
+    rows, n_active = compact(active | (c != 0) if use_ent else active)
     heads = _Heads(prep, use_kl)
-    saved = (lse, ref_lse if use_kl else lse, token_kl if (use_kl and token_kl is not None) else lse)
-    flags = dict(heads.flags, KL_MODE=KL_CODES[prep.kl] if use_kl else 0)
+    saved = (lse, ref_lse if use_kl else lse, token_kl if (use_kl and token_kl is not None) else lse, c,
+             entropy.to(f32) if use_ent else lse)
+    flags = dict(heads.flags, KL_MODE=KL_CODES[prep.kl] if use_kl else 0, ENTROPY=use_ent)
     run = _backward_chunked if prep.options.deterministic else _backward_atomic
     d_hidden, d_weight, d_bias = run(prep, heads, rows, n_active, (a, b, *saved), flags, need)
     if d_hidden is not None and prep.vocab_parallel_group is not None:

@@ -28,21 +28,9 @@ def check_loss_kwargs(kwargs: Dict[str, Any]) -> None:
 
 
 def check_config(args: Any, train_dataset: Any, loss: str) -> None:
-    """Reject the ``DPOConfig`` options the trainer does not reproduce, and a dataset missing ``loss``'s columns."""
+    """Reject a dataset missing ``loss``'s columns (TRL's loss fields: :mod:`._trl_config`)."""
     if args is None:
         return
-    if list(args.loss_type) != ["sigmoid"]:
-        raise ValueError("FastPrefDPOTrainer ignores DPOConfig.loss_type: choose the loss with fastpref_loss "
-                         f"(got loss_type={args.loss_type})")
-    weights = getattr(args, "loss_weights", None)
-    if weights is not None and [float(w) for w in weights] != [1.0]:
-        raise ValueError("FastPrefDPOTrainer does not support DPOConfig.loss_weights (they weight TRL's loss_type "
-                         f"list; the loss is chosen with fastpref_loss): got loss_weights={list(weights)}, expected "
-                         "None or [1.0]. Scale the loss by changing the learning rate instead")
-    for option, default in (("ld_alpha", None), ("use_weighting", False), ("f_divergence_type", "reverse_kl")):
-        value = getattr(args, option, default)
-        if value != default and str(value) != default:
-            raise ValueError(f"FastPrefDPOTrainer does not support DPOConfig.{option}={value!r}")
     if train_dataset is not None and hasattr(train_dataset, "column_names"):
         columns = set(train_dataset.column_names)
         if loss == "var" and not set(REWARD_COLUMNS) <= columns:

@@ -30,6 +30,9 @@ from ._trl_batches import (
     select_group_rows,
     tokenize_candidates,
 )
+from ._trl_config import check_family_fields, loss_class_and_kwargs
+from ._trl_metrics import TRL_METRIC_NAMES, VOCAB_METRIC_OUTPUTS, store_metrics
+from ._trl_reference import autocast_dtype, check_peft_head, reference_head
 from .distributed import through_sharded
 from .transformers import (
     LMHeadInputs,
@@ -58,12 +61,6 @@ LOSSES = {_trainer_name(n): n for n in LOSS_MODULES if _trainer_name(n) not in U
 PAIRWISE = {name: n for name, n in LOSSES.items() if issubclass(LOSS_MODULES[n], _PairwiseLoss)}
 OTHER = {name: n for name, n in LOSSES.items() if name not in PAIRWISE}
 
-# fastpref metric key -> TRL's logging name
-TRL_METRIC_NAMES = {
-    "chosen_rewards": "rewards/chosen", "rejected_rewards": "rewards/rejected",
-    "reward_accuracy": "rewards/accuracies", "reward_margin": "rewards/margins",
-    "chosen_logps": "logps/chosen", "rejected_logps": "logps/rejected",
-}
 
 
 class FastPrefDPOTrainer(DPOTrainer):
@@ -110,6 +107,7 @@ class FastPrefDPOTrainer(DPOTrainer):
         args_ = kwargs.get("args", args[2] if len(args) > 2 else None)
         train_dataset = kwargs.get("train_dataset", args[4] if len(args) > 4 else None)
         check_config(args_, train_dataset, fastpref_loss)
+        check_family_fields(args_, fastpref_loss)
         super().__init__(*args, **kwargs)
         self._check_model()
         self.fastpref_loss_fn = self._build_loss(loss_kwargs, fastpref_eager)
@@ -136,6 +134,7 @@ class FastPrefDPOTrainer(DPOTrainer):
                 "FastPrefDPOTrainer does not reproduce the MoE router auxiliary loss (router_aux_loss_coef="
                 f"{self.router_aux_loss_coef} for {type(hf_model(self.model)).__name__}): set "
                 "DPOConfig(router_aux_loss_coef=0.0) to train without it")
+        check_peft_head(self.model, "FastPrefDPOTrainer")
         if self._is_vision_dataset:
             raise NotImplementedError("FastPrefDPOTrainer does not support vision datasets (the backbone call takes "
                                       "text inputs only)")
@@ -150,17 +149,13 @@ class FastPrefDPOTrainer(DPOTrainer):
                              "precomputed by TRL): pass ref_model and precompute_ref_log_probs=False")
 
     def _build_loss(self, kwargs: Dict[str, Any], eager: bool) -> torch.nn.Module:
+        """The fused loss from ``DPOConfig`` (TRL's fields, :mod:`._trl_config`) and ``fastpref_loss_kwargs``,
+        asked for the op's vocabulary reductions behind TRL's ``entropy``/``logits/*``/``mean_token_accuracy``."""
         name = self.fastpref_loss
-        if name == "dpo":
-            # TRL's "sigmoid" ignores DPOConfig.label_smoothing (its smoothed variants are other loss types), so
-            # label smoothing is only taken from fastpref_loss_kwargs.
-            kwargs.setdefault("beta", self.beta)
-        elif name == "ipo":
-            kwargs.setdefault("tau", self.beta)
-        elif name == "var" and "beta" not in kwargs:
-            raise ValueError("fastpref_loss='var' needs fastpref_loss_kwargs={'beta': ...} (the paper gives none; "
-                             "pick it so rewards / beta spread O(1) within a batch)")
-        return (EAGER_LOSS_MODULES if eager else LOSS_MODULES)[LOSSES[name]](**kwargs)
+        as_name, kwargs = loss_class_and_kwargs(name, self.args, kwargs)
+        extra = tuple(kwargs.pop("extra_outputs", ()) or ())
+        kwargs["extra_outputs"] = extra + tuple(o for o in VOCAB_METRIC_OUTPUTS if o not in extra)
+        return (EAGER_LOSS_MODULES if eager else LOSS_MODULES)[LOSSES[as_name or name]](**kwargs)
 
     def _uses_reference(self) -> bool:
         fn = self.fastpref_loss_fn
@@ -223,15 +218,28 @@ class FastPrefDPOTrainer(DPOTrainer):
         loss, metrics = model(input_ids=input_ids, attention_mask=attention_mask, fastpref_head_fn=head_loss)
         if mcpo_full is not None:  # report the full groups: all K + 1 log-probs, negatives as column indices
             metrics = {**metrics, "logps": mcpo_full["logps"], "negatives": mcpo_full["negatives"]}
-        self._log_metrics(mode, metrics, inputs, num_main)
+        self._log_metrics(mode, metrics, inputs, keep[:num_main].sum(dim=1))
         if return_outputs:
             return loss, types.SimpleNamespace(logits=None, metrics=metrics)
         return loss
 
     def _head_inputs(self, model, hidden, labels, keep, head) -> LMHeadInputs:
-        """:func:`head_inputs` with this trainer's ``ignore_index`` and a gathered ``head = (weight, bias)``."""
+        """:func:`head_inputs` with this trainer's ``ignore_index`` and a gathered ``head = (weight, bias)``.
+
+        Under mixed precision the head runs as the model's own head would under the policy's autocast (and as
+        TRL's fused head does): hidden states, weight and bias in the autocast dtype, softmax in fp32 (the op's).
+        """
+        weight, bias = head
+        dtype = self._autocast_dtype()
+        if dtype is not None:
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         return head_inputs(model, hidden, labels, logits_to_keep=keep, ignore_index=self.fastpref_loss_fn.ignore_index,
-                           weight=head[0], bias=head[1])
+                           weight=weight, bias=bias)
+
+    def _autocast_dtype(self) -> Optional[torch.dtype]:
+        """The dtype of the autocast the policy's forward runs under (accelerate's mixed precision), or None."""
+        return autocast_dtype(self.accelerator)
 
     def _fused_loss(self, model, hidden, input_ids, attention_mask, labels, keep, num_main, kl_rows, inputs,
                     extra) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -299,9 +307,9 @@ class FastPrefDPOTrainer(DPOTrainer):
 
     @contextlib.contextmanager
     def _reference_head(self):
-        # detach=True: the reference head gets no gradient, so a sharded one may be gathered outright.
-        # PEFT without ref_model: the reference is the base model, whose head the adapter leaves alone.
-        with gather_lm_head(self.ref_model if self.ref_model is not None else self.model, detach=True) as head:
+        # detach=True: the reference head gets no gradient, so a sharded one may be gathered outright. PEFT without
+        # ref_model: read with the adapter off (a modules_to_save head gives its original weight there).
+        with reference_head(self.model, self.ref_model) as head:
             yield head
 
     def _reference_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -314,7 +322,9 @@ class FastPrefDPOTrainer(DPOTrainer):
         reference is the policy with its adapter disabled, called from inside the policy's own forward, where
         the policy's root is already gathered, so its backbone is called directly.
         """
-        with torch.no_grad():
+        # Under the policy's autocast: the reference's forward (patched by enable_hidden_forward) skips the autocast
+        # wrapper that accelerate put on it, and the head function runs with autocast off.
+        with torch.no_grad(), self.accelerator.autocast():
             if self.ref_model is not None:
                 out = self.ref_model(input_ids=input_ids, attention_mask=attention_mask, fastpref_hidden=True)
             else:
@@ -368,23 +378,13 @@ class FastPrefDPOTrainer(DPOTrainer):
 
     # -- logging --------------------------------------------------------------------------------------
 
-    def _log_metrics(self, mode: str, metrics: Dict[str, torch.Tensor], inputs: Dict[str, Any], num_main: int) -> None:
-        # gather, not gather_for_metrics: the latter trims the last eval batch to the dataset's remainder, counted
-        # in examples, while these tensors hold one value per sequence (2 or K + 1 per example)
-        gather = self.accelerator.gather
+    def _log_metrics(self, mode: str, metrics: Dict[str, torch.Tensor], inputs: Dict[str, Any],
+                     token_counts: torch.Tensor) -> None:
         store = self._metrics[mode]
-        metrics = dict(metrics)
-        layout_pairwise = self.fastpref_loss in PAIRWISE or self.fastpref_loss == "spo"
-        if layout_pairwise and "logps" in metrics and "chosen_logps" not in metrics:
-            metrics["chosen_logps"], metrics["rejected_logps"] = metrics["logps"].chunk(2)
-        for key, value in metrics.items():
-            if key == "logps" and layout_pairwise:
-                continue  # logged as logps/chosen and logps/rejected
-            if not torch.is_tensor(value) or not value.is_floating_point() or value.numel() == 0:
-                continue
-            store[TRL_METRIC_NAMES.get(key, key)].append(gather(value.detach().float().reshape(-1)).mean().item())
+        pairwise = self.fastpref_loss in PAIRWISE or self.fastpref_loss == "spo"
+        store_metrics(store, metrics, token_counts, pairwise, self.accelerator.gather)
         if mode == "train":
-            self._total_train_tokens += int(gather(inputs["attention_mask"].sum()).sum().item())
+            self._total_train_tokens += int(self.accelerator.gather(inputs["attention_mask"].sum()).sum().item())
         store["num_tokens"] = [self._total_train_tokens]
 
 

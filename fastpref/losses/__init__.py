@@ -6,6 +6,17 @@ grad; reference log-probs, lengths, rewards and batch statistics as constants) a
 in float32, or float64 when given float64.
 """
 from .alpha_dpo import alpha_dpo, alpha_dpo_margin
+from .dpo_family import (
+    DPO_LOSS_TYPES,
+    F_DIVERGENCES,
+    check_dpo_options,
+    chosen_nll,
+    dpo_family,
+    f_divergence_scores,
+    ld_logps,
+    per_sequence_sums,
+    wpo_sequence_weights,
+)
 from .kto import kto, kto_z0
 from .mcpo import mcpo, mcpo_sample_negatives
 from .pairwise import cpo, dpo, dpop, ipo, orpo, simpo, slic
@@ -15,4 +26,6 @@ from .var import var
 __all__ = [
     "var", "alpha_dpo", "alpha_dpo_margin", "mcpo", "mcpo_sample_negatives", "spo", "spo_best_of_n",
     "spo_ranked", "spo_weight_baseline", "dpo", "ipo", "simpo", "slic", "dpop", "kto", "kto_z0", "orpo", "cpo",
+    "dpo_family", "DPO_LOSS_TYPES", "F_DIVERGENCES", "f_divergence_scores", "chosen_nll", "wpo_sequence_weights",
+    "ld_logps", "per_sequence_sums", "check_dpo_options",
 ]

@@ -1,11 +1,11 @@
 """KTO: Kahneman-Tversky Optimization on unpaired examples (Ethayarajh et al. 2024, Eq. 8; docs/losses.md §6)."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
-from ._common import LossOutput, Tensor, as_tensor_stat, check_positive, check_values, floats
+from ._common import LossOutput, Tensor, as_tensor_stat, check_lengths, check_positive, check_values, floats
 
 
 def kto_z0(mismatched_logps: Tensor, mismatched_ref_logps: Tensor) -> Tensor:
@@ -19,7 +19,8 @@ def kto_z0(mismatched_logps: Tensor, mismatched_ref_logps: Tensor) -> Tensor:
 
 
 def kto(logps: Tensor, ref_logps: Tensor, labels: Tensor, *, z0: Union[Tensor, float], beta: float = 0.1,
-        desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> LossOutput:
+        desirable_weight: float = 1.0, undesirable_weight: float = 1.0, average_log_prob: bool = False,
+        lengths: Optional[Tensor] = None) -> LossOutput:
     """KTO loss over S unpaired sequences (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect
     Theoretic Optimization", arXiv:2402.01306, Eq. 8); ``labels`` [S] bool, True = desirable.
 
@@ -35,11 +36,15 @@ def kto(logps: Tensor, ref_logps: Tensor, labels: Tensor, *, z0: Union[Tensor, f
     undetached z₀ is not reproduced (docs/losses.md §6). Defaults: β = 0.1, λ_D = λ_U = 1.
     Metrics: ``rewards`` βρ [S], ``chosen_rewards`` / ``rejected_rewards`` (desirable / undesirable
     subsets), ``logps``, ``z0``.
+    ``average_log_prob`` (Liger-Kernel's option; needs ``lengths`` [S]): ρ = S/n − R/n, the
+    length-averaged log-ratio (z₀ is then compared with it as given); the ``logps`` metric stays S.
     """
     beta = check_positive("beta", beta)
     wd = check_positive("desirable_weight", desirable_weight, allow_zero=True)
     wu = check_positive("undesirable_weight", undesirable_weight, allow_zero=True)
-    s, r = floats((None,), logps=logps, ref_logps=ref_logps)
+    if average_log_prob and lengths is None:
+        raise ValueError("lengths is required when average_log_prob=True")
+    s, r, n = floats((None,), logps=logps, ref_logps=ref_logps, lengths=lengths if average_log_prob else None)
     if not isinstance(labels, Tensor) or labels.dtype != torch.bool:
         raise TypeError(f"labels must be a bool tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
     if labels.shape != s.shape:
@@ -48,6 +53,9 @@ def kto(logps: Tensor, ref_logps: Tensor, labels: Tensor, *, z0: Union[Tensor, f
     z = as_tensor_stat("z0", z0, s.dtype, s.device)
     check_values(torch.isfinite(z), "z0 must be finite", lambda: f", got {float(z)}")
     rho = s - r.detach()
+    if average_log_prob:
+        (n,) = check_lengths(lengths=n)
+        rho = rho / n
     x = beta * (rho - z)
     # σ(−x) for desirable, σ(x) for undesirable: sign flip keeps one sigmoid call.
     sign = torch.where(labels, -torch.ones_like(x), torch.ones_like(x))

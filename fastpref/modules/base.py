@@ -38,6 +38,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .._prepare import check_extra_outputs
 from .._types import IGNORE_INDEX, LogprobStats
 from ..ops import fused_logprobs as _fused_logprobs
 from .batch_stats import check_stats_group, gather_across_ranks, global_mean
@@ -170,8 +171,10 @@ class FusedLossBase(nn.Module):
     Subclasses set :attr:`reference_mode` and implement :meth:`compute_loss`; the eager twins in
     ``fastpref.reference`` override only :attr:`fused_logprobs`.
 
-    Options every module accepts: ``ignore_index``, ``backend`` (as in :func:`fastpref.fused_logprobs`)
-    and, for distributed runs:
+    Options every module accepts: ``ignore_index``, ``backend`` (as in :func:`fastpref.fused_logprobs`),
+    ``extra_outputs`` (names of ``fastpref._types.EXTRA_OUTPUTS``: the policy pass also computes them, and
+    :meth:`finish` adds their detached per-sequence sums to the metrics under the same names; the loss
+    never reads them) and, for distributed runs:
 
     - ``vocab_parallel_group``: a process group over which the LM head is split by vocabulary rows
       (see :func:`fastpref.fused_logprobs`); every rank of it makes the same call on the same batch.
@@ -196,9 +199,10 @@ class FusedLossBase(nn.Module):
 
     def __init__(self, *, ignore_index: int = IGNORE_INDEX, backend: str = "auto",
                  vocab_parallel_group: Optional[object] = None, stats_group: Optional[object] = None,
-                 **unknown: object) -> None:
+                 extra_outputs: Sequence[str] = (), **unknown: object) -> None:
         _reject_options(type(self).__name__, unknown)
         super().__init__()
+        self.extra_outputs = check_extra_outputs(extra_outputs)
         self.ignore_index = ignore_index
         self.backend = backend
         self.vocab_parallel_group = vocab_parallel_group
@@ -211,6 +215,8 @@ class FusedLossBase(nn.Module):
         options = dict(ignore_index=self.ignore_index, backend=self.backend)
         if self.vocab_parallel_group is not None:
             options["vocab_parallel_group"] = self.vocab_parallel_group
+        if self.extra_outputs:
+            options["extra_outputs"] = self.extra_outputs
         return options
 
     def gather_statistic(self, values: Tensor) -> Tensor:
@@ -304,6 +310,8 @@ class FusedLossBase(nn.Module):
     def finish(self, batch: SequenceBatch, loss: Tensor, metrics: Metrics) -> LossOutput:
         metrics = dict(metrics)
         metrics.setdefault("logps", batch.logps.detach())
+        for name in self.extra_outputs:  # per-sequence sums of the requested extras, for logging only
+            metrics[name] = getattr(batch.stats, name).detach()
         return LossOutput(loss=loss, metrics=metrics)
 
     def compute_loss(self, batch: SequenceBatch, **loss_specific) -> Tuple[Tensor, Metrics]:

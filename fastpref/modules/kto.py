@@ -27,15 +27,17 @@ class FusedKTOLoss(FusedLossBase):
 
     Equal to Liger-Kernel's ``LigerFusedLinearKTOLoss`` (``use_ref_model=True``, summed log-probs) when
     its ``kl`` argument is our z0; Liger takes the KL reference point as an input and does not clamp it
-    at 0, and takes ``(_input, lin_weight)`` in that order.
+    at 0, and takes ``(_input, lin_weight)`` in that order. ``average_log_prob`` (Liger's option, default
+    False) uses length-averaged log-ratios S/n - R/n, for the mismatched pairs' z0 as well.
     """
 
     extra_pass_reads_ref_head = True  # the mismatched pairs' kl_ref_hidden
 
     def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-                 **options) -> None:
+                 average_log_prob: bool = False, **options) -> None:
         super().__init__(**options)
         self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
+        self.average_log_prob = average_log_prob  # Liger-Kernel's option: rho = S/n - R/n (mismatched pairs too)
 
     def reference_point(self, batch: SequenceBatch, *, z0: Optional[Union[Tensor, float]] = None,
                         kl_hidden: Optional[Tensor] = None, kl_targets: Optional[Tensor] = None,
@@ -58,7 +60,8 @@ class FusedKTOLoss(FusedLossBase):
         ref = stats.ref_logps if kl_ref_hidden is not None else as_stat(
             "kl_ref_logps", kl_ref_logps, stats.logps, [stats.logps.shape])
         # Mean over the global batch: gather S' - R' (the head takes the pair as two vectors).
-        diffs = self.gather_statistic(stats.logps - ref)
+        diffs = self.gather_statistic((stats.logps - ref) / stats.lengths if self.average_log_prob
+                                      else stats.logps - ref)
         return losses.kto_z0(diffs, torch.zeros_like(diffs))
 
     def compute_loss(self, batch: SequenceBatch, labels: Optional[Tensor] = None,
@@ -67,4 +70,5 @@ class FusedKTOLoss(FusedLossBase):
             raise ValueError("FusedKTOLoss needs labels: a [S] bool tensor, True = desirable")
         z0 = self.reference_point(batch, **reference_point)
         return losses.kto(batch.logps, batch.ref_logps, labels, z0=z0, beta=self.beta,
-                          desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
+                          desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
+                          average_log_prob=self.average_log_prob, lengths=batch.lengths)

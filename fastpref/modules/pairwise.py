@@ -8,28 +8,9 @@ import torch
 
 from .. import losses
 from .._checks import check_finite
+from ..losses.pairwise import LigerCompatible, chosen_half, liger_alias, nll_weight_option
 from .base import Metrics, SequenceBatch, Tensor, _PairwiseLoss
-
-
-class FusedDPOLoss(_PairwiseLoss):
-    r"""DPO (Rafailov et al. 2023, arXiv:2305.18290), fused.
-
-    With h = (S_w - R_w) - (S_l - R_l) (summed log-probs, policy S, reference R) and label smoothing eps:
-    ``loss = mean[-(1 - eps) log sigma(beta h) - eps log sigma(-beta h)]``.
-
-    Needs the reference: ``ref_hidden`` (computed in the same fused pass) or ``ref_logps`` [S].
-    Equal to Liger-Kernel's ``LigerFusedLinearDPOLoss`` (default ``loss_type="sigmoid"``, summed
-    log-probs) at ``label_smoothing=0``; our ``label_smoothing`` is the cDPO form without Liger's
-    ``robust`` 1/(1-2 eps) rescaling.
-    """
-
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, **options) -> None:
-        super().__init__(**options)
-        self.beta, self.label_smoothing = beta, label_smoothing
-
-    def compute_loss(self, batch: SequenceBatch) -> Tuple[Tensor, Metrics]:
-        c, r, rc, rr, _, _ = self.pairs(batch)
-        return losses.dpo(c, r, rc, rr, beta=self.beta, label_smoothing=self.label_smoothing)
+from .dpo import FusedDPOLoss  # noqa: F401  (re-exported: the pairwise family)
 
 
 class FusedIPOLoss(_PairwiseLoss):
@@ -48,33 +29,40 @@ class FusedIPOLoss(_PairwiseLoss):
         return losses.ipo(c, r, rc, rr, lc, lr, tau=self.tau, length_normalize=self.length_normalize)
 
 
-class FusedSimPOLoss(_PairwiseLoss):
+class FusedSimPOLoss(LigerCompatible, _PairwiseLoss):
     r"""SimPO (Meng et al. 2024, arXiv:2405.14734), fused; reference-free.
 
-    ``u = beta (S_w/n_w - S_l/n_l) - gamma``, ``loss = mean[-log sigma(u)] - sft_weight * mean(S_w/n_w)``.
+    ``u = beta (S_w/n_w - S_l/n_l) - gamma``,
+    ``loss = mean[-(1-eps) log sigma(u) - eps log sigma(-u) - sft_weight * S_w/n_w] + nll_weight * NLL``
+    with eps = ``label_smoothing`` and NLL = -sum(S_w) / sum(n_w), the chosen tokens' mean NLL.
 
     ``gamma`` is the absolute margin (default 0.5, docs/api.md §3). SimPOConfig parameterizes it as
     ``gamma_beta_ratio`` (default 0.25) with gamma = ratio * beta, so the two defaults agree only at
     beta = 2; at another beta pass ``gamma_beta_ratio=0.25`` (gamma = 0.25 * beta, as the head
     :func:`fastpref.losses.simpo`; not together with a non-default ``gamma``).
 
-    Difference from Liger-Kernel's ``LigerFusedLinearSimPOLoss``: Liger adds, by default
-    (``compute_nll_loss=True``, ``alpha=1``), the chosen responses' token-mean NLL and its default beta
-    is 0.1 (ours 2.0, the SimPO config); with ``compute_nll_loss=False`` and the same beta/gamma the two agree.
+    Liger-Kernel's ``LigerFusedLinearSimPOLoss`` names are accepted (docs/losses.md §6.3): ``alpha`` is
+    ``nll_weight``, ``compute_nll_loss`` switches the NLL (on: weight 1 unless given); its defaults differ
+    (beta 0.1, NLL on): :meth:`from_liger` applies them. ``sft_weight`` is a mean of per-sequence means.
     """
 
     reference_mode = "none"
+    _LIGER_NAME = "simpo"
 
     def __init__(self, beta: float = 2.0, gamma: float = 0.5, sft_weight: float = 0.0,
-                 gamma_beta_ratio: Optional[float] = None, **options) -> None:
+                 gamma_beta_ratio: Optional[float] = None, label_smoothing: float = 0.0,
+                 nll_weight: Optional[float] = None, compute_nll_loss: Optional[bool] = None,
+                 alpha: Optional[float] = None, **options) -> None:
         super().__init__(**options)
         self.beta, self.gamma, self.sft_weight = beta, gamma, sft_weight
-        self.gamma_beta_ratio = gamma_beta_ratio
+        self.gamma_beta_ratio, self.label_smoothing = gamma_beta_ratio, label_smoothing
+        self.nll_weight = nll_weight_option(type(self).__name__, nll_weight, alpha, compute_nll_loss, default=0.0)
 
     def compute_loss(self, batch: SequenceBatch) -> Tuple[Tensor, Metrics]:
         c, r, _, _, lc, lr = self.pairs(batch)
-        return losses.simpo(c, r, lc, lr, beta=self.beta, gamma=self.gamma, sft_weight=self.sft_weight,
-                            gamma_beta_ratio=self.gamma_beta_ratio)
+        return self.liger_metrics(batch, losses.simpo(
+            c, r, lc, lr, beta=self.beta, gamma=self.gamma, sft_weight=self.sft_weight,
+            gamma_beta_ratio=self.gamma_beta_ratio, label_smoothing=self.label_smoothing, nll_weight=self.nll_weight))
 
 
 class FusedSLiCLoss(_PairwiseLoss):
@@ -111,46 +99,80 @@ class FusedDPOPLoss(_PairwiseLoss):
         return losses.dpop(c, r, rc, rr, beta=self.beta, dpop_lambda=self.dpop_lambda)
 
 
-class FusedORPOLoss(_PairwiseLoss):
+class FusedORPOLoss(LigerCompatible, _PairwiseLoss):
     r"""ORPO (Hong et al. 2024, arXiv:2403.07691), fused; reference-free.
 
     With a = S/n and log-odds lo = a - log(1 - e^a), d = lo_w - lo_l:
-    ``loss = NLL - orpo_lambda * mean[log sigma(d)]``, NLL = -sum(S_w) / sum(n_w) (token mean over chosen).
+    ``loss = nll_weight * NLL - orpo_lambda * mean[log sigma(d)]``, NLL = -sum(S_w) / sum(n_w) (token mean
+    over chosen; ``nll_weight`` default 1, 0 drops it).
 
-    Equal to Liger-Kernel's ``LigerFusedLinearORPOLoss`` with its ``beta`` = our ``orpo_lambda``
-    (defaults agree at 0.1; Liger also includes the NLL by default). Near p -> 1 we use a stable
-    log1mexp with a clamp where Liger uses plain ``log1p(-exp(a))``.
+    Call keyword ``nll_targets`` (alias ``nll_target``, Liger's), shaped as ``targets``: the NLL is taken
+    over their chosen half instead, by a second fused pass over the chosen hidden states (no logits).
+
+    Liger-Kernel's ``LigerFusedLinearORPOLoss``: its ``beta`` is our ``orpo_lambda`` and is refused here
+    (use :meth:`from_liger`); ``compute_nll_loss=False`` is ``nll_weight=0``. Near p -> 1 we clamp and use
+    a stable log1mexp where Liger uses plain ``log1p(-exp(a))``.
     """
 
     reference_mode = "none"
+    _LIGER_NAME = "orpo"
 
-    def __init__(self, orpo_lambda: float = 0.1, **options) -> None:
+    def __init__(self, orpo_lambda: float = 0.1, nll_weight: Optional[float] = None,
+                 compute_nll_loss: Optional[bool] = None, **options) -> None:
+        if "beta" in options:  # Liger's and TRL's ORPO beta; ours means a sigmoid temperature elsewhere
+            raise TypeError("FusedORPOLoss has no beta: Liger-Kernel's ORPO beta is our orpo_lambda; pass "
+                            "orpo_lambda=... or use FusedORPOLoss.from_liger(beta=...)")
         super().__init__(**options)
         self.orpo_lambda = orpo_lambda
+        self.nll_weight = nll_weight_option(type(self).__name__, nll_weight, None, compute_nll_loss, default=1.0)
+
+    def run_logprobs(self, head: object, hidden: Tensor, targets: Tensor, **options) -> SequenceBatch:
+        batch = super().run_logprobs(head, hidden, targets, **options)
+        batch.nll_inputs = (hidden, targets.shape, options["seq_ids"])  # what an nll_targets pass reads
+        return batch
+
+    def compute_loss(self, batch: SequenceBatch, nll_targets: Optional[Tensor] = None,
+                     nll_target: Optional[Tensor] = None) -> Tuple[Tensor, Metrics]:
+        c, r, _, _, lc, lr = self.pairs(batch)
+        nll_targets = liger_alias("FusedORPOLoss", "nll_targets", nll_targets, "nll_target", nll_target)
+        nll_logps = nll_lengths = None
+        if nll_targets is not None:
+            hidden, shape, seq_ids = batch.nll_inputs
+            if tuple(getattr(nll_targets, "shape", ())) != tuple(shape):
+                raise ValueError(f"nll_targets must have the shape of targets {tuple(shape)}")
+            hidden, nll_targets, seq_ids, num_seqs = chosen_half(hidden, nll_targets, seq_ids, batch.num_seqs)
+            stats = self.extra_logprobs(batch, hidden, nll_targets, seq_ids=seq_ids, num_seqs=num_seqs)
+            nll_logps, nll_lengths = stats.logps, stats.lengths
+        return self.liger_metrics(batch, losses.orpo(c, r, lc, lr, orpo_lambda=self.orpo_lambda, nll_weight=self.nll_weight,
+                                                     nll_logps=nll_logps, nll_lengths=nll_lengths))
+
+
+class FusedCPOLoss(LigerCompatible, _PairwiseLoss):
+    r"""CPO (Xu et al. 2024, arXiv:2401.08417), fused; reference-free.
+
+    ``loss = mean[-(1-eps) log sigma(x) - eps log sigma(-x)] + nll_weight * NLL``, x = beta (S_w - S_l),
+    NLL = -sum(S_w) / sum(n_w); eps = ``label_smoothing``. ``average_log_prob=True`` uses S/n in x (and
+    in the rewards); the NLL is unchanged.
+
+    Equal to Liger-Kernel's ``LigerFusedLinearCPOLoss`` at the same defaults; its names are accepted
+    (``alpha`` is ``nll_weight``; ``compute_nll_loss`` as in :class:`FusedSimPOLoss`), and :meth:`from_liger`.
+    """
+
+    reference_mode = "none"
+    _LIGER_NAME = "cpo"
+
+    def __init__(self, beta: float = 0.1, nll_weight: Optional[float] = None, label_smoothing: float = 0.0,
+                 average_log_prob: bool = False, compute_nll_loss: Optional[bool] = None,
+                 alpha: Optional[float] = None, **options) -> None:
+        super().__init__(**options)
+        self.beta, self.label_smoothing, self.average_log_prob = beta, label_smoothing, average_log_prob
+        self.nll_weight = nll_weight_option(type(self).__name__, nll_weight, alpha, compute_nll_loss, default=1.0)
 
     def compute_loss(self, batch: SequenceBatch) -> Tuple[Tensor, Metrics]:
         c, r, _, _, lc, lr = self.pairs(batch)
-        return losses.orpo(c, r, lc, lr, orpo_lambda=self.orpo_lambda)
-
-
-class FusedCPOLoss(_PairwiseLoss):
-    r"""CPO (Xu et al. 2024, arXiv:2401.08417), fused; reference-free.
-
-    ``loss = mean[-log sigma(beta (S_w - S_l))] + nll_weight * NLL``, NLL = -sum(S_w) / sum(n_w).
-
-    Equal to Liger-Kernel's ``LigerFusedLinearCPOLoss`` defaults (summed log-probs, beta 0.1,
-    ``alpha`` = our ``nll_weight`` = 1, ``label_smoothing=0``).
-    """
-
-    reference_mode = "none"
-
-    def __init__(self, beta: float = 0.1, nll_weight: float = 1.0, **options) -> None:
-        super().__init__(**options)
-        self.beta, self.nll_weight = beta, nll_weight
-
-    def compute_loss(self, batch: SequenceBatch) -> Tuple[Tensor, Metrics]:
-        c, r, _, _, lc, _ = self.pairs(batch)
-        return losses.cpo(c, r, lc, beta=self.beta, nll_weight=self.nll_weight)
+        return self.liger_metrics(batch, losses.cpo(c, r, lc, lr, beta=self.beta, nll_weight=self.nll_weight,
+                                                    label_smoothing=self.label_smoothing,
+                                                    average_log_prob=self.average_log_prob))
 
 
 # ---------------------------------------------------------------------------------------------------

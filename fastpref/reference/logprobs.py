@@ -1,7 +1,7 @@
 """Eager ``fused_logprobs``: materializes the full logits, plain autograd. The test oracle."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,19 +22,23 @@ def eager_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return logits
 
 
-def eager_token_stats(prep: Prepared):
-    """Per-position (token_logps, ref_token_logps, token_kl) with full logits."""
+def eager_token_stats(prep: Prepared, extras: Optional[Dict[str, torch.Tensor]] = None):
+    """Per-position (token_logps, ref_token_logps, token_kl) with full logits; ``extras``, when given, is
+    filled with the per-position values of ``prep.extra_outputs`` (:func:`eager_extras`)."""
     mask = prep.valid
     safe_targets = torch.where(mask, prep.targets, torch.zeros_like(prep.targets)).unsqueeze(1)
     # Ignored rows are zeroed before the projection, so that a non-finite hidden state there (padding)
     # reaches neither the outputs nor, through the softmax backward, the gradients.
     hidden = torch.where(mask.unsqueeze(1), prep.hidden, torch.zeros((), dtype=prep.hidden.dtype))
-    logp = torch.log_softmax(eager_logits(hidden, prep.weight, prep.bias, prep.temperature, prep.softcap), -1)
+    logits = eager_logits(hidden, prep.weight, prep.bias, prep.temperature, prep.softcap)
+    logp = torch.log_softmax(logits, -1)
     # torch.where, not "* mask": a non-finite value at an ignored position must not leak into the sums.
     def masked(values: torch.Tensor) -> torch.Tensor:
         return torch.where(mask, values, torch.zeros((), dtype=values.dtype))
 
     token_logps = masked(logp.gather(1, safe_targets).squeeze(1))
+    if extras is not None:
+        extras.update({name: masked(v) for name, v in eager_extras(prep, logits, logp, safe_targets).items()})
     ref_token_logps = token_kl = None
     if prep.ref_hidden is not None:
         with torch.no_grad():
@@ -50,9 +54,27 @@ def eager_token_stats(prep: Prepared):
     return token_logps, ref_token_logps, token_kl
 
 
+def eager_extras(prep: Prepared, logits: torch.Tensor, logp: torch.Tensor,
+                 targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The requested extras of every position from the full logits ``[N, V]`` and log-softmax: entropy
+    (with its autograd graph), mean logit, target-is-top-1 (0/1) and ``log sum_v p_v^2``."""
+    out = {}
+    for name in prep.extra_outputs:
+        if name == "entropy":
+            out[name] = -(logp.exp() * logp).sum(-1)
+        elif name == "mean_logits":
+            out[name] = logits.detach().mean(-1)
+        elif name == "is_top1":
+            top = logits.detach().gather(1, targets).squeeze(1) >= logits.detach().amax(-1)
+            out[name] = top.to(logits.dtype)
+        else:
+            out[name] = torch.logsumexp(2 * logp.detach(), -1)
+    return out
+
+
 def fused_logprobs(hidden, weight, targets, *, bias=None, seq_ids=None, num_seqs=None, ref_hidden=None,
                    ref_weight=None, ref_bias=None, kl=None, temperature=1.0, softcap=None, ignore_index=IGNORE_INDEX,
-                   backend="auto", vocab_parallel_group=None) -> LogprobStats:
+                   backend="auto", vocab_parallel_group=None, extra_outputs=()) -> LogprobStats:
     """Eager twin of :func:`fastpref.fused_logprobs` (same signature and outputs; ``backend`` ignored).
 
     ``vocab_parallel_group`` is not supported here: the oracle for a vocabulary-parallel call is this
@@ -65,6 +87,7 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, seq_ids=None, num_seqs
     prep = prepare(
         hidden, weight, targets, bias=bias, seq_ids=seq_ids, num_seqs=num_seqs, ref_hidden=ref_hidden,
         ref_weight=ref_weight, ref_bias=ref_bias, kl=kl, temperature=temperature, softcap=softcap,
-        ignore_index=ignore_index, backend="torch" if backend == "auto" else backend,
+        ignore_index=ignore_index, backend="torch" if backend == "auto" else backend, extra_outputs=extra_outputs,
     )
-    return assemble(prep, *eager_token_stats(prep))
+    extras: Dict[str, torch.Tensor] = {}
+    return assemble(prep, *eager_token_stats(prep, extras), extras=extras)
