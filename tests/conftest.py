@@ -1,7 +1,12 @@
 import os
+import tempfile
 
-import pytest
-import torch
+# A fresh Inductor cache per test session: a cache left by an older fastpref (another custom-op schema) on the
+# same machine would be reused and fail (tests/test_compile.py).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastpref-inductor-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Two cores on CI: keep intra-op threads bounded and deterministic.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -46,8 +46,6 @@ GEMM_KERNELS = ("logprobs_fwd", "logprobs_bwd", "logprobs_dz")
 # variant -> (input dtype, dot input precision, constexpr flags, kernels it applies to)
 _FLAGS = dict(HAS_BIAS=True, HAS_REF=True, HAS_REF_BIAS=True, KL_MODE=1, SOFTCAP=True, UPCAST=False,
               NEED_DH=True, NEED_DW=True, NEED_DB=True, SPLIT=False, EXTRAS=False, ENTROPY=False)
-# The extra outputs (``extra_outputs``: EXTRAS, ENTROPY) stay off in every variant: with them on, three sm_80 bf16
-# configurations spill 16-40 B (fwd n64_v64_d32_w4_s4; dz n64_v128_d32_w8_s3 and n64_v64_d32_w4_s4).
 VARIANTS = {
     "bf16_kl": ("bf16", "tf32", _FLAGS, GEMM_KERNELS),
     "bf16_rkl": ("bf16", "tf32", dict(_FLAGS, KL_MODE=2), GEMM_KERNELS),
@@ -59,6 +57,13 @@ VARIANTS = {
 # variant -> the precision column of the kernels' config tables
 VARIANT_PRECISION = {"bf16_kl": "half", "bf16_rkl": "half", "fp32_kl": "fp32", "tf32_kl": "tf32",
                      "bf16_kl_split": "half", "kl": "half"}
+# Each variant again with the extra outputs on (``extra_outputs``: EXTRAS in the forward and combine, ENTROPY in
+# the backward kernels), ``<variant>_extras``, over the configurations the autotuner keeps for them: the kernel
+# module's ``EXTRAS_TABLE`` (``configs.pruner``), without the ones that spill with the extras' live tiles.
+EXTRAS_SUFFIX = "_extras"
+VARIANTS.update({name + EXTRAS_SUFFIX: (dtype, precision, dict(flags, EXTRAS=True, ENTROPY=True), kernels)
+                 for name, (dtype, precision, flags, kernels) in list(VARIANTS.items())})
+VARIANT_PRECISION.update({name + EXTRAS_SUFFIX: column for name, column in list(VARIANT_PRECISION.items())})
 
 # Pointer element types by argument name (any other ``*_ptr`` is fp32): the heads and the dz workspace are in
 # the input dtype, position indices are int64, counts int32. Other non-constexpr scalars are i32 unless float.
@@ -278,6 +283,13 @@ def compile_one(job: tuple) -> KernelReport:
                         cubin_path=stem + ".cubin", sass=parse_sass(disassemble(stem + ".cubin")))
 
 
+def variant_table(module, kernel_name: str, variant: str) -> dict:
+    """The config table the autotuner draws from for ``variant``: the kernel's ``*_CONFIGS``, or with the extra
+    outputs on, the module's ``EXTRAS_TABLE`` (a pruning of it) where the module has one."""
+    table = getattr(module, KERNELS[kernel_name][2])
+    return getattr(module, "EXTRAS_TABLE", table) if variant.endswith(EXTRAS_SUFFIX) else table
+
+
 def jobs_for(arch: str, out_dir: str, kernels: Optional[List[str]] = None,
              variants: Optional[List[str]] = None) -> list:
     import importlib
@@ -286,12 +298,11 @@ def jobs_for(arch: str, out_dir: str, kernels: Optional[List[str]] = None,
 
     jobs = []
     for kernel_name in kernels or list(KERNELS):
-        module_name, _, configs_name = KERNELS[kernel_name]
-        table = getattr(importlib.import_module(module_name), configs_name)
+        module = importlib.import_module(KERNELS[kernel_name][0])
         for variant in variants or list(VARIANTS):
             if kernel_name not in VARIANTS[variant][3]:
                 continue
-            for cfg in table[(arch, VARIANT_PRECISION[variant])]:
+            for cfg in variant_table(module, kernel_name, variant)[(arch, VARIANT_PRECISION[variant])]:
                 jobs.append((kernel_name, variant, arch, config_tuple(cfg), out_dir))
     return jobs
 

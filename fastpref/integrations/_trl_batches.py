@@ -170,3 +170,25 @@ def sampled_rows(prompts: List[torch.Tensor], generated: torch.Tensor, pad_id: i
         ids.append(torch.cat([p.cpu(), torch.tensor(new, dtype=torch.long)]))
         completion.append(torch.tensor([0] * p.numel() + [1] * len(new), dtype=torch.long))
     return pad_rows(ids, pad_id), pad_rows([torch.ones_like(t) for t in ids], 0), pad_rows(completion, 0)
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """Padding-free model inputs for right-padded rows: every row's real tokens one after another in a single row,
+    with ``position_ids`` restarting at 0 for each (how ``transformers`` marks packed sequences: with no
+    ``attention_mask``, SDPA/eager attention build a block-diagonal causal mask and flash-attention's varlen kernel
+    takes the boundaries from them). Returns ``(model inputs, mask)``, ``mask`` ``[R, T]`` the real tokens, for
+    :func:`unpack_hidden`. Positions equal the padded forward's (``arange`` per row) for right padding."""
+    mask = attention_mask.bool()
+    if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+        raise ValueError("padding_free packs right-padded rows (each row's tokens first, then padding)")
+    positions = (mask.long().cumsum(dim=1) - 1)[mask]
+    return dict(input_ids=input_ids[mask].unsqueeze(0), position_ids=positions.unsqueeze(0)), mask
+
+
+def unpack_hidden(hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Hidden states ``[1, L, D]`` of :func:`pack_rows`' single row back in the rows' padded layout ``[R, T, D]``
+    (zeros at padding; differentiable). ``mask=None``: ``hidden`` is already padded and returned as is."""
+    if mask is None:
+        return hidden
+    out = hidden.new_zeros(*mask.shape, hidden.shape[-1])
+    return out.masked_scatter(mask.unsqueeze(-1), hidden[0])

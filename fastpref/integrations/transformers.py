@@ -12,10 +12,10 @@ weight/bias and that elementwise map. This module extracts them:
   ``log_softmax(model(...).logits)[:, :-1]`` gathered at ``labels[:, 1:]``;
 - ``logits_to_keep`` slices hidden states and the *already shifted* targets together, exactly like the model
   slices its hidden states before its head;
-- logit maps: Gemma 2's ``final_logit_softcapping`` becomes ``softcap``; Cohere's ``logit_scale`` and
-  Granite's ``logits_scaling`` become an equivalent ``temperature`` (logits / temperature). Both belong to
-  the head: they are read from the model's config once (:func:`head_inputs`) and travel with it
-  (:meth:`LMHeadInputs.head_kwargs`) into each loss call, never into a loss module's constructor;
+- logit maps: what each model class's forward does to ``lm_head(hidden)`` (a soft-cap, a multiplier or divisor of
+  the logits or of the hidden states) becomes ``softcap``/``temperature`` (:mod:`fastpref.integrations._heads`
+  lists every class); a head the op cannot express raises ``UnsupportedHeadError``. Both values belong to the
+  head: read once (:func:`head_inputs`), they travel with it (:meth:`LMHeadInputs.head_kwargs`) into each loss call;
 - unwrapping: :func:`hf_model` is the one way to the ``transformers`` model inside DDP / DeepSpeed / PEFT
   wrappers, and :func:`backbone_hidden` (from ``fastpref._hf``) the one reader of a backbone's output;
 - tied embeddings need nothing special: the head weight *is* the embedding parameter, so its gradient
@@ -38,6 +38,7 @@ import torch
 from .._hf import backbone_hidden
 from .._types import IGNORE_INDEX
 from . import distributed as _dist
+from ._heads import HeadMap, UnsupportedHeadError, head_map  # noqa: F401  (UnsupportedHeadError: re-exported)
 from .distributed import sharding_kind  # re-exported: one detection for every integration
 
 LogitsToKeep = Union[int, torch.Tensor]
@@ -123,13 +124,10 @@ def hf_model(model: torch.nn.Module) -> torch.nn.Module:
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The module that maps ``input_ids`` to final hidden states, i.e. the model minus its LM head."""
     model = hf_model(model)
-    base = getattr(model, "base_model", None)
-    if isinstance(base, torch.nn.Module) and base is not model:
-        return base
-    if hasattr(model, "get_decoder"):
-        decoder = model.get_decoder()
-        if decoder is not model:
-            return decoder
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for base in (getattr(model, "base_model", None), decoder, getattr(model, "model", None)):  # Llama 4: .model
+        if isinstance(base, torch.nn.Module) and base is not model:
+            return base
     raise TypeError(
         f"model ({type(model).__name__}) has no backbone (base_model / get_decoder()): expected a *ForCausalLM model"
     )
@@ -187,24 +185,21 @@ def head_parameters(model: torch.nn.Module) -> Tuple[torch.Tensor, Optional[torc
     return head.weight, getattr(head, "bias", None)
 
 
-def logit_transform(config: Any) -> Tuple[Optional[float], float]:
-    """``(softcap, temperature)`` reproducing the model's elementwise map of the head's output.
+def logit_transform(config_or_model: Any) -> Tuple[Optional[float], float]:
+    """``(softcap, temperature)`` reproducing the elementwise map a model's forward applies to its head's output:
+    that of the model's class (possibly wrapped), or of the causal-LM class of a config's ``model_type``, per
+    :data:`fastpref.integrations._heads.RULES` (e.g. Gemma 2's soft-cap is ``softcap``, Cohere's ``logits *
+    logit_scale`` is ``temperature = 1 / logit_scale``, Granite's ``logits / logits_scaling`` is ``temperature =
+    logits_scaling``). Raises ``UnsupportedHeadError`` naming the class for a head the fused op cannot reproduce."""
+    hm = _head_map(config_or_model)
+    return hm.softcap, hm.temperature
 
-    - ``final_logit_softcapping`` (Gemma 2): ``logits -> c * tanh(logits / c)`` is ``softcap=c``.
-    - ``logit_scale`` (Cohere): ``logits * s`` is ``temperature = 1 / s``.
-    - ``logits_scaling`` (Granite): ``logits / s`` is ``temperature = s``.
-    The scaling is applied before the soft-cap, as in ``fused_logprobs``.
-    """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(text, "final_logit_softcapping", None)
-    temperature = 1.0
-    scale = getattr(text, "logit_scale", None)
-    if isinstance(scale, (int, float)) and scale not in (0, 1):
-        temperature = 1.0 / float(scale)
-    scaling = getattr(text, "logits_scaling", None)
-    if isinstance(scaling, (int, float)) and scaling not in (0, 1):
-        temperature = float(scaling)
-    return (None if softcap is None else float(softcap)), temperature
+
+def _head_map(config_or_model: Any) -> HeadMap:
+    if isinstance(config_or_model, torch.nn.Module):
+        model = hf_model(config_or_model)
+        return head_map(model.config, type(model).__name__, model)
+    return head_map(config_or_model)
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -277,9 +272,11 @@ def head_inputs(
         raise ValueError(f"hidden_states must be [B, T, D], got shape {tuple(hidden_states.shape)}")
     if tuple(labels.shape) != tuple(hidden_states.shape[:2]):
         raise ValueError(f"labels must have shape {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}")
+    hm = _head_map(model)
     if weight is None:
         weight, bias = head_parameters(model)
-    softcap, temperature = logit_transform(hf_model(model).config)
+    weight, bias = hm.fit(weight, bias, type(hf_model(model)).__name__)
+    softcap, temperature = hm.softcap, hm.temperature
     if hidden_states.dtype != weight.dtype:
         hidden_states = hidden_states.to(weight.dtype)
     targets = shift_labels(labels.to(hidden_states.device).long(), ignore_index)
@@ -324,6 +321,7 @@ def lm_head_inputs(
         weight, bias: a gathered head to use instead of the model's own parameters (see :func:`gather_lm_head`).
         **backbone_kwargs: passed to the backbone (``position_ids``, ``inputs_embeds``...).
     """
+    _head_map(model)  # an unsupported head raises before the backbone runs
     if labels is None:
         if input_ids is None:
             raise ValueError("labels is required when input_ids is not given (inputs_embeds)")

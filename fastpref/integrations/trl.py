@@ -24,15 +24,16 @@ from ._trl_batches import (
     cat_rows,
     check_config,
     check_loss_kwargs,
-    left_padded_prompts,
-    sampled_rows,
+    pack_rows,
     scored_labels,
     select_group_rows,
     tokenize_candidates,
+    unpack_hidden,
 )
 from ._trl_config import check_family_fields, loss_class_and_kwargs
 from ._trl_metrics import TRL_METRIC_NAMES, VOCAB_METRIC_OUTPUTS, store_metrics
-from ._trl_reference import autocast_dtype, check_peft_head, reference_head
+from ._trl_reference import autocast_dtype, check_peft_head, reference_head, reference_scope
+from ._trl_spo import SPOSamples
 from .distributed import through_sharded
 from .transformers import (
     LMHeadInputs,
@@ -63,7 +64,7 @@ OTHER = {name: n for name, n in LOSSES.items() if name not in PAIRWISE}
 
 
 
-class FastPrefDPOTrainer(DPOTrainer):
+class FastPrefDPOTrainer(SPOSamples, DPOTrainer):
     """TRL ``DPOTrainer`` whose loss is a fastpref fused loss (see the module docstring for the losses and data).
 
     Args (in addition to ``DPOTrainer``'s):
@@ -108,7 +109,15 @@ class FastPrefDPOTrainer(DPOTrainer):
         train_dataset = kwargs.get("train_dataset", args[4] if len(args) > 4 else None)
         check_config(args_, train_dataset, fastpref_loss)
         check_family_fields(args_, fastpref_loss)
-        super().__init__(*args, **kwargs)
+        # DPOConfig(padding_free=True): TRL 1.16 turns it off with a warning; fastpref packs the rows itself
+        self.fastpref_padding_free = bool(getattr(args_, "padding_free", False))
+        if self.fastpref_padding_free:
+            args_.padding_free = False
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if self.fastpref_padding_free:
+                args_.padding_free = True
         self._check_model()
         self.fastpref_loss_fn = self._build_loss(loss_kwargs, fastpref_eager)
         self.fastpref_loss_fn.to(self.accelerator.device)
@@ -212,10 +221,12 @@ class FastPrefDPOTrainer(DPOTrainer):
             # own is still a DTensor here: through_sharded runs the loss as the head's forward, where FSDP gathers
             # it and reduces its gradient (a full_tensor() gather would give wrong head gradients).
             head = hf_model(model).get_output_embeddings()
+            hidden = unpack_hidden(hidden, packed)
             return through_sharded(head, lambda: self._fused_loss(
                 model, hidden, input_ids, attention_mask, labels, keep, num_main, kl_rows, inputs, extra))
 
-        loss, metrics = model(input_ids=input_ids, attention_mask=attention_mask, fastpref_head_fn=head_loss)
+        model_inputs, packed = self._model_inputs(input_ids, attention_mask)
+        loss, metrics = model(**model_inputs, fastpref_head_fn=head_loss)
         if mcpo_full is not None:  # report the full groups: all K + 1 log-probs, negatives as column indices
             metrics = {**metrics, "logps": mcpo_full["logps"], "negatives": mcpo_full["negatives"]}
         self._log_metrics(mode, metrics, inputs, keep[:num_main].sum(dim=1))
@@ -286,6 +297,7 @@ class FastPrefDPOTrainer(DPOTrainer):
         labels, keep = scored_labels(input_ids, completion_mask, loss_fn.ignore_index)
 
         def statistics(hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            hidden = unpack_hidden(hidden, packed)
             with gather_lm_head(model, detach=True) as head, self._reference_head() as ref_head:
                 pol = self._head_inputs(model, hidden, labels, keep, head)
                 ref = self._head_inputs(model, self._reference_hidden(input_ids, attention_mask), labels, keep,
@@ -296,7 +308,8 @@ class FastPrefDPOTrainer(DPOTrainer):
             return stats.logps, stats.ref_logps
 
         with torch.no_grad():
-            logps, ref_logps = model(input_ids=input_ids, attention_mask=attention_mask, fastpref_head_fn=statistics)
+            model_inputs, packed = self._model_inputs(input_ids, attention_mask)
+            logps, ref_logps = model(**model_inputs, fastpref_head_fn=statistics)
             logps, ref_logps = logps.view(num_groups, group_size), ref_logps.view(num_groups, group_size)
             negatives = loss_fn.sample_negatives(logps, ref_logps)
         m = negatives.shape[1]
@@ -324,57 +337,21 @@ class FastPrefDPOTrainer(DPOTrainer):
         """
         # Under the policy's autocast: the reference's forward (patched by enable_hidden_forward) skips the autocast
         # wrapper that accelerate put on it, and the head function runs with autocast off.
+        model_inputs, packed = self._model_inputs(input_ids, attention_mask)
         with torch.no_grad(), self.accelerator.autocast():
             if self.ref_model is not None:
-                out = self.ref_model(input_ids=input_ids, attention_mask=attention_mask, fastpref_hidden=True)
+                out = self.ref_model(**model_inputs, fastpref_hidden=True)
             else:
-                from trl.trainer.utils import use_adapter
+                with reference_scope(self.model, None):
+                    out = backbone(self.accelerator.unwrap_model(self.model))(**model_inputs, use_cache=False)
+        return unpack_hidden(backbone_hidden(out), packed)
 
-                peft_model = self.accelerator.unwrap_model(self.model)
-                name = "ref" if "ref" in getattr(peft_model, "peft_config", {}) else None
-                with use_adapter(peft_model, adapter_name=name):
-                    out = backbone(peft_model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return backbone_hidden(out)
-
-    # -- SPO online samples ---------------------------------------------------------------------------
-
-    def _spo_kl_rows(self, model, rows: Rows, num_pairs: int) -> Optional[Rows]:
-        """(input_ids, attention_mask, completion_mask) of the sequences SPO's KL term is computed on."""
-        if getattr(self.fastpref_loss_fn, "kl_coef", 0.0) == 0.0:
-            return None
-        if self.spo_samples == "dataset":
-            return tuple(t[:num_pairs] for t in rows)
-        step = self.state.global_step
-        if self._spo_cache is None or step - self._spo_cache[0] >= self.spo_resample_every:
-            self._spo_cache = (step, self._sample_online(model, rows, num_pairs))
-        return self._spo_cache[1]
-
-    @torch.no_grad()
-    def _sample_online(self, model, rows: Rows, num_pairs: int) -> Rows:
-        """Sample completions y' ~ pi_theta(.|x') for the first ``spo_num_samples`` prompts of the batch."""
-        tok = self._tokenizer
-        prompts, left, left_mask = left_padded_prompts(rows, min(self.spo_num_samples, num_pairs), tok.pad_token_id)
-        policy = self.accelerator.unwrap_model(model)
-        was_training = policy.training
-        policy.eval()
-        try:
-            generated = policy.generate(
-                input_ids=left, attention_mask=left_mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                max_new_tokens=self.spo_max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        finally:
-            policy.train(was_training)
-        return sampled_rows(prompts, generated, tok.pad_token_id, tok.eos_token_id)
-
-    def _spo_kl_inputs(self, model, hidden, input_ids, attention_mask, labels, keep, num_main, head, ref_head):
-        """SPO's KL inputs: the sample rows of this step's policy forward, and the reference on them."""
-        # online: the samples were appended after the main rows; dataset: the chosen rows (first half)
-        rows = slice(num_main, None) if self.spo_samples == "online" else slice(0, num_main // 2)
-        kl_labels, kl_keep = labels[rows], keep[rows]
-        pol = self._head_inputs(model, hidden[rows], kl_labels, kl_keep, head)
-        ref_hidden = self._reference_hidden(input_ids[rows], attention_mask[rows])
-        ref = self._head_inputs(model, ref_hidden, kl_labels, kl_keep, ref_head)
-        return dict(kl_hidden=pol.hidden, kl_ref_hidden=ref.hidden, kl_targets=pol.targets, kl_seq_ids=pol.seq_ids,
-                    kl_num_seqs=pol.num_seqs)
+    def _model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """``(model keywords, packing mask)``: the padded rows, or with ``DPOConfig(padding_free=True)`` the rows
+        packed into one without padding (:func:`pack_rows`; the head reads them back with :func:`unpack_hidden`)."""
+        if not self.fastpref_padding_free:
+            return dict(input_ids=input_ids, attention_mask=attention_mask), None
+        return pack_rows(input_ids, attention_mask)
 
     # -- logging --------------------------------------------------------------------------------------
 

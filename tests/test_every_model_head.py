@@ -1,0 +1,217 @@
+"""Every causal-LM class of the installed ``transformers``: fastpref's head inputs reproduce the model's own logits.
+
+Each class is built tiny from its config class (hidden 32, 2 layers, vocab 96, few heads) with every logit-map field
+its config has set to a non-trivial value (so a missing or wrong map, or one the model does not apply, fails), its
+forward's ``log_softmax(logits)`` gathered at the next tokens is compared with ``head_inputs`` +
+``fused_logprobs`` (through :func:`fastpref.integrations.transformers.lm_head_inputs`), in float64 where the model
+runs in float64. A class whose head fastpref refuses must raise ``UnsupportedHeadError`` naming it. The classes are
+enumerated from ``transformers`` itself; the ones that cannot be built offline are listed in ``EXCLUDED`` with the
+reason, and the test asserts that list holds only such classes.
+"""
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from _trl_fixtures import one_thread  # noqa: E402,F401  (autouse)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
+
+from fastpref.integrations import _heads  # noqa: E402
+from fastpref.integrations import transformers as hf  # noqa: E402
+
+
+def _all_classes():
+    """Class name -> model_type of its own config class: the causal-LM auto mapping plus every ``*ForCausalLM`` /
+    ``*LMHeadModel`` class ``transformers`` exports."""
+    names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    names |= {n for n in dir(transformers) if n.endswith(("ForCausalLM", "LMHeadModel")) and not n.startswith("Auto")}
+    types = {name: model_type for model_type, name in reversed(list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()))}
+    return {name: getattr(getattr(transformers, name).config_class, "model_type", None) or types[name]
+            for name in sorted(names)}
+
+
+CLASSES = _all_classes()
+
+_TOWER = "needs a vision/audio tower whose default sizes do not fit a tiny CPU test"
+# Classes not built here, with the reason. Their heads are classified from their code only (fastpref.integrations.
+# _heads); test_exclusions_are_only_those asserts this is the exact list.
+EXCLUDED = {
+    "Gemma3nForConditionalGeneration": "its vision tower (TimmWrapperModel) needs the timm package, not installed",
+    **{name: _TOWER for name in ("FuyuForCausalLM", "Gemma3ForConditionalGeneration", "Gemma4ForConditionalGeneration",
+                                 "Gemma4UnifiedForConditionalGeneration", "Gemma4UnifiedAssistantForCausalLM",
+                                 "MllamaForCausalLM", "MossTranscribeDiarizeForConditionalGeneration",
+                                 "Phi4MultimodalForCausalLM")},
+    "BltForCausalLM": "its byte-latent patcher and local encoder/decoder take minutes (150 s) even from a tiny config",
+}
+# Classes whose tiny config was not worked out yet (the generic tiny sizes break a model-specific constraint).
+NOT_BUILT = {
+    "AXK1ForCausalLM": "MLA head sizes: shape '[-1, 8, 0]' is invalid",
+    "CohereCompassForCausalLM": "layer_types: KeyError 'full_attention'",
+    "DbrxForCausalLM": "attn_config lacks rope_theta",
+    "Dots1ForCausalLM": "a None size in the MoE config",
+    "Gemma3nForCausalLM": "KV-sharing layer types do not match 2 layers",
+    "Gemma4AssistantForCausalLM": "hidden_size_per_layer_input must be 0",
+    "Lfm2MoeForCausalLM": "layer_types is None",
+    "Mistral4ForCausalLM": "MLA rope head sizes",
+    "XGLMForCausalLM": "positional embedding overflow with the tiny sizes",
+    "ZambaForCausalLM": "layer_types length must equal num_hidden_layers",
+    "Zamba2ForCausalLM": "layer_types length must equal num_hidden_layers",
+}
+
+V = 96
+TINY = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, n_embd=32, n_layer=2, n_head=4, d_model=32,
+            n_positions=64, num_layers=2, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=48,
+            encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=48, moe_intermediate_size=16,
+            n_routed_experts=4, num_experts=4, num_local_experts=4, num_experts_per_tok=2, ffn_dim=48, n_inner=48,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+            kv_lora_rank=16, q_lora_rank=16, rotary_dim=4, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
+            mamba_d_state=8, is_decoder=True)
+# Non-trivial values for the logit-map fields a config has (a model that applies one changes its logits).
+MAP_VALUES = dict(final_logit_softcapping=1.5, logit_scale=0.5, logits_scaling=3.0, lm_head_multiplier=2.5,
+                  output_multiplier=0.7, logits_soft_cap=1.7, output_logit_soft_cap=1.3,
+                  logits_mup_width_multiplier=2.0, unpadded_vocab_size=80)
+# Per model_type config changes the generic tiny config needs (None drops a generic key).
+OVERRIDES = {
+    "falcon": dict(head_dim=None),
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
+    "mamba2": dict(head_dim=16, num_heads=4, n_groups=1, state_size=8),
+    "zaya": dict(num_experts_per_tok=1),
+    "prophetnet": dict(num_hidden_layers=None, num_encoder_layers=1, num_decoder_layers=1),
+    "gemma4_text": dict(head_dim=None),
+    "xlstm": dict(v_head_dim=None, qk_rope_head_dim=None, qk_nope_head_dim=None, head_dim=None),
+    "falcon_h1": dict(mamba_n_heads=None, mamba_d_head=None, mamba_n_groups=None, mamba_d_state=None),
+    "xlnet": dict(n_positions=None, max_position_embeddings=None, d_inner=48, d_head=None, head_dim=None),
+    "reformer": dict(axial_pos_embds_dim=(16, 16), axial_pos_shape=(4, 4), max_position_embeddings=16,
+                     attn_layers=["local", "local"], local_attn_chunk_length=4, num_hidden_layers=None),
+    **{t: dict(num_key_value_heads=4) for t in ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32",
+                                                  "glm4_moe_lite", "glm_moe_dsa", "longcat_flash", "youtu")},
+    "minicpm3": dict(num_key_value_heads=4, logits_scaling=None, dim_model_base=8),  # logits_scaling = 32 / 8
+    "gemma4_unified_text": dict(head_dim=None),
+}
+FP32 = {"inkling2_text", "inkling2_loop_text"}  # models that cast inside their layers to float32
+
+
+def _has(obj, key):
+    try:
+        return hasattr(obj, key)
+    except Exception:  # e.g. XLNet's max_position_embeddings raises NotImplementedError
+        return False
+
+
+def _config(model_type):
+    cfg_cls = transformers.CONFIG_MAPPING[model_type]
+    defaults = cfg_cls()
+    kwargs = {k: v for k, v in TINY.items() if _has(defaults, k)}
+    kwargs.update({k: v for k, v in MAP_VALUES.items() if _has(defaults, k)})
+    kwargs.update(OVERRIDES.get(model_type, {}))
+    config = cfg_cls(**{k: v for k, v in kwargs.items() if v is not None})
+    text = _heads._text(config)
+    if text is not config:
+        for k, v in MAP_VALUES.items():
+            if _has(text, k) and not isinstance(getattr(type(text), k, None), property):
+                setattr(text, k, v)
+    if hasattr(config, "_experts_implementation"):
+        config._experts_implementation = "eager"
+        text._experts_implementation = "eager"
+    return config
+
+
+def build(name):
+    """The tiny float64 (float32 where the model computes in float32) model of class ``name``, in eval mode."""
+    config = _config(CLASSES[name])
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, name)(config)
+    return (model.float() if CLASSES[name] in FP32 else model.double()).eval()
+
+
+def _ids():
+    return torch.randint(3, 80, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def _check(name):
+    model = build(name)
+    ids = _ids()
+    if name in _heads.REFUSED:
+        with pytest.raises(hf.UnsupportedHeadError, match=name):
+            hf.lm_head_inputs(model, ids)
+        return
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+        out = hf.lm_head_inputs(model, ids)
+        got = out.logprobs().token_logps[:, :-1]
+    if name in _heads.RULES and _heads.RULES[name] is not _heads._xlm:  # map values set: a wrong map fails
+        assert (out.softcap, out.temperature) != (None, 1.0), name
+    truth = torch.log_softmax(logits.double(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    tol = dict(rtol=1e-10, atol=1e-10) if logits.dtype == torch.float64 else dict(rtol=2e-6, atol=2e-5)
+    torch.testing.assert_close(got.double(), truth, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("name", sorted(set(CLASSES) - set(EXCLUDED) - set(NOT_BUILT)))
+def test_head_reproduces_model_logits(name):
+    _check(name)
+
+
+def test_every_class_is_surveyed():
+    known = _heads.PLAIN | set(_heads.RULES) | set(_heads.REFUSED)
+    assert sorted(set(CLASSES) - known) == []  # a new transformers class: survey its forward in _heads
+    assert not set(EXCLUDED) & set(NOT_BUILT)
+    assert len(CLASSES) - len(EXCLUDED) - len(NOT_BUILT) >= 165  # the built ones: nearly all
+
+
+@pytest.mark.parametrize("name", sorted(NOT_BUILT))
+def test_not_built_classes_still_fail_to_build(name):
+    """NOT_BUILT holds only classes the generic tiny config cannot build: one that builds must move to the test."""
+    with pytest.raises(Exception):  # noqa: B017 - each fails its own way (config validation, shapes, KeyError)
+        model = build(name)
+        model(input_ids=_ids(), use_cache=False)
+
+
+def test_exclusions_are_only_those():
+    assert set(EXCLUDED) <= set(CLASSES)
+    assert set(EXCLUDED.values()) <= {_TOWER, EXCLUDED["Gemma3nForConditionalGeneration"], EXCLUDED["BltForCausalLM"]}
+    with pytest.raises(ImportError, match="timm"):  # the one missing package
+        build("Gemma3nForConditionalGeneration")
+
+
+def test_hidden_scale_with_head_bias_is_refused():
+    """MiniCPM3 divides the hidden states by logits_scaling before its head: a temperature only without a bias."""
+    model = build("MiniCPM3ForCausalLM")
+    assert hf.logit_transform(model) == (None, 4.0)
+    model.lm_head = torch.nn.Linear(32, V, bias=True, dtype=torch.float64)
+    with pytest.raises(hf.UnsupportedHeadError, match="MiniCPM3ForCausalLM.*bias"):
+        hf.lm_head_inputs(model, _ids())
+
+
+def test_inkling_keeps_the_unpadded_vocabulary():
+    model = build("InklingForCausalLM")
+    out = hf.lm_head_inputs(model, _ids())
+    assert out.weight.shape[0] == MAP_VALUES["unpadded_vocab_size"] < model.lm_head.weight.shape[0]
+
+
+def test_xlm_adaptive_softmax_and_unknown_classes_with_map_fields_are_refused():
+    config = transformers.XLMConfig(asm=True)
+    with pytest.raises(hf.UnsupportedHeadError, match="adaptive softmax"):
+        hf.logit_transform(config)
+    assert hf.logit_transform(transformers.XLMConfig()) == (None, 1.0)
+    model = build("LlamaForCausalLM")
+    Unknown = type("MyCustomForCausalLM", (type(model),), {})  # an unlisted class (remote code, a user's model)
+    model.__class__ = Unknown
+    assert hf.logit_transform(model) == (None, 1.0)
+    model.config.logits_scaling = 2.0
+    with pytest.raises(hf.UnsupportedHeadError, match="MyCustomForCausalLM.*logits_scaling"):
+        hf.lm_head_inputs(model, _ids())
+
+
+def test_configs_map_to_their_class_rules():
+    """A config alone is read as the causal-LM class of its model_type (the existing behaviour for the multipliers,
+    plus the ones an earlier version got wrong)."""
+    assert hf.logit_transform(transformers.HyperCLOVAXConfig(logits_scaling=0.25)) == (None, 4.0)  # multiplies
+    assert hf.logit_transform(transformers.GraniteConfig(logits_scaling=8.0)) == (None, 8.0)  # divides
+    assert hf.logit_transform(transformers.FalconH1Config(lm_head_multiplier=0.5)) == (None, 2.0)
+    with pytest.raises(hf.UnsupportedHeadError, match="DoryForCausalLM"):
+        hf.logit_transform(transformers.DoryConfig())
