@@ -6,7 +6,9 @@ runs on tensor cores; "fp32" uses an exact ``ieee`` dot (FMA), whose operands li
 so it needs smaller tiles; "tf32" is fp32 input with TF32 enabled (``tf32_enabled``)
 (TF32 tensor cores, as torch.matmul would use). The autotuner gets the union; ``prune_to_device``
 keeps only the list for the GPU it runs on and the input dtype, so an A100 never benchmarks
-H100-sized tiles.
+H100-sized tiles. A kernel with optional extra outputs (constexpr ``EXTRAS`` / ``ENTROPY``) also has an
+``*_EXTRAS_CONFIGS`` table, used when the flag is on: the default table with the columns whose
+configurations spill under the extras' register pressure replaced.
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -38,10 +40,11 @@ def config_name(cfg: triton.Config) -> str:
     return f"{blocks}_w{cfg.num_warps}_s{cfg.num_stages}"
 
 
-def union(table: ConfigTable) -> List[triton.Config]:
+def union(*tables: ConfigTable) -> List[triton.Config]:
+    """Every configuration of the tables, each once, in table order (the autotuner's candidate list)."""
     seen, out = set(), []
-    for key in table:
-        for cfg in table[key]:
+    for table in tables:
+        for cfg in (c for key in table for c in table[key]):
             if config_name(cfg) not in seen:
                 seen.add(config_name(cfg))
                 out.append(cfg)
@@ -88,13 +91,16 @@ def table_column(policy_dtype, ref_dtype=None) -> str:
     return next(c for c in ("fp32", "tf32", "half") if c in columns)
 
 
-def pruner(table: ConfigTable):
+def pruner(table: ConfigTable, extras_table: Optional[ConfigTable] = None, extras_flag: str = "EXTRAS"):
     """An ``early_config_prune`` hook keeping the configurations listed for the current GPU and the heads'
-    dtypes (a kernel without a reference passes its policy head as the reference head)."""
+    dtypes (a kernel without a reference passes its policy head as the reference head), from ``extras_table``
+    when the launch sets the constexpr ``extras_flag`` (the extra outputs hold more live tiles, so some
+    configurations spill there; ``fastpref kernels`` compiles both tables)."""
 
     def prune_to_device(configs, named_args, **kwargs):
+        extras = extras_table is not None and bool(kwargs.get(extras_flag, named_args.get(extras_flag, False)))
         key = (device_arch(), table_column(named_args["hidden_ptr"].dtype, named_args["ref_hidden_ptr"].dtype))
-        wanted = {config_name(c) for c in table[key]}
+        wanted = {config_name(c) for c in (extras_table if extras else table)[key]}
         kept = [c for c in configs if config_name(c) in wanted]
         return kept or configs
 

@@ -56,6 +56,24 @@ BWD_CONFIGS = {
     ],
 }
 
+# With ENTROPY (the entropy term of dz) the sm_80 bf16 4-warp and 128-row tiles and the 128-row/128-column TF32
+# tiles spill (`fastpref kernels`, the `*_extras` variants): those are pruned, and sm_80 bf16 gets an 8-warp
+# 64x64 tile with a 32-wide slice instead.
+BWD_EXTRAS_CONFIGS = {
+    **BWD_CONFIGS,
+    ("sm_80", "half"): [
+        config(64, 64, 64, num_warps=8, num_stages=3),
+        config(64, 64, 32, num_warps=8, num_stages=3),
+    ],
+    ("sm_80", "tf32"): [
+        config(64, 64, 32, num_warps=8, num_stages=3),
+        config(64, 64, 16, num_warps=4, num_stages=3),
+    ],
+    ("sm_90a", "tf32"): [
+        config(64, 64, 32, num_warps=8, num_stages=3),
+    ],
+}
+
 GROUP_N = 8  # row blocks per group of the grouped launch order
 
 BWD_KEY = ["n_rows_bucket", "V", "D", "D_ref", "KL_MODE", "DOT_PRECISION", "REF_DOT_PRECISION", "ENTROPY"]
@@ -131,8 +149,8 @@ def logprobs_bwd_kernel(
 
 
 logprobs_bwd_autotuned = triton.autotune(
-    configs=union(BWD_CONFIGS), key=BWD_KEY,
-    prune_configs_by={"early_config_prune": pruner(BWD_CONFIGS)},
+    configs=union(BWD_CONFIGS, BWD_EXTRAS_CONFIGS), key=BWD_KEY,
+    prune_configs_by={"early_config_prune": pruner(BWD_CONFIGS, BWD_EXTRAS_CONFIGS, "ENTROPY")},
     # Every benchmark run accumulates into the gradients: zero them before each.
     reset_to_zero=["d_hidden_ptr", "d_weight_ptr", "d_bias_ptr"],
 )(logprobs_bwd_kernel)

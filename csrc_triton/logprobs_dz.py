@@ -48,6 +48,26 @@ DZ_CONFIGS = {
     ],
 }
 
+# With ENTROPY the tile also forms the entropy term -c p (z - lse + H): the 4-warp tiles and the 128-column ones
+# spill there (`fastpref kernels`, the `*_extras` variants), so those columns are pruned or get an 8-warp tile.
+DZ_EXTRAS_CONFIGS = {
+    **DZ_CONFIGS,
+    ("sm_80", "half"): [
+        config(128, 64, 32, num_warps=8, num_stages=3),
+        config(64, 64, 32, num_warps=8, num_stages=3),
+    ],
+    ("sm_80", "tf32"): [
+        config(64, 64, 32, num_warps=8, num_stages=3),
+    ],
+    ("sm_90a", "half"): [
+        config(64, 64, 64, num_warps=8, num_stages=3),
+        config(64, 128, 32, num_warps=8, num_stages=3),
+    ],
+    ("sm_90a", "tf32"): [
+        config(64, 64, 32, num_warps=8, num_stages=3),
+    ],
+}
+
 DZ_KEY = ["n_rows_bucket", "V", "D", "D_ref", "KL_MODE", "DOT_PRECISION", "REF_DOT_PRECISION", "ENTROPY"]
 
 
@@ -87,6 +107,6 @@ def logprobs_dz_kernel(
 
 
 logprobs_dz_autotuned = triton.autotune(
-    configs=union(DZ_CONFIGS), key=DZ_KEY,
-    prune_configs_by={"early_config_prune": pruner(DZ_CONFIGS)},
+    configs=union(DZ_CONFIGS, DZ_EXTRAS_CONFIGS), key=DZ_KEY,
+    prune_configs_by={"early_config_prune": pruner(DZ_CONFIGS, DZ_EXTRAS_CONFIGS, "ENTROPY")},
 )(logprobs_dz_kernel)

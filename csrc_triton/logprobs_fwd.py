@@ -65,13 +65,44 @@ FWD_CONFIGS = {
     ],
 }
 
+# With EXTRAS the loop also carries the extras' sums (pz, s2, sum_z) and their [BLOCK_N, BLOCK_V] terms. Spilling
+# there (`fastpref kernels`, the `*_extras` variants): the 4-warp 64x64 tiles with the default slice, sm_90a's
+# 128-row bf16 tile (split form) and every exact fp32 tile; those columns get 8-warp, narrower or thinner-slice
+# tiles instead (the other columns are the default's).
+FWD_EXTRAS_CONFIGS = {
+    **FWD_CONFIGS,
+    ("sm_80", "half"): [
+        config(64, 128, 32, num_warps=8, num_stages=3),
+        config(128, 64, 32, num_warps=8, num_stages=3),
+        config(64, 64, 32, num_warps=8, num_stages=3),
+    ],
+    ("sm_80", "fp32"): [
+        config(64, 32, 32, num_warps=8, num_stages=2),
+        config(32, 32, 32, num_warps=4, num_stages=2),
+    ],
+    ("sm_90a", "half"): [
+        config(64, 64, 64, num_warps=8, num_stages=3),
+        config(64, 128, 64, num_warps=8, num_stages=3),
+        config(64, 64, 32, num_warps=4, num_stages=3),
+    ],
+    ("sm_90a", "fp32"): [
+        config(64, 32, 32, num_warps=8, num_stages=2),
+        config(32, 64, 32, num_warps=8, num_stages=2),
+        config(32, 32, 32, num_warps=4, num_stages=2),
+    ],
+    ("sm_90a", "tf32"): [
+        config(64, 128, 32, num_warps=8, num_stages=3),
+        config(128, 64, 32, num_warps=8, num_stages=3),
+    ],
+}
+
 # n_rows_bucket: the number of positions rounded up to a power of two, so a config tuned on a short batch
 # is not reused for a long one (the row count changes the grid, hence the best tile).
 FWD_KEY = ["n_rows_bucket", "V", "D", "D_ref", "HAS_REF", "KL_MODE", "DOT_PRECISION", "REF_DOT_PRECISION", "SPLIT",
            "EXTRAS"]
 # Fields of the partial state a SPLIT program stores, each an [n_splits, n_rows] plane.
 # The fewest rows a forward program covers on a GPU (the launcher sizes its vocabulary split with it).
-MIN_BLOCK_N = min(cfg.kwargs["BLOCK_N"] for table in FWD_CONFIGS.values() for cfg in table)
+MIN_BLOCK_N = min(cfg.kwargs["BLOCK_N"] for cfg in union(FWD_CONFIGS, FWD_EXTRAS_CONFIGS))
 PARTIAL_FIELDS = 7  # m, s, target logit, m_ref, s_ref, ref target logit, KL accumulator
 EXTRA_FIELDS = 3  # with EXTRAS, planes 7-9: the extras' partial sums pz, s2, sum_z (tiles.extra_sums_update)
 
@@ -164,6 +195,6 @@ def logprobs_fwd_kernel(
 
 
 logprobs_fwd_autotuned = triton.autotune(
-    configs=union(FWD_CONFIGS), key=FWD_KEY,
-    prune_configs_by={"early_config_prune": pruner(FWD_CONFIGS)},
+    configs=union(FWD_CONFIGS, FWD_EXTRAS_CONFIGS), key=FWD_KEY,
+    prune_configs_by={"early_config_prune": pruner(FWD_CONFIGS, FWD_EXTRAS_CONFIGS, "EXTRAS")},
 )(logprobs_fwd_kernel)

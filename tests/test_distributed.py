@@ -713,6 +713,11 @@ def deepspeed_cpu_env(rank: int, world: int) -> None:
     """What DeepSpeed reads in a process the harness started (its gloo group already exists)."""
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    import deepspeed.ops
+
+    # No JIT build of DeepSpeed's shared-memory CPU all-reduce (a C++ compile per machine, whose lock file, left by a
+    # build killed at the deadline, makes every later run wait forever): gloo's collectives do the same work.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _zero3_worker(rank: int, world: int) -> dict:

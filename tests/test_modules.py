@@ -323,10 +323,10 @@ def _count_backward_positions(monkeypatch):
     seen = []
     original = torch_backend.backward
 
-    def counting(prep, lse, ref_lse, token_kl, grad_logps, grad_kl, need):
+    def counting(prep, lse, ref_lse, token_kl, grad_logps, grad_kl, need, **extras):
         a = grad_logps * prep.valid
         seen.append({"positions": prep.num_positions, "active": int((a != 0).sum())})
-        return original(prep, lse, ref_lse, token_kl, grad_logps, grad_kl, need)
+        return original(prep, lse, ref_lse, token_kl, grad_logps, grad_kl, need, **extras)
 
     monkeypatch.setattr(torch_backend, "backward", counting)
     return seen

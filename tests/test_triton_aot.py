@@ -28,11 +28,31 @@ def reports(tmp_path_factory):
 
 def _expected_count(arch):
     total = 0
-    for name, (module_name, _, table_name) in kernels.KERNELS.items():
-        table = getattr(importlib.import_module(module_name), table_name)
-        total += sum(len(table[(arch, kernels.VARIANT_PRECISION[v])])
+    for name, (module_name, _, _) in kernels.KERNELS.items():
+        module = importlib.import_module(module_name)
+        total += sum(len(kernels.variant_table(module, name, v)[(arch, kernels.VARIANT_PRECISION[v])])
                      for v, spec in kernels.VARIANTS.items() if name in spec[3])
     return total
+
+
+def test_every_variant_is_also_compiled_with_the_extra_outputs():
+    """Each default variant has an ``_extras`` twin with EXTRAS and ENTROPY on (and nothing else changed), and
+    the extras twins of the GEMM kernels draw from the kernel's ``*_EXTRAS_CONFIGS`` table."""
+    defaults = [v for v in kernels.VARIANTS if not v.endswith(kernels.EXTRAS_SUFFIX)]
+    assert len(kernels.VARIANTS) == 2 * len(defaults)
+    for v in defaults:
+        dtype, precision, flags, names = kernels.VARIANTS[v]
+        assert not flags["EXTRAS"] and not flags["ENTROPY"]
+        twin = kernels.VARIANTS[v + kernels.EXTRAS_SUFFIX]
+        assert twin == (dtype, precision, dict(flags, EXTRAS=True, ENTROPY=True), names)
+        assert kernels.VARIANT_PRECISION[v + kernels.EXTRAS_SUFFIX] == kernels.VARIANT_PRECISION[v]
+    for name in kernels.GEMM_KERNELS:
+        module_name, _, table_name = kernels.KERNELS[name]
+        module = importlib.import_module(module_name)
+        extras = getattr(module, table_name.replace("_CONFIGS", "_EXTRAS_CONFIGS"))
+        assert kernels.variant_table(module, name, "bf16_kl_extras") is extras
+        assert kernels.variant_table(module, name, "bf16_kl") is getattr(module, table_name)
+        assert set(extras) == set(getattr(module, table_name)) and all(extras.values())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -69,7 +89,7 @@ def test_hopper_gemms_use_wgmma(reports):
         assert r.wgmma_dots == r.dots == EXPECTED_DOTS[r.kernel], r  # every GEMM of the kernel
     assert not any(r.wgmma for r in reports if r.arch == "sm_80")
     # the exact fp32 path is an FMA dot: no tensor cores, by design
-    assert not any(r.wgmma_dots for r in reports if r.variant == "fp32_kl")
+    assert not any(r.wgmma_dots for r in reports if r.variant.startswith("fp32_kl"))
 
 
 def test_table_and_cli_arguments(reports):
@@ -207,15 +227,22 @@ def test_autotuner_prunes_to_the_device_and_precision(monkeypatch, arch):
 
     monkeypatch.setattr(configs, "device_arch", lambda: arch)
     bf16, fp32 = torch.bfloat16, torch.float32
-    for table, tuned in ((logprobs_fwd.FWD_CONFIGS, logprobs_fwd.logprobs_fwd_autotuned),
-                         (logprobs_bwd.BWD_CONFIGS, logprobs_bwd.logprobs_bwd_autotuned),
-                         (logprobs_dz.DZ_CONFIGS, logprobs_dz.logprobs_dz_autotuned)):
+    tuned_kernels = ((logprobs_fwd.FWD_CONFIGS, logprobs_fwd.logprobs_fwd_autotuned, {}),
+                     (logprobs_bwd.BWD_CONFIGS, logprobs_bwd.logprobs_bwd_autotuned, {}),
+                     (logprobs_dz.DZ_CONFIGS, logprobs_dz.logprobs_dz_autotuned, {}),
+                     # with the extra outputs: the flag the launcher passes selects the extras table
+                     (logprobs_fwd.FWD_EXTRAS_CONFIGS, logprobs_fwd.logprobs_fwd_autotuned, {"EXTRAS": True}),
+                     (logprobs_bwd.BWD_EXTRAS_CONFIGS, logprobs_bwd.logprobs_bwd_autotuned, {"ENTROPY": True}),
+                     (logprobs_dz.DZ_EXTRAS_CONFIGS, logprobs_dz.logprobs_dz_autotuned, {"ENTROPY": True}),
+                     (logprobs_fwd.FWD_CONFIGS, logprobs_fwd.logprobs_fwd_autotuned, {"EXTRAS": False}),
+                     (logprobs_dz.DZ_CONFIGS, logprobs_dz.logprobs_dz_autotuned, {"ENTROPY": False}))
+    for table, tuned, flags in tuned_kernels:
         # (policy dtype, reference dtype, TF32 on, expected column): a mixed launch takes the stricter tiles.
         for dtype, ref_dtype, tf32, precision in ((bf16, bf16, False, "half"), (fp32, fp32, False, "fp32"),
                                                   (fp32, fp32, True, "tf32"), (bf16, fp32, False, "fp32"),
                                                   (bf16, fp32, True, "tf32")):
             monkeypatch.setattr(configs, "tf32_enabled", lambda tf32=tf32: tf32)
             args = {"hidden_ptr": torch.empty(0, dtype=dtype), "ref_hidden_ptr": torch.empty(0, dtype=ref_dtype)}
-            kept = tuned.early_config_prune(tuned.configs, args)
+            kept = tuned.early_config_prune(tuned.configs, args, **flags)
             assert sorted(configs.config_name(c) for c in kept) == \
                 sorted(configs.config_name(c) for c in table[(arch, precision)])

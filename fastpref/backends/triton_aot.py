@@ -14,7 +14,8 @@ loops (``parse_sass``).
 Variants are the specialisations that matter for resources: the heaviest path of each kernel
 (reference tile + KL + bias + softcap) for bf16 inputs (tensor cores; forward and reverse KL; the
 forward also in its split-vocabulary form) and fp32 inputs (forward KL) with the exact ``ieee`` dot (FMA, the
-default) or TF32 tensor cores (used when TF32 is enabled, ``configs.tf32_enabled``).
+default) or TF32 tensor cores (used when TF32 is enabled, ``configs.tf32_enabled``); each also with the extra
+outputs on (``<variant>_extras``), over the kernel's ``*_EXTRAS_CONFIGS`` (what the autotuner keeps for them).
 
 Adding a kernel is one line in ``KERNELS`` (and ``GEMM_KERNELS`` when it has a ``tl.dot``): the signature is
 built from the argument names (``_signature``) and constexprs the variants do not set are read from the
@@ -57,9 +58,8 @@ VARIANTS = {
 # variant -> the precision column of the kernels' config tables
 VARIANT_PRECISION = {"bf16_kl": "half", "bf16_rkl": "half", "fp32_kl": "fp32", "tf32_kl": "tf32",
                      "bf16_kl_split": "half", "kl": "half"}
-# Each variant again with the extra outputs on (``extra_outputs``: EXTRAS in the forward and combine, ENTROPY in
-# the backward kernels), ``<variant>_extras``, over the configurations the autotuner keeps for them: the kernel
-# module's ``EXTRAS_TABLE`` (``configs.pruner``), without the ones that spill with the extras' live tiles.
+# Each variant with the extra outputs on (``extra_outputs``: EXTRAS in the forward and combine, ENTROPY in the
+# backward kernels), over the configurations ``configs.pruner`` keeps for them (``variant_table``).
 EXTRAS_SUFFIX = "_extras"
 VARIANTS.update({name + EXTRAS_SUFFIX: (dtype, precision, dict(flags, EXTRAS=True, ENTROPY=True), kernels)
                  for name, (dtype, precision, flags, kernels) in list(VARIANTS.items())})
@@ -181,23 +181,11 @@ def disassemble(cubin_path: str) -> str:
 
 
 def _signature(fn, dtype: str, constexprs: Dict[str, object]) -> Dict[str, str]:
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in _HALF_INPUTS:
-            sig[name] = "*" + dtype
-        elif name in _INDEX_INPUTS:
-            sig[name] = "*i64"
-        elif name in _INT32_INPUTS:
-            sig[name] = "*i32"
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32"
-        elif name in _FLOAT_SCALARS:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+    """Triton's type string for every argument of ``fn``, from its name (see ``_HALF_INPUTS`` and the sets below it)."""
+    named = {**dict.fromkeys(_HALF_INPUTS, "*" + dtype), **dict.fromkeys(_INDEX_INPUTS, "*i64"),
+             **dict.fromkeys(_INT32_INPUTS, "*i32"), **dict.fromkeys(_FLOAT_SCALARS, "fp32")}
+    return {name: "constexpr" if name in constexprs else named.get(name, "*fp32" if name.endswith("_ptr") else "i32")
+            for name in fn.arg_names}
 
 
 def _divisibility_attrs(fn, signature: Dict[str, str]) -> Dict[Tuple[int], list]:
@@ -284,10 +272,11 @@ def compile_one(job: tuple) -> KernelReport:
 
 
 def variant_table(module, kernel_name: str, variant: str) -> dict:
-    """The config table the autotuner draws from for ``variant``: the kernel's ``*_CONFIGS``, or with the extra
-    outputs on, the module's ``EXTRAS_TABLE`` (a pruning of it) where the module has one."""
-    table = getattr(module, KERNELS[kernel_name][2])
-    return getattr(module, "EXTRAS_TABLE", table) if variant.endswith(EXTRAS_SUFFIX) else table
+    """The config table the autotuner draws from for ``variant``: the kernel's ``X_CONFIGS``, or with the extra
+    outputs on, the module's ``X_EXTRAS_CONFIGS`` where it has one (the combine kernel has a single config)."""
+    name = KERNELS[kernel_name][2]
+    extras = getattr(module, name.replace("_CONFIGS", "_EXTRAS_CONFIGS"), None)
+    return extras if extras is not None and variant.endswith(EXTRAS_SUFFIX) else getattr(module, name)
 
 
 def jobs_for(arch: str, out_dir: str, kernels: Optional[List[str]] = None,
@@ -392,7 +381,8 @@ the compiled kernel's metadata; wgmma from the PTX, and the count of `tl.dot`s l
 the TTGIR. One row per autotune configuration and variant. A variant is the heaviest specialisation of a
 kernel (reference tile + bias + softcap + KL): `bf16_kl` / `bf16_rkl` bf16 inputs with forward / reverse KL,
 `bf16_kl_split` the split-vocabulary forward, `fp32_kl` fp32 inputs with the exact `ieee` dot, `tf32_kl` fp32
-inputs with TF32; `kl` for the combine kernel of the split forward. Config `nN_vV_dD_wW_sS` = BLOCK_N
+inputs with TF32; `kl` for the combine kernel of the split forward; `*_extras` the same with the extra outputs
+(entropy, mean logit, top-1, log sum p^2) over the configurations kept for them. Config `nN_vV_dD_wW_sS` = BLOCK_N
 positions x BLOCK_V vocabulary x BLOCK_D hidden slice, W warps, S pipeline stages. The last four columns
 count SASS instructions (`cuobjdump -sass` of the cubin), as total (inside a loop: between a backward branch
 and its target): GPU-wide fences (`MEMBAR` of `.GPU`/`.SYS` scope), atomics through the returning path
