@@ -255,6 +255,24 @@ def test_kto_matches_eager_fp64():
     torch.testing.assert_close(m["chosen_rewards"], (0.1 * (s - r))[labels].detach(), **TOL)
 
 
+def test_kto_saturated_tail_gradient_is_accurate_in_fp32():
+    """|x| = beta |rho - z0| of 20-40: sigma rounds to 1 in fp32, yet the gradient lambda beta sigma(x) sigma(-x)
+    (about e^-|x|) keeps its relative precision against the fp64 formula (torch.sigmoid's backward gives 0)."""
+    rho = torch.tensor([200.0, -250.0, 300.0, -400.0], dtype=torch.float64)
+    labels = torch.tensor([False, True, False, True])  # each on its saturated side: loss near lambda
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        s = rho.to(dtype).requires_grad_(True)
+        loss, _ = L.kto(s, torch.zeros_like(s), labels, z0=0.0, beta=0.1, desirable_weight=1.5)
+        loss.backward()
+        grads[dtype] = s.grad.double()
+    x = 0.1 * rho
+    want = torch.where(labels, -1.5, 1.0) * 0.1 * torch.sigmoid(x) * torch.sigmoid(-x) / 4
+    torch.testing.assert_close(grads[torch.float64], want, rtol=1e-6, atol=0)
+    assert (grads[torch.float32] != 0).all()
+    torch.testing.assert_close(grads[torch.float32], grads[torch.float64], rtol=1e-5, atol=0)
+
+
 def test_kto_z0_is_clamped_detached_mean():
     s = uniform(5, -30, -10, 0).requires_grad_(True)
     r = uniform(5, -30, -10, 1)
@@ -998,7 +1016,8 @@ EXPECTED_DEFAULTS = {
     "var": dict(ref_logps=None, normalize="self", lengths=None, policy_reduction="sum", ref_reduction="sum"),
     "alpha_dpo": dict(beta=10.0, gamma_beta_ratio=0.4, alpha=0.05, label_smoothing=0.0),
     "mcpo": dict(beta=0.01),
-    "mcpo_sample_negatives": dict(beta=0.01, num_negatives=1, generator=None, include_positive=False),
+    "mcpo_sample_negatives": dict(beta=0.01, num_negatives=1, generator=None, include_positive=False,
+                                  sampling="mc"),
     "spo": dict(alpha=0.01, gamma=0.0, kl=None, kl_coef=0.01, weight_baseline=None),
     "spo_best_of_n": dict(alpha=0.01, gamma=0.0, kl=None, kl_coef=0.01, weight_baseline=None),
     "spo_ranked": dict(alpha=0.01, gamma=0.0, kl=None, kl_coef=0.01, weight_baseline=None),

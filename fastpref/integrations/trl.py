@@ -228,7 +228,7 @@ class FastPrefDPOTrainer(SPOSamples, DPOTrainer):
         model_inputs, packed = self._model_inputs(input_ids, attention_mask)
         loss, metrics = model(**model_inputs, fastpref_head_fn=head_loss)
         if mcpo_full is not None:  # report the full groups: all K + 1 log-probs, negatives as column indices
-            metrics = {**metrics, "logps": mcpo_full["logps"], "negatives": mcpo_full["negatives"]}
+            metrics = {**metrics, **mcpo_full}
         self._log_metrics(mode, metrics, inputs, keep[:num_main].sum(dim=1))
         if return_outputs:
             return loss, types.SimpleNamespace(logits=None, metrics=metrics)
@@ -316,7 +316,8 @@ class FastPrefDPOTrainer(SPOSamples, DPOTrainer):
         columns = torch.cat([torch.zeros_like(negatives[:, :1]), negatives], dim=1)  # [B, 1 + M]
         extra = dict(group_size=1 + m, ref_logps=ref_logps.gather(1, columns).reshape(-1),
                      negatives=torch.arange(1, m + 1, device=negatives.device).expand(num_groups, m).contiguous())
-        return select_group_rows(rows, columns), extra, dict(logps=logps, negatives=negatives)
+        full = dict(logps=logps, negatives=negatives, sampling_weights=loss_fn.sampling_weights(logps, ref_logps))
+        return select_group_rows(rows, columns), extra, full
 
     @contextlib.contextmanager
     def _reference_head(self):

@@ -5,7 +5,16 @@ from typing import Optional, Union
 
 import torch
 
-from ._common import LossOutput, Tensor, as_tensor_stat, check_lengths, check_positive, check_values, floats
+from ._common import (
+    LossOutput,
+    Tensor,
+    as_tensor_stat,
+    check_lengths,
+    check_positive,
+    check_values,
+    floats,
+    logsigmoid,
+)
 
 
 def kto_z0(mismatched_logps: Tensor, mismatched_ref_logps: Tensor) -> Tensor:
@@ -27,7 +36,7 @@ def kto(logps: Tensor, ref_logps: Tensor, labels: Tensor, *, z0: Union[Tensor, f
     ρ = S − R, x = β(ρ − z₀):
       desirable:   ℓ = λ_D·σ(−x),  g = −λ_D·β·σ(x)σ(−x)
       undesirable: ℓ = λ_U·σ(x),   g = +λ_U·β·σ(x)σ(−x)
-    L = mean over all S examples (the paper's λ_y − v(x, y) up to the constant λ_y).
+    L = mean over all S examples: exactly the paper's λ_y − v(x, y) (λ_D − λ_D·σ(x) = λ_D·σ(−x)).
     z₀ is the reference point, treated as a constant (detached). The paper's z₀ is the clamped
     estimate max(0, mean(S′ − R′)) that :func:`kto_z0` computes; ``z0`` given here is **used as
     given, not clamped**: it must be a finite scalar (ValueError otherwise), but a negative value is
@@ -57,10 +66,11 @@ def kto(logps: Tensor, ref_logps: Tensor, labels: Tensor, *, z0: Union[Tensor, f
         (n,) = check_lengths(lengths=n)
         rho = rho / n
     x = beta * (rho - z)
-    # σ(−x) for desirable, σ(x) for undesirable: sign flip keeps one sigmoid call.
+    # σ(−x) for desirable, σ(x) for undesirable: sign flip keeps one call. exp(log σ(u)) rather than σ(u): its
+    # backward σ(u)σ(−u) keeps the saturated tail's gradient, which sigmoid's y(1 − y) rounds to 0 once σ(u) = 1.
     sign = torch.where(labels, -torch.ones_like(x), torch.ones_like(x))
     weight = torch.where(labels, torch.full_like(x, wd), torch.full_like(x, wu))
-    loss = (weight * torch.sigmoid(sign * x)).mean()
+    loss = (weight * torch.exp(logsigmoid(sign * x))).mean()
     rewards = (beta * rho).detach()
     metrics = {"logps": s.detach(), "rewards": rewards, "chosen_rewards": rewards[labels],
                "rejected_rewards": rewards[~labels], "z0": z}

@@ -16,8 +16,27 @@ def _check_grouped(logps: Tensor, ref_logps: Tensor):
     return s, r.detach()
 
 
+SAMPLINGS = ("mc", "max", "min")
+
+
+def mcpo_sampling_weights(logps: Tensor, ref_logps: Tensor, *, beta: float = 0.01,
+                          include_positive: bool = False) -> Tensor:
+    """The MC kernel's weights w_i = softmax_i(β(S_i − R_i)) [B, K+1] (detached; the paper's w_i, Sec. 3).
+
+    ``include_positive=False`` (default) renormalizes over the candidates 1..K, column 0 then has weight 0;
+    ``include_positive=True`` is Alg. 1's softmax over all K+1 columns."""
+    beta = check_positive("beta", beta)
+    s, r = _check_grouped(logps, ref_logps)
+    scores = beta * (s - r).detach()
+    if not include_positive:
+        scores = scores.clone()
+        scores[:, 0] = float("-inf")
+    return torch.softmax(scores, dim=1)
+
+
 def mcpo_sample_negatives(logps: Tensor, ref_logps: Tensor, *, beta: float = 0.01, num_negatives: int = 1,
-                          generator: Optional[torch.Generator] = None, include_positive: bool = False) -> Tensor:
+                          generator: Optional[torch.Generator] = None, include_positive: bool = False,
+                          sampling: str = "mc") -> Tensor:
     """One step of the MC kernel (Alg. 1): draw M negatives per prompt, P(z = i) ∝ exp(β(S_i − R_i)).
 
     Rewards use the *current* policy (pass no-grad log-probs of all K+1 sequences). Sampling is
@@ -30,14 +49,29 @@ def mcpo_sample_negatives(logps: Tensor, ref_logps: Tensor, *, beta: float = 0.0
     literally, LSE over i = 0..M with y_i the draws: y₀'s term appears twice (as i = 0 and as a
     drawn negative), which is not a wasted step when the other draws are candidates. Returns int64
     [B, M] column indices; ``generator`` seeds the Gumbel noise (seed it per rank).
+
+    Gradient scale of the default (M = 1): with w_0 = softmax(βr)_0 over all K+1 columns, Alg. 1 draws
+    y₀ (zero gradient) with probability w_0 and candidate j with probability w_j, while the default draws
+    j with probability w_j / (1 − w_0). The expected gradient of each prompt is therefore **1 / (1 − w_0)
+    times** Alg. 1's (same direction): e.g. K = 3 and βr = (1, 0, 0, 0) gives w_0 = e / (e + 3) ≈ 0.475
+    and a factor (e + 3) / 3 ≈ 1.91; equal rewards give (K + 1) / K (2x for K = 1). It acts like a per-prompt learning
+    rate that grows as y₀ dominates the kernel; account for it when comparing with the literal Alg. 1.
+
+    ``sampling``: ``"mc"`` (default, the MC kernel above), ``"max"`` / ``"min"`` (the paper's Fig. 2
+    variants: the M candidates of highest / lowest weight w_i, i.e. of highest / lowest βr_i, in that
+    order; deterministic, ``generator`` unused; the pool follows ``include_positive``).
     """
     beta = check_positive("beta", beta)
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     s, r = _check_grouped(logps, ref_logps)
     first = 0 if include_positive else 1
     pool = s.shape[1] - first
     if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or not 1 <= num_negatives <= pool:
         raise ValueError(f"num_negatives must be an int in [1, {pool}], got {num_negatives!r}")
     scores = beta * (s[:, first:] - r[:, first:]).detach()
+    if sampling != "mc":  # softmax is monotone: the highest / lowest weights are the highest / lowest βr
+        return torch.topk(scores, num_negatives, dim=1, largest=sampling == "max").indices + first
     noise_device = scores.device if generator is None else generator.device
     u = torch.rand(scores.shape, generator=generator, dtype=scores.dtype, device=noise_device).to(scores.device)
     # Gumbel(0,1) = −log(−log U); clamp U away from 0 so the noise stays finite.
@@ -57,6 +91,8 @@ def mcpo(logps: Tensor, ref_logps: Tensor, *, beta: float = 0.01, negatives: Ten
     ℓ = log 2 with zero gradient for M = 1; for M > 1 its term enters the LSE a second time, Eq. 7
     literally). Gradient with p = softmax over {0} ∪ Z of βr:
     g_0 = −β(1 − p_0), g_j = βp_j (j ∈ Z), 0 for unselected candidates.
+    The draws' distribution sets the expected gradient's scale: the default ``include_positive=False``
+    gives 1 / (1 − w_0) times Alg. 1's for M = 1 (:func:`mcpo_sample_negatives`).
     Default β = 0.01 (paper App. B.2, also inside the kernel). Metrics: ``negatives``, ``chosen_logps``
     [B], ``rejected_logps`` [B, M], implicit rewards β r (``rejected_rewards`` [B, M]),
     ``reward_margin`` = βr_0 − mean_Z βr_z, ``reward_accuracy`` = 1[r_0 > max_Z r_z].

@@ -57,7 +57,8 @@ def var(logps: Tensor, rewards: Tensor, *, beta: float, ref_logps: Optional[Tens
     weights only where π_ref does not cancel: the cross-pair form, and the diagonal form with
     normalize="none" (with "self" the diagonal weights are B·softmax(r/β) either way). Without
     ref_logps it has nothing to act on and is a no-op.
-    Metrics: ``logps`` [B] (as given), ``weights`` [B] (detached), ``log_weights`` [B] (lw, before normalization).
+    Metrics: ``logps`` [B] (as given), ``weights`` [B] (detached), ``log_weights`` [B] (lw, before normalization),
+    ``weight_entropy`` (entropy of w/Σw, log B when uniform) and ``effective_sample_size`` ((Σw)²/Σw², B when uniform).
     """
     beta = check_positive("beta", beta)
     summed, s, rew, ref = _var_inputs(logps, rewards, ref_logps, lengths, normalize, policy_reduction,
@@ -72,7 +73,13 @@ def var(logps: Tensor, rewards: Tensor, *, beta: float, ref_logps: Optional[Tens
                      "use normalize='self' or a larger beta")
     w = w.detach()
     loss = -(w * s).mean()
-    return loss, {"logps": summed.detach(), "weights": w, "log_weights": lw.detach()}
+    # how concentrated the weights are: entropy of w / sum(w) (log B when uniform) and Kish's effective sample
+    # size (sum w)^2 / sum w^2 (B when uniform, 1 when one response takes all the weight)
+    p = torch.softmax(lw.detach(), dim=0)
+    entropy = -(p * torch.log_softmax(lw.detach(), dim=0)).sum()
+    ess = 1.0 / (p * p).sum()
+    return loss, {"logps": summed.detach(), "weights": w, "log_weights": lw.detach(), "weight_entropy": entropy,
+                  "effective_sample_size": ess}
 
 
 def _var_inputs(logps: Tensor, rewards: Tensor, ref_logps: Optional[Tensor], lengths: Optional[Tensor],

@@ -196,6 +196,9 @@ class FusedLossBase(nn.Module):
     #: True when ``ref_weight``/``ref_bias`` also serve an extra pass (SPO's online samples, KTO's
     #: mismatched pairs), so they are accepted without ``ref_hidden``.
     extra_pass_reads_ref_head: bool = False
+    #: The op's ``kl`` mode computed in the call's pass when ``ref_hidden`` is given, for metrics only (per-sequence
+    #: full-vocabulary KL; no gradient flows into it unless a loss uses it). None: no KL.
+    sequence_kl: Optional[str] = None
 
     def __init__(self, *, ignore_index: int = IGNORE_INDEX, backend: str = "auto",
                  vocab_parallel_group: Optional[object] = None, stats_group: Optional[object] = None,
@@ -258,7 +261,7 @@ class FusedLossBase(nn.Module):
             raise TypeError(f"weight must be a torch.Tensor, got {type(head.weight).__name__}")
         ref_head = head.reference(ref_weight, ref_bias)
         stats = self.head_logprobs(head, ref_head, hidden, targets, seq_ids=seq_ids, num_seqs=num_seqs,
-                                   ref_hidden=ref_hidden)
+                                   ref_hidden=ref_hidden, kl=self.sequence_kl if ref_hidden is not None else None)
         if ref_hidden is not None:
             ref = stats.ref_logps
         elif ref_logps is not None:

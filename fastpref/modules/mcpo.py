@@ -7,6 +7,7 @@ import torch
 
 from .. import losses
 from .._checks import check_int
+from ..losses.mcpo import SAMPLINGS, mcpo_sampling_weights
 from .base import FusedLossBase, Metrics, SequenceBatch, Tensor, check_grouped
 from .batch_stats import broadcast_from_first
 
@@ -27,8 +28,17 @@ class FusedMCPOLoss(FusedLossBase):
     no-grad pass would recompute the selected sequences' forward.)
 
     Options: ``group_size`` (G = K + 1; also a call keyword), ``num_negatives`` (M), ``include_positive``,
-    ``generator`` (a ``torch.Generator`` on the statistics' device, seeding the sampling; also a call
-    keyword). Needs the reference (``ref_hidden`` or ``ref_logps`` [S]). Metrics include ``negatives``.
+    ``sampling`` (``"mc"``, the MC kernel, default; ``"max"`` / ``"min"``, the paper's Fig. 2 variants taking
+    the M candidates of highest / lowest weight, deterministic), ``generator`` (a ``torch.Generator`` on the
+    statistics' device, seeding the sampling; also a call keyword). Needs the reference (``ref_hidden`` or
+    ``ref_logps`` [S]). Metrics include the paper's quantities: ``negatives`` [B, M] (the sampled column
+    indices) and ``sampling_weights`` [B, G] (the kernel's w_i = softmax(β r_i) of this call's groups, over
+    the pool: column 0 is 0 with ``include_positive=False``), besides :func:`fastpref.losses.mcpo`'s.
+
+    Gradient scale of ``include_positive``: the default (False) never draws y₀, whose draw in the literal
+    Alg. 1 (True) gives a zero gradient for M = 1. Each prompt's expected gradient is thus 1 / (1 − w_0) times
+    the literal one, w_0 = softmax(β r)_0 over all G columns: e.g. 1.91x for K = 3, β r = (1, 0, 0, 0)
+    (w_0 = e / (e + 3) ≈ 0.475), 2x for K = 1 with equal rewards.
 
     Precomputed negatives: the call keyword ``negatives`` ([B, M] int64 column indices in 0..G-1 of this
     call's groups, checked by the head :func:`fastpref.losses.mcpo`) skips the sampling. With it a caller
@@ -45,21 +55,32 @@ class FusedMCPOLoss(FusedLossBase):
     """
 
     def __init__(self, beta: float = 0.01, group_size: Optional[int] = None, num_negatives: int = 1,
-                 include_positive: bool = False, generator: Optional[torch.Generator] = None, **options) -> None:
+                 include_positive: bool = False, generator: Optional[torch.Generator] = None,
+                 sampling: str = "mc", **options) -> None:
         super().__init__(**options)
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"FusedMCPOLoss: sampling must be one of {SAMPLINGS}, got {sampling!r}")
         self.beta, self.num_negatives, self.include_positive = beta, num_negatives, include_positive
+        self.sampling = sampling
         self.group_size = None if group_size is None else check_int("group_size", group_size, minimum=2)
         self.generator = generator
 
     def sample_negatives(self, logps: Tensor, ref_logps: Tensor,
                          generator: Optional[torch.Generator] = None) -> Tensor:
         """MC-kernel negatives [B, M] from grouped statistics ``logps``/``ref_logps`` [B, G] (detached), with
-        this module's ``beta``, ``num_negatives`` and ``include_positive``; ``generator`` defaults to the
+        this module's ``beta``, ``num_negatives``, ``include_positive`` and ``sampling``; ``generator`` defaults to the
         module's. Broadcast from rank 0 of ``vocab_parallel_group`` when one is set (every rank must call)."""
         negatives = losses.mcpo_sample_negatives(
             logps.detach(), ref_logps.detach(), beta=self.beta, num_negatives=self.num_negatives,
-            generator=generator if generator is not None else self.generator, include_positive=self.include_positive)
+            generator=generator if generator is not None else self.generator, include_positive=self.include_positive,
+            sampling=self.sampling)
         return broadcast_from_first(negatives, self.vocab_parallel_group)
+
+    def sampling_weights(self, logps: Tensor, ref_logps: Tensor) -> Tensor:
+        """The kernel's weights [B, G] (detached) of grouped ``logps``/``ref_logps`` [B, G], with this module's
+        ``beta`` and ``include_positive`` (:func:`fastpref.losses.mcpo.mcpo_sampling_weights`)."""
+        return mcpo_sampling_weights(logps.detach(), ref_logps.detach(), beta=self.beta,
+                                     include_positive=self.include_positive)
 
     def compute_loss(self, batch: SequenceBatch, group_size: Optional[int] = None,
                      generator: Optional[torch.Generator] = None,
@@ -77,4 +98,5 @@ class FusedMCPOLoss(FusedLossBase):
             raise ValueError("FusedMCPOLoss: pass either negatives (precomputed) or generator (to sample), not both")
         elif isinstance(negatives, torch.Tensor):  # the head checks dtype, shape and range
             negatives = broadcast_from_first(negatives.to(logps.device), self.vocab_parallel_group)
-        return losses.mcpo(logps, ref_logps, beta=self.beta, negatives=negatives)
+        loss, metrics = losses.mcpo(logps, ref_logps, beta=self.beta, negatives=negatives)
+        return loss, {**metrics, "sampling_weights": self.sampling_weights(logps, ref_logps)}

@@ -207,7 +207,14 @@ class FusedAlphaDPOLoss(_PairwiseLoss):
     Default: docs/api.md §3 (binding) makes bias correction the default; docs/losses.md §2 suggests it
     only as an opt-in. The default follows docs/api.md; pass ``bias_correction=False`` for the public
     code's scale (whose first step z-scores with 0.1·std, inflating M* tenfold). Needs the reference.
+
+    Metrics as the paper reports them (Sec. 5.3, Fig. 3-4): rewards beta·S̄ and their margin, and, when the
+    reference is computed in the same pass (``ref_hidden``), ``chosen_kl`` / ``rejected_kl``: the sequential KL
+    D_SeqKL[x, y; pi_ref || pi_theta] (TDPO's, the paper's Eq. 18), summed over the response's positions from the
+    full-vocabulary token KL of the fused pass (no gradient). Precomputed ``ref_logps`` give no KL.
     """
+
+    sequence_kl = "reverse"  # KL(pi_ref || pi_theta) per position, the paper's sequential KL
 
     def __init__(self, beta: float = 10.0, gamma_beta_ratio: float = 0.4, alpha: float = 0.05,
                  label_smoothing: float = 0.0, momentum: float = 0.9, bias_correction: bool = True,
@@ -265,4 +272,6 @@ class FusedAlphaDPOLoss(_PairwiseLoss):
                                          margin_mean=mean, margin_std=std, label_smoothing=self.label_smoothing)
         metrics.setdefault("margin", margin.detach())
         metrics["margin_mean"], metrics["margin_std"] = mean.detach().clone(), std.detach().clone()
+        if batch.stats.kl is not None:
+            metrics["chosen_kl"], metrics["rejected_kl"] = (k.detach() for k in batch.stats.kl.chunk(2))
         return loss, metrics
