@@ -34,6 +34,7 @@ from ._trl_config import check_family_fields, loss_class_and_kwargs
 from ._trl_metrics import TRL_METRIC_NAMES, VOCAB_METRIC_OUTPUTS, store_metrics
 from ._trl_reference import autocast_dtype, check_peft_head, reference_head, reference_scope
 from ._trl_spo import SPOSamples
+from ._trl_state import LossStateCheckpoint
 from .distributed import through_sharded
 from .transformers import (
     LMHeadInputs,
@@ -64,7 +65,7 @@ OTHER = {name: n for name, n in LOSSES.items() if name not in PAIRWISE}
 
 
 
-class FastPrefDPOTrainer(SPOSamples, DPOTrainer):
+class FastPrefDPOTrainer(LossStateCheckpoint, SPOSamples, DPOTrainer):
     """TRL ``DPOTrainer`` whose loss is a fastpref fused loss (see the module docstring for the losses and data).
 
     Args (in addition to ``DPOTrainer``'s):
