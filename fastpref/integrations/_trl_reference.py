@@ -55,20 +55,21 @@ def reference_head(model: torch.nn.Module, ref_model: Optional[torch.nn.Module]
         yield head
 
 
-def reference_hidden(model: torch.nn.Module, ref_model: Optional[torch.nn.Module], input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor) -> torch.Tensor:
+def reference_hidden(model: torch.nn.Module, ref_model: Optional[torch.nn.Module],
+                     **model_inputs: torch.Tensor) -> torch.Tensor:
     """Final hidden states ``[B, T, D]`` of the reference, no grad.
 
     A separate ``ref_model`` runs through its own (wrapped) forward with ``fastpref_hidden=True`` (see
     :func:`fastpref.integrations.transformers.enable_hidden_forward`), so the hooks of whatever shards it run.
     Without one, the reference is the PEFT policy inside :func:`reference_scope`; its backbone is called directly,
     which is meant for calls from inside the policy's own forward (where a sharded root is already gathered).
+    ``model_inputs``: ``input_ids`` with ``attention_mask`` (padded rows) or ``position_ids`` (packed rows).
     """
     with torch.no_grad():
         if ref_model is not None:
-            out = ref_model(input_ids=input_ids, attention_mask=attention_mask, fastpref_hidden=True)
+            out = ref_model(**model_inputs, fastpref_hidden=True)
         else:
-            out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = backbone(model)(**model_inputs, use_cache=False)
     return backbone_hidden(out)
 
 
@@ -77,6 +78,16 @@ def autocast_dtype(accelerator: Any) -> Optional[torch.dtype]:
     device = accelerator.device.type
     with accelerator.autocast():
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def head_in_autocast(accelerator: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+                     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(hidden, weight, bias)`` as the model's own head (and TRL's fused head) sees them under the policy's
+    mixed precision: cast to the autocast dtype (the op's softmax stays fp32); unchanged without autocast."""
+    dtype = autocast_dtype(accelerator)
+    if dtype is None:
+        return hidden, weight, bias
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def check_peft_head(model: torch.nn.Module, trainer: str) -> None:
@@ -107,4 +118,4 @@ def check_peft_head(model: torch.nn.Module, trainer: str) -> None:
                 "their virtual tokens shift the positions the fused head scores")
 
 
-__all__ = ["autocast_dtype", "check_peft_head", "reference_head", "reference_hidden", "reference_scope"]
+__all__ = ["autocast_dtype", "check_peft_head", "head_in_autocast", "reference_head", "reference_hidden", "reference_scope"]

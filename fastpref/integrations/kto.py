@@ -18,9 +18,10 @@ import torch
 from trl import KTOTrainer
 
 from ..modules import LOSS_MODULES
+from ..modules.base import with_extra_outputs
 from ..reference.modules import LOSS_MODULES as EAGER_LOSS_MODULES
 from ._trl_batches import Rows, check_loss_kwargs, scored_labels
-from ._trl_reference import autocast_dtype, check_peft_head, reference_head, reference_hidden, reference_scope
+from ._trl_reference import check_peft_head, head_in_autocast, reference_head, reference_hidden, reference_scope
 from .distributed import through_sharded
 from .transformers import LMHeadInputs, backbone_hidden, enable_hidden_forward, gather_lm_head, head_inputs, hf_model
 
@@ -71,8 +72,7 @@ class FastPrefKTOTrainer(KTOTrainer):
         super().__init__(*args, **kwargs)
         self._check_model()
         cls = (EAGER_LOSS_MODULES if fastpref_eager else LOSS_MODULES)["FusedKTOLoss"]
-        extra = tuple(loss_kwargs.pop("extra_outputs", ()) or ())  # + the reductions behind TRL's vocabulary metrics
-        loss_kwargs["extra_outputs"] = extra + tuple(o for o in VOCAB_OUTPUTS if o not in extra)
+        loss_kwargs = with_extra_outputs(loss_kwargs, VOCAB_OUTPUTS)  # the reductions behind TRL's vocabulary metrics
         self.fastpref_loss_fn = cls(beta=self.beta, desirable_weight=self.desirable_weight,
                                     undesirable_weight=self.undesirable_weight, **loss_kwargs)
         self.fastpref_loss_fn.to(self.accelerator.device)
@@ -128,11 +128,7 @@ class FastPrefKTOTrainer(KTOTrainer):
     def _head_inputs(self, model, hidden, input_ids, completion_mask, head) -> LMHeadInputs:
         """Packed head inputs of the completion tokens of ``input_ids`` with the gathered ``head``."""
         labels, keep = scored_labels(input_ids, completion_mask, self.fastpref_loss_fn.ignore_index)
-        weight, bias = head
-        dtype = autocast_dtype(self.accelerator)
-        if dtype is not None:  # mixed precision: the head in the autocast dtype, as the model's (and TRL's) head
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+        hidden, weight, bias = head_in_autocast(self.accelerator, hidden, *head)
         return head_inputs(model, hidden, labels, logits_to_keep=keep, ignore_index=self.fastpref_loss_fn.ignore_index,
                            weight=weight, bias=bias)
 
@@ -171,7 +167,7 @@ class FastPrefKTOTrainer(KTOTrainer):
 
             def packed(input_ids, attention_mask, completion_mask) -> LMHeadInputs:
                 with self.accelerator.autocast():  # the patched forward skips accelerate's autocast wrapper
-                    ref_hidden = reference_hidden(model, ref_model, input_ids, attention_mask)
+                    ref_hidden = reference_hidden(model, ref_model, input_ids=input_ids, attention_mask=attention_mask)
                 return self._head_inputs(model, ref_hidden, input_ids, completion_mask, ref_head)
 
             ref = packed(*rows)  # its weight/bias: the reference head in the head's dtype

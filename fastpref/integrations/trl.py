@@ -15,7 +15,7 @@ import torch
 from trl import DPOTrainer
 
 from ..modules import LOSS_MODULES
-from ..modules.base import _PairwiseLoss
+from ..modules.base import _PairwiseLoss, with_extra_outputs
 from ..reference.modules import LOSS_MODULES as EAGER_LOSS_MODULES
 from ._trl_batches import (
     REWARD_COLUMNS,
@@ -32,14 +32,12 @@ from ._trl_batches import (
 )
 from ._trl_config import check_family_fields, loss_class_and_kwargs
 from ._trl_metrics import TRL_METRIC_NAMES, VOCAB_METRIC_OUTPUTS, store_metrics
-from ._trl_reference import autocast_dtype, check_peft_head, reference_head, reference_scope
+from ._trl_reference import check_peft_head, head_in_autocast, reference_head, reference_hidden, reference_scope
 from ._trl_spo import SPOSamples
 from ._trl_state import LossStateCheckpoint
 from .distributed import through_sharded
 from .transformers import (
     LMHeadInputs,
-    backbone,
-    backbone_hidden,
     enable_hidden_forward,
     gather_lm_head,
     head_inputs,
@@ -163,8 +161,7 @@ class FastPrefDPOTrainer(LossStateCheckpoint, SPOSamples, DPOTrainer):
         asked for the op's vocabulary reductions behind TRL's ``entropy``/``logits/*``/``mean_token_accuracy``."""
         name = self.fastpref_loss
         as_name, kwargs = loss_class_and_kwargs(name, self.args, kwargs)
-        extra = tuple(kwargs.pop("extra_outputs", ()) or ())
-        kwargs["extra_outputs"] = extra + tuple(o for o in VOCAB_METRIC_OUTPUTS if o not in extra)
+        kwargs = with_extra_outputs(kwargs, VOCAB_METRIC_OUTPUTS)
         return (EAGER_LOSS_MODULES if eager else LOSS_MODULES)[LOSSES[as_name or name]](**kwargs)
 
     def _uses_reference(self) -> bool:
@@ -236,22 +233,11 @@ class FastPrefDPOTrainer(LossStateCheckpoint, SPOSamples, DPOTrainer):
         return loss
 
     def _head_inputs(self, model, hidden, labels, keep, head) -> LMHeadInputs:
-        """:func:`head_inputs` with this trainer's ``ignore_index`` and a gathered ``head = (weight, bias)``.
-
-        Under mixed precision the head runs as the model's own head would under the policy's autocast (and as
-        TRL's fused head does): hidden states, weight and bias in the autocast dtype, softmax in fp32 (the op's).
-        """
-        weight, bias = head
-        dtype = self._autocast_dtype()
-        if dtype is not None:
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+        """:func:`head_inputs` with this trainer's ``ignore_index`` and a gathered ``head = (weight, bias)``, in the
+        policy's autocast dtype under mixed precision (:func:`head_in_autocast`)."""
+        hidden, weight, bias = head_in_autocast(self.accelerator, hidden, *head)
         return head_inputs(model, hidden, labels, logits_to_keep=keep, ignore_index=self.fastpref_loss_fn.ignore_index,
                            weight=weight, bias=bias)
-
-    def _autocast_dtype(self) -> Optional[torch.dtype]:
-        """The dtype of the autocast the policy's forward runs under (accelerate's mixed precision), or None."""
-        return autocast_dtype(self.accelerator)
 
     def _fused_loss(self, model, hidden, input_ids, attention_mask, labels, keep, num_main, kl_rows, inputs,
                     extra) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -328,25 +314,15 @@ class FastPrefDPOTrainer(LossStateCheckpoint, SPOSamples, DPOTrainer):
             yield head
 
     def _reference_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states of the reference model, no grad.
-
-        A separate ``ref_model`` is called through its own forward (``fastpref_hidden=True``, see
-        :func:`~fastpref.integrations.transformers.enable_hidden_forward`), so the hooks of whatever wraps or
-        shards it (Accelerate's ``prepare_fsdp``, FSDP2 ``fully_shard`` on its root, a DeepSpeed engine) run and
-        its root-owned parameters are gathered; only the head is skipped. PEFT without ``ref_model``: the
-        reference is the policy with its adapter disabled, called from inside the policy's own forward, where
-        the policy's root is already gathered, so its backbone is called directly.
-        """
-        # Under the policy's autocast: the reference's forward (patched by enable_hidden_forward) skips the autocast
-        # wrapper that accelerate put on it, and the head function runs with autocast off.
+        """Final hidden states of the reference model, no grad (:func:`reference_hidden`: a separate ``ref_model``
+        through its own forward, so whatever wraps or shards it runs; PEFT without one: the policy's backbone with
+        its adapter off), padded or packed like the policy's rows. Under the policy's autocast: the reference's
+        forward (patched by enable_hidden_forward) skips the autocast wrapper accelerate put on it, and the head
+        function runs with autocast off."""
         model_inputs, packed = self._model_inputs(input_ids, attention_mask)
-        with torch.no_grad(), self.accelerator.autocast():
-            if self.ref_model is not None:
-                out = self.ref_model(**model_inputs, fastpref_hidden=True)
-            else:
-                with reference_scope(self.model, None):
-                    out = backbone(self.accelerator.unwrap_model(self.model))(**model_inputs, use_cache=False)
-        return unpack_hidden(backbone_hidden(out), packed)
+        with self.accelerator.autocast(), reference_scope(self.model, self.ref_model):
+            hidden = reference_hidden(self.model, self.ref_model, **model_inputs)
+        return unpack_hidden(hidden, packed)
 
     def _model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """``(model keywords, packing mask)``: the padded rows, or with ``DPOConfig(padding_free=True)`` the rows

@@ -147,6 +147,13 @@ def check_grouped(num_seqs: int, group_size: int) -> int:
     return num_seqs // group_size
 
 
+def with_extra_outputs(options: dict, names: Sequence[str]) -> dict:
+    """``options`` (constructor keywords) whose ``extra_outputs`` also hold ``names`` (order kept, no repeats):
+    how a module or a trainer asks for the op's extra outputs it reads on top of the user's."""
+    given = tuple(options.get("extra_outputs") or ())
+    return {**options, "extra_outputs": given + tuple(n for n in names if n not in given)}
+
+
 def _reject_options(owner: str, unknown: dict) -> None:
     """TypeError for constructor keywords no module takes; the head's options get a pointer to the call."""
     moved = [k for k in HEAD_OPTIONS if k in unknown]
@@ -214,12 +221,11 @@ class FusedLossBase(nn.Module):
     # -- fused passes --------------------------------------------------------------------------------
 
     def logprob_options(self) -> dict:
-        """The module's keyword arguments of every fused_logprobs call (the head's come per call)."""
+        """The module's keyword arguments of every fused_logprobs call (the head's come per call). Not the
+        ``extra_outputs``: only the call's main pass (:meth:`run_logprobs`) computes them."""
         options = dict(ignore_index=self.ignore_index, backend=self.backend)
         if self.vocab_parallel_group is not None:
             options["vocab_parallel_group"] = self.vocab_parallel_group
-        if self.extra_outputs:
-            options["extra_outputs"] = self.extra_outputs
         return options
 
     def gather_statistic(self, values: Tensor) -> Tensor:
@@ -242,14 +248,14 @@ class FusedLossBase(nn.Module):
 
     def head_logprobs(self, head: LMHead, ref_head: LMHead, hidden: Tensor, targets: Tensor, *,
                       seq_ids: Optional[Tensor], num_seqs: Optional[int], ref_hidden: Optional[Tensor] = None,
-                      kl: Optional[str] = None) -> LogprobStats:
+                      kl: Optional[str] = None, extra_outputs: Sequence[str] = ()) -> LogprobStats:
         """One fused pass through ``head`` (and ``ref_head`` when ``ref_hidden`` is given)."""
         with_ref = ref_hidden is not None
         return self.fused_logprobs(
             hidden, head.weight, targets, bias=head.bias, seq_ids=seq_ids, num_seqs=num_seqs,
             ref_hidden=ref_hidden, ref_weight=ref_head.weight if with_ref else None,
             ref_bias=ref_head.bias if with_ref else None, kl=kl, temperature=head.temperature,
-            softcap=head.softcap, **self.logprob_options(),
+            softcap=head.softcap, extra_outputs=extra_outputs, **self.logprob_options(),
         )
 
     def run_logprobs(self, head: LMHead, hidden: Tensor, targets: Tensor, *, ref_hidden: Optional[Tensor],
@@ -261,7 +267,8 @@ class FusedLossBase(nn.Module):
             raise TypeError(f"weight must be a torch.Tensor, got {type(head.weight).__name__}")
         ref_head = head.reference(ref_weight, ref_bias)
         stats = self.head_logprobs(head, ref_head, hidden, targets, seq_ids=seq_ids, num_seqs=num_seqs,
-                                   ref_hidden=ref_hidden, kl=self.sequence_kl if ref_hidden is not None else None)
+                                   ref_hidden=ref_hidden, kl=self.sequence_kl if ref_hidden is not None else None,
+                                   extra_outputs=self.extra_outputs)
         if ref_hidden is not None:
             ref = stats.ref_logps
         elif ref_logps is not None:

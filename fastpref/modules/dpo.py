@@ -10,7 +10,7 @@ import torch
 from .. import losses
 from .._checks import check_finite, check_values
 from ..losses.dpo_family import LossTypes
-from .base import Metrics, SequenceBatch, Tensor, _PairwiseLoss, split_pairs
+from .base import Metrics, SequenceBatch, Tensor, _PairwiseLoss, split_pairs, with_extra_outputs
 
 #: The op's extra outputs that WPO weighting (``use_weighting``) reads.
 WPO_OUTPUTS = ("log_sum_sq_probs",)
@@ -45,8 +45,7 @@ class FusedDPOLoss(_PairwiseLoss):
                  use_weighting: bool = False, average_log_prob: bool = False, compute_nll_loss: bool = False,
                  alpha: float = 1.0, smooth_sigmoid: bool = True, **options) -> None:
         if use_weighting:
-            extra = tuple(options.pop("extra_outputs", None) or ())
-            options["extra_outputs"] = extra + tuple(o for o in WPO_OUTPUTS if o not in extra)
+            options = with_extra_outputs(options, WPO_OUTPUTS)
         super().__init__(**options)
         types, weights = losses.check_dpo_options(
             loss_type, loss_weights, beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
