@@ -146,3 +146,19 @@ def kto_config(tmp_path, **overrides):
                    disable_dropout=True, lr_scheduler_type="constant", warmup_steps=0)
     options.update(overrides)
     return KTOConfig(**options)
+
+
+def one_batch(trainer, rows: int = 4, seed=None):
+    """``(loss, gradients by parameter name, last logged metrics)`` of one training-mode ``compute_loss`` on the
+    first ``rows`` examples of ``trainer.train_dataset``; gradients are cleared again afterwards. ``seed`` fixes
+    torch's global RNG first (MC-PO's negative sampling)."""
+    trainer.model.train()
+    trainer.model.zero_grad()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(rows)])
+    if seed is not None:
+        torch.manual_seed(seed)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.model.zero_grad()
+    return loss.detach(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}

@@ -13,6 +13,7 @@ peft = pytest.importorskip("peft")
 from _trl_fixtures import (  # noqa: E402,F401
     dpo_config,
     kto_config,
+    one_batch,
     one_thread,
     preference_rows,
     tiny_llama,
@@ -67,20 +68,9 @@ def _trainable(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
-def _one_batch(trainer):
-    trainer.model.train()
-    trainer.model.zero_grad()
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    trainer.model.zero_grad()
-    return loss.detach(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
-
-
 def assert_same_batch(trl_trainer, ours, expected_metrics):
-    loss_t, grads_t, metrics_t = _one_batch(trl_trainer)
-    loss_f, grads_f, metrics_f = _one_batch(ours)
+    loss_t, grads_t, metrics_t = one_batch(trl_trainer)
+    loss_f, grads_f, metrics_f = one_batch(ours)
     assert abs(loss_t.item() - 0.6931) > 1e-3  # the adapter moved the policy off the reference
     torch.testing.assert_close(loss_f, loss_t, rtol=1e-5, atol=1e-7)
     assert grads_f.keys() == grads_t.keys() and len(grads_t) > 0

@@ -9,6 +9,7 @@ pytest.importorskip("datasets")
 
 from _trl_fixtures import (  # noqa: E402,F401
     dpo_config,
+    one_batch,
     one_thread,
     preference_rows,
     tiny_llama,
@@ -39,22 +40,11 @@ def _pair(tok, tmp_path, *, tied=False, fastpref_kwargs=None, make=None, **confi
     return trainers
 
 
-def _loss_and_grads(trainer):
-    trainer.model.train()
-    trainer.model.zero_grad()
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    return loss.detach(), grads, metrics
-
-
 def _assert_same_loss_and_grads(trl_trainer, ours, grad_atol=1e-6):
     """One batch's loss and gradients of both trainers agree (gradients to ``grad_atol`` times the largest one);
     returns their metrics (TRL's, ours)."""
-    loss_t, grads_t, metrics_t = _loss_and_grads(trl_trainer)
-    loss_f, grads_f, metrics_f = _loss_and_grads(ours)
+    loss_t, grads_t, metrics_t = one_batch(trl_trainer)
+    loss_f, grads_f, metrics_f = one_batch(ours)
     assert abs(loss_t.item() - 0.6931) > 1e-3  # policy != reference: a real margin, not the log 2 of step 0
     torch.testing.assert_close(loss_f, loss_t, rtol=1e-5, atol=1e-6)
     assert grads_f.keys() == grads_t.keys() and len(grads_t) > 0
@@ -337,7 +327,7 @@ def test_ddp_and_fsdp2_match_single_process(tok, tmp_path):
         moved = max(moved, (p.detach() - before[name]).abs().max().item())
     assert moved > 1e-3  # the step changed the weights
 
-    _, want, _ = _loss_and_grads(single())
+    _, want, _ = one_batch(single())
     assert "lm_head.weight" in want
     scale = max(g.abs().max().item() for g in want.values())
     for rank, r in enumerate(results):

@@ -10,7 +10,14 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
-from _trl_fixtures import dpo_config, one_thread, preference_rows, tiny_llama, tiny_tokenizer  # noqa: E402,F401
+from _trl_fixtures import (  # noqa: E402,F401
+    dpo_config,
+    one_batch,
+    one_thread,
+    preference_rows,
+    tiny_llama,
+    tiny_tokenizer,
+)
 
 from fastpref.integrations._trl_batches import pack_rows, unpack_hidden  # noqa: E402
 from fastpref.integrations.trl import FastPrefDPOTrainer  # noqa: E402
@@ -36,17 +43,6 @@ def test_pack_and_unpack_round_trip():
         pack_rows(ids, torch.tensor([[0, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]]))
 
 
-def _loss_grads_metrics(trainer, n):
-    trainer.model.train()
-    trainer.model.zero_grad()
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
-    torch.manual_seed(7)  # MC-PO's negative sampling
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grads = {k: p.grad.clone() for k, p in trainer.model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
-
-
 @pytest.mark.parametrize("loss,loss_kwargs,candidates", [
     ("dpo", {}, 0), ("simpo", {}, 0), ("mcpo", dict(num_negatives=1), 2), ("var", {}, 0)])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -66,7 +62,7 @@ def test_packed_equals_padded(tok, tmp_path, loss, loss_kwargs, candidates, attn
         trainer.model.model.register_forward_hook(
             lambda mod, args, kwargs, out: seen.append((tuple(out.last_hidden_state.shape[:2]),
                                                         kwargs.get("attention_mask") is None)), with_kwargs=True)
-        results.append(_loss_grads_metrics(trainer, 6))
+        results.append(one_batch(trainer, 6, seed=7))
         shapes.append(seen)
     (loss_p, grads_p, metrics_p), (loss_f, grads_f, metrics_f) = results
     assert all(batch == 1 and no_mask for (batch, _), no_mask in shapes[1])  # one packed row, no padding mask
@@ -98,5 +94,5 @@ def test_flash_attention_varlen_packed_equals_padded(tok, tmp_path):
             model=models[0], ref_model=models[1],
             args=dpo_config(tmp_path / str(padding_free), use_cpu=False, bf16=True, padding_free=padding_free),
             train_dataset=preference_rows(6), processing_class=tok, fastpref_loss="dpo")
-        losses.append(_loss_grads_metrics(trainer, 6)[0].float().cpu())
+        losses.append(one_batch(trainer, 6, seed=7)[0].float().cpu())
     torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=2e-3)

@@ -12,7 +12,14 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
-from _trl_fixtures import dpo_config, one_thread, preference_rows, tiny_llama, tiny_tokenizer  # noqa: E402,F401
+from _trl_fixtures import (  # noqa: E402,F401
+    dpo_config,
+    one_batch,
+    one_thread,
+    preference_rows,
+    tiny_llama,
+    tiny_tokenizer,
+)
 from trl import DPOTrainer  # noqa: E402
 
 from fastpref.integrations.trl import FastPrefDPOTrainer  # noqa: E402
@@ -41,19 +48,9 @@ def _trainers(tok, tmp_path, trl_config=None, ours_config=None, ours_kwargs=None
     return made
 
 
-def _one_batch(trainer):
-    trainer.model.train()
-    trainer.model.zero_grad()
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
-
-
 def _assert_same_batch(trl_trainer, ours, rtol=1e-5):
-    loss_t, grads_t, metrics_t = _one_batch(trl_trainer)
-    loss_f, grads_f, metrics_f = _one_batch(ours)
+    loss_t, grads_t, metrics_t = one_batch(trl_trainer)
+    loss_f, grads_f, metrics_f = one_batch(ours)
     torch.testing.assert_close(loss_f, loss_t, rtol=rtol, atol=1e-6)
     assert grads_f.keys() == grads_t.keys() and grads_t
     scale = max(g.abs().max().item() for g in grads_t.values())
