@@ -166,13 +166,9 @@ def make_core_case(dtype: torch.dtype = torch.float64, seed: int = 0, *, layout:
     return CoreCase(hidden, weight, targets, kwargs, upstream).to(dtype, device)
 
 
-def run_core(fn: Callable[..., Any], case: CoreCase, **extra: Any) -> Dict[str, Tensor]:
-    """Run ``fn`` (``fused_logprobs`` or its eager twin) on ``case`` and backpropagate ``case.upstream``.
-
-    Returns the outputs that are not None (names of :data:`OUTPUTS`, detached, in the op's dtypes),
-    then the gradients ``d_hidden``, ``d_weight`` and, with a bias, ``d_bias`` (in the input dtype).
-    ``extra`` keywords (e.g. ``backend``) go to ``fn``.
-    """
+def core_leaves(case: "CoreCase") -> Tuple[Dict[str, Tensor], dict]:
+    """Fresh grad-requiring copies of ``case``'s hidden, weight and (when given) bias, and the call keywords with
+    that bias in place: the leaves a parity run differentiates."""
     kwargs = dict(case.kwargs)
     leaves = {"hidden": case.hidden, "weight": case.weight}
     if kwargs.get("bias") is not None:
@@ -180,6 +176,17 @@ def run_core(fn: Callable[..., Any], case: CoreCase, **extra: Any) -> Dict[str, 
     leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
     if "bias" in leaves:
         kwargs["bias"] = leaves["bias"]
+    return leaves, kwargs
+
+
+def run_core(fn: Callable[..., Any], case: CoreCase, **extra: Any) -> Dict[str, Tensor]:
+    """Run ``fn`` (``fused_logprobs`` or its eager twin) on ``case`` and backpropagate ``case.upstream``.
+
+    Returns the outputs that are not None (names of :data:`OUTPUTS`, detached, in the op's dtypes),
+    then the gradients ``d_hidden``, ``d_weight`` and, with a bias, ``d_bias`` (in the input dtype).
+    ``extra`` keywords (e.g. ``backend``) go to ``fn``.
+    """
+    leaves, kwargs = core_leaves(case)
     stats = fn(leaves["hidden"], leaves["weight"], case.targets, **kwargs, **extra)
     out = {k: getattr(stats, k).detach() for k in OUTPUTS if getattr(stats, k) is not None}
     terms = [(getattr(stats, k).double() * up.to(stats.logps.device)).sum()

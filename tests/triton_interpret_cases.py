@@ -25,7 +25,7 @@ import torch
 
 import fastpref
 from fastpref.reference import fused_logprobs as eager_fused_logprobs
-from fastpref.testing import CoreCase, make_core_case, rel_err, run_core
+from fastpref.testing import CoreCase, core_leaves, make_core_case, rel_err, run_core
 
 # Interpreter-sized defaults: N is never a multiple of BLOCK_N=16 and V=100 is not a multiple of
 # BLOCK_V=64 (one vocabulary split); a separate reference head is narrower than the policy's.
@@ -138,13 +138,7 @@ def with_top1_targets(case: CoreCase) -> CoreCase:
 def run_extras(fn, case: CoreCase, extras=EXTRAS, **extra) -> Dict[str, torch.Tensor]:
     """Like ``run_core``, with ``extra_outputs``: the outputs (``EXTRA_KEYS`` and ``logps``) and the gradients
     of ``sum(token_entropy * u) + sum(entropy * v)`` plus ``case.upstream``'s terms (fixed random u, v)."""
-    kwargs = dict(case.kwargs)
-    leaves = {"hidden": case.hidden, "weight": case.weight}
-    if kwargs.get("bias") is not None:
-        leaves["bias"] = kwargs["bias"]
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
-    if "bias" in leaves:
-        kwargs["bias"] = leaves["bias"]
+    leaves, kwargs = core_leaves(case)
     stats = fn(leaves["hidden"], leaves["weight"], case.targets, extra_outputs=extras, **kwargs, **extra)
     out = {k: getattr(stats, k).detach() for k in EXTRA_KEYS + ("logps",) if getattr(stats, k) is not None}
     g = torch.Generator().manual_seed(7)
