@@ -5,12 +5,8 @@ Also single-process checks of the ``stats_group`` option and of MC-PO's precompu
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import fastpref
 from fastpref.testing import make_sequences
@@ -53,22 +49,17 @@ def _run(pairs, mism_rows):
     return out
 
 
-def _worker(rank: int, store: str, result_dir: str) -> None:
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no dependence on hostname resolution
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        torch.set_num_threads(1)
-        mism_rows = [[0, 1], [2, 3, 4, 5]][rank]
-        torch.save(_run(SHARES[rank], mism_rows), os.path.join(result_dir, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+def _worker(rank: int, world: int) -> dict:
+    mism_rows = [[0, 1], [2, 3, 4, 5]][rank]
+    return _run(SHARES[rank], mism_rows)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 def test_batch_statistics_are_global(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    # the shared harness (TCP rendezvous, deadline, per-rank tracebacks), as every other gloo test
+    from test_distributed import run_distributed
+
+    ranks = run_distributed(_worker, tmp_path=tmp_path)
     single = _run(range(PAIRS), list(range(6)))
     assert float(single["margin_std"]) > 0
     for res, pairs in zip(ranks, SHARES):
