@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .peers import install_hint
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -96,7 +98,11 @@ def peak_step_bytes(run: Callable[[], None], device: torch.device) -> int:
         run()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - base
-    import memray
+    try:
+        import memray
+    except ImportError as exc:  # the runner checks first; this is for direct callers
+        raise ImportError(f"CPU memory is measured with memray, which is not installed: {install_hint('memray')}") \
+            from exc
 
     with tempfile.TemporaryDirectory(prefix="fastpref-memray-") as tmp:
         path = os.path.join(tmp, "step.bin")

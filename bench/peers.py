@@ -19,12 +19,41 @@ The small loss heads below are written from docs/losses.md for the eager peer (i
 """
 from __future__ import annotations
 
-from typing import Optional
+import importlib.util
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+
+# ----------------------------------------------------------------------------------------------
+# Optional dependencies (pyproject.toml's extras): none is needed by ``import fastpref``, so a plain
+# ``pip install fastpref`` lacks them all; the bench checks for them up front and runs without them.
+
+# module -> the pip extra that installs it
+OPTIONAL_MODULES: Dict[str, str] = {
+    "memray": "bench", "matplotlib": "bench", "rich": "bench", "liger_kernel": "bench",
+    "cut_cross_entropy": "bench", "trl": "trl", "transformers": "trl",
+}
+# peer implementation -> the modules it imports (TRL's kernels import transformers)
+PEER_MODULES: Dict[str, Tuple[str, ...]] = {
+    "trl": ("trl", "transformers"), "liger": ("liger_kernel",), "cce": ("cut_cross_entropy",),
+}
+
+
+def is_installed(module: str) -> bool:
+    """Whether ``module`` can be found, without importing it (``importlib.util.find_spec``; a module set to
+    None in ``sys.modules`` counts as missing, as ``import`` would fail on it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that fails, or a module without a spec
+        return False
+
+
+def install_hint(module: str) -> str:
+    """The pip command that installs ``module`` with fastpref (its extra in pyproject.toml)."""
+    return f'pip install "fastpref[{OPTIONAL_MODULES[module]}]"'
 
 
 # ----------------------------------------------------------------------------------------------

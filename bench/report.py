@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import defaultdict
 from typing import Dict, List, Optional
 
-from .peers import mib
+from .peers import is_installed, mib
 
 IMPL_ORDER = ("eager", "trl", "liger", "cce", "fastpref-torch", "fastpref-triton")
 
@@ -55,6 +56,10 @@ def _ratios(r: dict, key: str) -> str:
     return f"{_ratio(r[key])} ({_ratio(r.get('best_' + key))})"
 
 
+def _mib(num_bytes: Optional[int]) -> str:
+    return "not measured" if num_bytes is None else f"{mib(num_bytes):.1f}"
+
+
 def _below(x: Optional[float]) -> str:
     return "-" if x is None else (f"{x:.0f}x" if x >= 10 else f"{x:.1f}x")
 
@@ -77,13 +82,18 @@ def table_rows(results: dict) -> List[List[str]]:
         out.append([r["workload"], str(r["tokens"]), str(r["dim"]), str(r["vocab"]), r["dtype"], r["impl"],
                      f"{1e3 * r['time_s']:.1f}", f"{1e3 * r['time_min_s']:.1f}", f"{100 * r['time_spread']:.0f}%",
                      _ratios(r, "time_vs_eager"), _ratios(r, "time_vs_trl"), _ratios(r, "time_vs_liger"),
-                     _ratios(r, "time_vs_floor"), f"{mib(r['peak_bytes']):.1f}",
-                     f"{mib(r['workspace_bytes']):.1f}", _below(r.get("workspace_below_eager")),
+                     _ratios(r, "time_vs_floor"), _mib(r.get("peak_bytes")),
+                     _mib(r.get("workspace_bytes")), _below(r.get("workspace_below_eager")),
                      _below(r.get("workspace_below_trl")), _below(r.get("workspace_below_liger"))])
     return out
 
 
 def print_table(results: dict) -> None:
+    """The results table on the terminal: rich when installed, else the Markdown table as plain text."""
+    if not is_installed("rich"):
+        print("\n".join(["| " + " | ".join(COLUMNS) + " |"] + ["| " + " | ".join(r) + " |" for r in table_rows(results)]
+                        + [f"{name}: {path}" for name, path in results.get("files", {}).items()]))
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -131,9 +141,7 @@ def markdown(results: dict) -> str:
         "GEMM-floor sample. `eager` = naive full logits; `trl` = TRL "
         f"{meta.get('trl') or '(not installed)'}'s chunked LM-head kernels. `peak`: inputs + the step's "
         "own peak allocation (gradients included); `workspace`: peak minus inputs and gradients; "
-        "`ws below X`: X's workspace / this workspace. Memory is "
-        + ("measured with memray (each implementation in its own tracked region)" if meta["device"] == "cpu"
-           else "torch.cuda.max_memory_allocated") + ".",
+        f"`ws below X`: X's workspace / this workspace. Memory is {_memory_method(meta)}.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" if c in TEXT_COLUMNS else "---:" for c in COLUMNS) + "|",
@@ -154,8 +162,9 @@ def markdown(results: dict) -> str:
                         f"{1e3 * s:.1f} ms (median {1e3 * med:.1f} ms of {k})" if med else f"{1e3 * s:.1f} ms"))
     notes = sorted({(r["impl"], r["note"]) for r in results["rows"] if r["note"]})
     warm = [r for r in results["rows"] if r.get("warmup_s")]
-    if notes or warm or results["skipped"]:
+    if notes or warm or results["skipped"] or results.get("notes"):
         lines += ["", "Notes:", ""]
+        lines += [f"- {note}" for note in results.get("notes", [])]  # missing packages, a failed plot
         lines += [f"- {impl}: {note}" for impl, note in notes]
         if warm:
             lines.append("- first-call (torch.compile) warm-up, excluded from the times: "
@@ -165,7 +174,7 @@ def markdown(results: dict) -> str:
         for s in results["skipped"]:
             reasons[(s["impl"], s["reason"])].add(s["workload"])
         lines += [f"- {impl} not run for {', '.join(sorted(ws))}: {why}" for (impl, why), ws in sorted(reasons.items())]
-    if meta["device"] == "cpu":
+    if meta.get("memray_empty_region_bytes") is not None:
         lines.append(f"- memray reports {meta.get('memray_empty_region_bytes', 0)} bytes for an empty tracked region; "
                      "it slows allocation, so memory and timing runs are separate.")
     if results.get("targets"):
@@ -173,6 +182,12 @@ def markdown(results: dict) -> str:
         lines += [f"- {t['target']}: {_ratio(t['value'])} ({'met' if t['met'] else 'missed'})"
                   for t in results["targets"]]
     return "\n".join(lines) + "\n"
+
+
+def _memory_method(meta: dict) -> str:
+    """How memory was measured (results written before ``meta['memory']`` existed: from the device)."""
+    method = meta.get("memory") or ("memray" if meta["device"] == "cpu" else "torch.cuda.max_memory_allocated")
+    return "measured with memray (each implementation in its own tracked region)" if method == "memray" else method
 
 
 TARGETS_HEADING = "Targets (DPO with reference, N=4096, D=1024, V=32000, fp32, fastpref torch backend):"
@@ -216,7 +231,8 @@ def write_plots(results: dict, out_dir: str) -> List[str]:
 
     written = []
     rows = results["rows"]
-    for (w, n, d, dt), impls in _series(rows, "vocab", ("tokens", "dim", "dtype")).items():
+    measured = [r for r in rows if r.get("peak_bytes") is not None]  # no memory plot without memray
+    for (w, n, d, dt), impls in _series(measured, "vocab", ("tokens", "dim", "dtype")).items():
         written.append(_line_plot(
             plt, impls, lambda r: mib(r["peak_bytes"]), os.path.join(out_dir, f"memory_vs_V_{w}_N{n}_D{d}_{dt}.png"),
             xlabel="vocabulary size V", ylabel="peak memory (MiB)", yscale="log",
@@ -229,14 +245,27 @@ def write_plots(results: dict, out_dir: str) -> List[str]:
     return written
 
 
-def write_all(results: dict, out_dir: str, plots: bool = True) -> Dict[str, object]:
-    """Write results.json, results.md and the PNGs; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths: Dict[str, object] = {"results.json": os.path.join(out_dir, "results.json"),
-                                "results.md": os.path.join(out_dir, "results.md")}
+def _write_results(results: dict, paths: Dict[str, object]) -> None:
     with open(paths["results.md"], "w") as f:
         f.write(markdown(results))
-    paths["plots"] = write_plots(results, out_dir) if plots else []
     with open(paths["results.json"], "w") as f:
         json.dump({**results, "files": paths}, f, indent=1)
+
+
+def write_all(results: dict, out_dir: str, plots: bool = True) -> Dict[str, object]:
+    """Write results.json and results.md, then the PNGs; returns their paths. The numbers are on disk before
+    any plot is tried: a plotting failure is reported (stderr and a note in both files), not raised."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths: Dict[str, object] = {"results.json": os.path.join(out_dir, "results.json"),
+                                "results.md": os.path.join(out_dir, "results.md"), "plots": []}
+    _write_results(results, paths)
+    if not plots:
+        return paths
+    try:
+        paths["plots"] = write_plots(results, out_dir)
+    except Exception as exc:  # matplotlib missing or broken, a backend error: the measured numbers must survive
+        note = f"plots not written: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        results["notes"] = list(results.get("notes", [])) + [note]
+        print(f"fastpref bench: {note}", file=sys.stderr)
+    _write_results(results, paths)  # again, with the plot paths (or the failure's note)
     return paths

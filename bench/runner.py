@@ -162,16 +162,8 @@ def measure_shape(workload: str, shape: Shape, cfg: Config, opts: Options, progr
     impls = [i for i in impls if i is not None]
 
     phases["warmup_s"] = time.perf_counter() - phase_start
-    tracked: Dict[str, int] = {}
-    grads: Dict[str, int] = {}
-    with measure.frozen_gc():  # the gc.collect() before each memory run then costs nothing
-        for impl in impls:
-            if progress:
-                progress(f"{workload} N={case.tokens} V={vocab}: memory {impl.name}")
-            release(case.params)
-            tracked[impl.name] = measure.peak_step_bytes(lambda: measure.fwd_bwd(impl.step), device)
-            grads[impl.name] = sum(p.grad.numel() * p.grad.element_size() for p in case.params if p.grad is not None)
-            release(case.params)
+    label = f"{workload} N={case.tokens} V={vocab}"
+    tracked, grads = _measure_memory(impls, case, label, progress) if opts.memory else ({}, {})
 
     phases["memory_s"] = time.perf_counter() - phase_start - phases["warmup_s"]
     steps = {impl.name: (lambda s=impl.step: measure.fwd_bwd(s)) for impl in impls}
@@ -195,17 +187,34 @@ def measure_shape(workload: str, shape: Shape, cfg: Config, opts: Options, progr
     inputs = case.input_bytes()
     for impl in impls:
         tm = timings[impl.name]
+        mem = tracked.get(impl.name)
         out.rows.append({
             **key, "impl": impl.name, "time_s": tm.median, "time_min_s": min(tm.times_s), "time_spread": tm.spread,
             "times_s": tm.times_s,
-            "warmup_s": warmup.get(impl.name), "input_bytes": inputs, "grad_bytes": grads[impl.name],
-            "tracked_bytes": tracked[impl.name], "peak_bytes": inputs + tracked[impl.name],
-            "workspace_bytes": tracked[impl.name] - grads[impl.name], "floor_s": floor_s,
+            "warmup_s": warmup.get(impl.name), "input_bytes": inputs, "grad_bytes": grads.get(impl.name),
+            "tracked_bytes": mem, "peak_bytes": None if mem is None else inputs + mem,
+            "workspace_bytes": None if mem is None else mem - grads[impl.name],
+            "memory": None if mem is not None else MEMORY_NOT_MEASURED, "floor_s": floor_s,
             "floor_median_s": floor_median_s, "floor_times_s": floor_times, "floor_gemms": case.floor_label(),
             "note": impl.note, "row_phases_s": {k: round(v, 2) for k, v in phases.items()},
         })
     add_ratios(out.rows)
     return out
+
+
+def _measure_memory(impls: List[Impl], case: Case, label: str, progress=None) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """Each implementation's tracked peak and gradient bytes, one fwd+bwd step each (see measure.py)."""
+    tracked: Dict[str, int] = {}
+    grads: Dict[str, int] = {}
+    with measure.frozen_gc():  # the gc.collect() before each memory run then costs nothing
+        for impl in impls:
+            if progress:
+                progress(f"{label}: memory {impl.name}")
+            release(case.params)
+            tracked[impl.name] = measure.peak_step_bytes(lambda: measure.fwd_bwd(impl.step), case.device)
+            grads[impl.name] = sum(p.grad.numel() * p.grad.element_size() for p in case.params if p.grad is not None)
+            release(case.params)
+    return tracked, grads
 
 
 PEERS = ("eager", "trl", "liger")
@@ -220,7 +229,8 @@ def add_ratios(rows: List[dict]) -> None:
             p = by_name.get(peer)
             r[f"time_vs_{peer}"] = r["time_s"] / p["time_s"] if p else None
             r[f"best_time_vs_{peer}"] = r["time_min_s"] / p["time_min_s"] if p else None
-            r[f"workspace_below_{peer}"] = (p["workspace_bytes"] / max(r["workspace_bytes"], 1)) if p else None
+            measured = p and p.get("workspace_bytes") is not None and r.get("workspace_bytes") is not None
+            r[f"workspace_below_{peer}"] = (p["workspace_bytes"] / max(r["workspace_bytes"], 1)) if measured else None
         r["time_vs_floor"] = r["time_s"] / r["floor_s"] if r["floor_s"] else None
         r["best_time_vs_floor"] = r["time_min_s"] / r["floor_s"] if r["floor_s"] else None
 
@@ -287,32 +297,73 @@ def environment(cfg: Config) -> dict:
     return info
 
 
+MEMORY_NOT_MEASURED = "not measured (memray missing)"
+# The one workload a peer is measured on (the others skip it anyway, so its package is not needed there).
+PEER_WORKLOAD = {"liger": "dpo", "cce": "logprobs"}
+
+
+def missing_dependencies(cfg: Config) -> List[dict]:
+    """The optional modules this run needs that are not installed (looked up, not imported), each as
+    ``{module, install, needed_for, effect}``; the run goes on without them."""
+    needs = []
+    if cfg.device == "cpu":
+        needs.append(("memray", "CPU memory", f"memory columns {MEMORY_NOT_MEASURED}"))
+    if cfg.plots:
+        needs.append(("matplotlib", "the PNG plots", "no plots (results.json and results.md are still written)"))
+    if cfg.show:
+        needs.append(("rich", "the progress bar and table", "a plain-text table"))
+    for impl, modules in peers.PEER_MODULES.items():
+        workload = PEER_WORKLOAD.get(impl)
+        if impl in cfg.impls and (workload is None or workload in cfg.workloads):
+            needs += [(m, f"the {impl} peer", f"{impl} skipped") for m in modules]
+    return [dict(module=m, install=peers.install_hint(m), needed_for=what, effect=effect)
+            for m, what, effect in needs if not peers.is_installed(m)]
+
+
+def dependency_note(dep: dict) -> str:
+    """One line for a missing optional module: what it is for, what the run does without it, how to install."""
+    return f"{dep['module']} is not installed ({dep['needed_for']}): {dep['effect']}; install with {dep['install']}"
+
+
 def run(cfg: Config) -> dict:
-    """Measure the grid, write results.json / results.md / PNGs under ``cfg.out``, return the results."""
+    """Measure the grid, write results.json / results.md / PNGs under ``cfg.out``, return the results.
+
+    Missing optional packages (memray, matplotlib, rich, the peers) are reported first, one line each with
+    the pip extra that installs them, and the run goes on without them (see ``missing_dependencies``)."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' requested but CUDA is not available")
     for w in cfg.workloads:
         if w not in WORKLOADS:
             raise ValueError(f"--losses: unknown workload {w!r}; choose from {WORKLOADS}")
-    opts = Options(compile=cfg.compile, impls=tuple(cfg.impls))
+    missing = missing_dependencies(cfg)
+    if cfg.show:
+        for dep in missing:
+            print(f"fastpref bench: {dependency_note(dep)}", file=sys.stderr)
+    gone = {d["module"] for d in missing}
+    unavailable = {impl: f"{', '.join(m for m in mods if m in gone)} not installed: {peers.install_hint(mods[0])}"
+                   for impl, mods in peers.PEER_MODULES.items() if gone & set(mods)}
+    opts = Options(compile=cfg.compile, impls=tuple(cfg.impls), unavailable=unavailable, memory="memray" not in gone)
     threads_before = torch.get_num_threads()
     if cfg.num_threads():
         torch.set_num_threads(cfg.num_threads())
     try:
-        return _run(cfg, opts)
+        return _run(cfg, opts, missing)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(cfg: Config, opts: Options) -> dict:
+def _run(cfg: Config, opts: Options, missing: List[dict]) -> dict:
     started = time.perf_counter()
     env = environment(cfg)
-    if cfg.device == "cpu":
+    gone = {d["module"] for d in missing}
+    env["memory"] = ("torch.cuda.max_memory_allocated" if cfg.device == "cuda" else
+                     "memray" if opts.memory else MEMORY_NOT_MEASURED)
+    if cfg.device == "cpu" and opts.memory:
         env["memray_empty_region_bytes"] = measure.memray_overhead_bytes()
     rows: List[dict] = []
     skipped: List[dict] = []
     jobs = cfg.jobs()
-    with report.Progress(len(jobs), enabled=cfg.show) as bar:
+    with report.Progress(len(jobs), enabled=cfg.show and "rich" not in gone) as bar:
         for workload, shape in jobs:
             res = measure_shape(workload, shape, cfg, opts, progress=bar.describe)
             rows += res.rows
@@ -329,8 +380,9 @@ def _run(cfg: Config, opts: Options) -> dict:
                    "shapes": [list(s) for s in cfg.grid()], "jobs": [[w, list(s)] for w, s in jobs],
                    "max_logits_gib": cfg.max_logits_gib},
         "rows": rows, "skipped": skipped, "targets": evaluate_targets(rows),
+        "missing_dependencies": missing, "notes": [dependency_note(d) for d in missing],
     }
-    paths = report.write_all(results, cfg.out, plots=cfg.plots)
+    paths = report.write_all(results, cfg.out, plots=cfg.plots and "matplotlib" not in gone)
     results["files"] = paths
     if cfg.show:
         report.print_table(results)

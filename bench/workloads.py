@@ -73,10 +73,13 @@ class Impl:
 
 @dataclass
 class Options:
-    """What the runner allows: ``compile=False`` builds Liger uncompiled and leaves CCE out."""
+    """What the runner allows: ``compile=False`` builds Liger uncompiled and leaves CCE out; ``unavailable``
+    maps a peer whose package is missing to the reason it is skipped; ``memory=False``: no memory runs."""
 
     compile: bool = True
     impls: Tuple[str, ...] = IMPLEMENTATIONS
+    unavailable: Dict[str, str] = field(default_factory=dict)
+    memory: bool = True
 
 
 def build_case(workload: str, tokens: int, dim: int, vocab: int, dtype: torch.dtype, device: torch.device,
@@ -241,13 +244,15 @@ def implementations(case: Case, opts: Options) -> Tuple[List[Impl], Dict[str, st
     ready: List[Impl] = []
     skipped: Dict[str, str] = {}
     for name in opts.impls:
-        if name == "eager":
+        if name in opts.unavailable:
+            skipped[name] = opts.unavailable[name]
+        elif name == "eager":
             ready.append(Impl(name, _eager(case), note="naive full logits"))
         elif name == "trl":
             try:
                 step = _trl(case)
             except ImportError as exc:
-                skipped[name] = f"trl not importable ({exc})"
+                skipped[name] = f"trl not importable ({exc}): {peers.install_hint('trl')}"
                 continue
             ready.append(Impl(name, step, note="trl.kernels.ChunkedLogProbFunction"
                               + (" + ChunkedDivergenceFunction" if case.workload == "spo" else "")))
@@ -255,7 +260,11 @@ def implementations(case: Case, opts: Options) -> Tuple[List[Impl], Dict[str, st
             if case.workload != "dpo":
                 skipped[name] = "no Liger chunked loss for this workload"
                 continue
-            run = peers.liger_dpo(DPO_BETA, compiled=opts.compile)
+            try:
+                run = peers.liger_dpo(DPO_BETA, compiled=opts.compile)
+            except ImportError as exc:  # installed but broken: skipped like a missing package
+                skipped[name] = f"liger_kernel not importable ({exc}): {peers.install_hint('liger_kernel')}"
+                continue
             ready.append(Impl(name, lambda run=run: run(t["weight"], t["hidden"], t["targets"], t["ref_hidden"],
                                                          t["ref_weight"]),
                               note="" if opts.compile else "compiled=False (--no-compile)", compiled=opts.compile))
@@ -266,7 +275,11 @@ def implementations(case: Case, opts: Options) -> Tuple[List[Impl], Dict[str, st
             if not opts.compile and not cuda:
                 skipped[name] = "CCE on CPU is torch.compile only (--no-compile)"
                 continue
-            run, impl = peers.cce_token_logps(case.device)
+            try:
+                run, impl = peers.cce_token_logps(case.device)
+            except ImportError as exc:
+                skipped[name] = f"cut_cross_entropy not importable ({exc}): {peers.install_hint('cut_cross_entropy')}"
+                continue
             ready.append(Impl(name, lambda run=run: run(t["hidden"], t["weight"], t["targets"]).sum(),
                               note=f"impl={impl}", compiled=impl == "torch_compile"))
         elif name == "fastpref-torch":

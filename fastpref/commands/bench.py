@@ -9,11 +9,17 @@ the grid by their cartesian product.
 floor, eager, Liger, Cut Cross-Entropy and TRL's chunked path, with the cost model's prediction beside
 each row; it writes ``gpu_bench.json`` and ``gpu_bench.md``. ``--device cpu-interpret --tiny`` (tests
 only) is the same on tiny shapes under Triton's interpreter.
+
+Optional packages (memray, matplotlib, rich, the peers) are looked up first: each missing one is reported
+in one line with the pip extra that installs it, and the run goes on without it (a missing peer is skipped,
+memory without memray is marked not measured, no plots without matplotlib), with the same note in the
+results. results.json and results.md are written before the plots.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 DEFAULT_OUT = "bench/out"
 
@@ -61,8 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_gpu(args: argparse.Namespace) -> int:
     """``--device cuda --quick`` / ``--device cpu-interpret --tiny``: bench/gpu.py."""
-    from fastpref.bench import gpu
+    from fastpref.bench import gpu, runner
 
+    # The same up-front report as the CPU grid: the GPU rows skip a missing peer (gpu.implementations).
+    device = "cpu" if args.device == "cpu-interpret" else args.device  # the interpreter's memory is memray's
+    for dep in runner.missing_dependencies(runner.Config(device=device, plots=False, show=False)):
+        print(f"fastpref bench: {runner.dependency_note(dep)}", file=sys.stderr)
     out = args.out if args.out != DEFAULT_OUT else os.path.join(DEFAULT_OUT, "gpu")
     cfg = gpu.Config(device=args.device, out=out, tiny=args.tiny, repeats=args.repeats, compile=not args.no_compile,
                      seed=args.seed)
