@@ -154,8 +154,8 @@ def test_other_losses_train_and_loss_decreases(tok, tmp_path, loss, loss_kwargs,
     assert expect in history[-1]
     if loss == "spo":
         assert history[-1]["kl"] > 0  # the policy moved away from the reference on its own samples
-        step, samples = trainer._spo_cache
-        assert step == 6 and samples[2].sum() > 0  # resampled every 3 steps; completions are scored
+        step, samples = trainer._spo_cache  # one row set per accumulation micro-batch
+        assert step == 6 and len(samples) == 1 and samples[0][2].sum() > 0  # resampled every 3 steps; scored
 
 
 def test_mcpo_grad_forward_only_on_preferred_and_selected_rows(tok, tmp_path):

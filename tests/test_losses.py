@@ -1020,7 +1020,7 @@ EXPECTED_DEFAULTS = {
                                   sampling="mc"),
     "spo": dict(alpha=0.01, gamma=0.0, kl=None, kl_coef=0.01, weight_baseline=None),
     "spo_best_of_n": dict(alpha=0.01, gamma=0.0, kl=None, kl_coef=0.01, weight_baseline=None),
-    "spo_ranked": dict(alpha=0.01, gamma=0.0, kl=None, kl_coef=0.01, weight_baseline=None),
+    "spo_ranked": dict(alpha=0.01, gamma=0.0, kl=None, kl_coef=0.01, weight_baseline=None, rank_decay=1.0),
 }
 # Keyword-only arguments with no default: VAR's β (unreported by the paper), the batch statistics.
 REQUIRED = {"var": {"beta"}, "alpha_dpo": {"margin_mean", "margin_std"}, "mcpo": {"negatives"}, "kto": {"z0"}}

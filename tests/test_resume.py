@@ -98,7 +98,8 @@ def test_resume_equals_uninterrupted_run(tok, tmp_path, loss):
         assert int(resumed.fastpref_loss_fn.num_updates) == int(straight.fastpref_loss_fn.num_updates) == 4
     if loss == "spo":
         assert resumed._spo_cache[0] == straight._spo_cache[0] == 3  # drawn at step 0, resampled at step 3
-        for a, b in zip(resumed._spo_cache[1], straight._spo_cache[1]):
+        assert len(resumed._spo_cache[1]) == len(straight._spo_cache[1]) == 1  # one row set per micro-batch
+        for a, b in zip(resumed._spo_cache[1][0], straight._spo_cache[1][0]):
             assert torch.equal(a, b)
 
 

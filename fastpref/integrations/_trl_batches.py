@@ -27,15 +27,17 @@ def check_loss_kwargs(kwargs: Dict[str, Any]) -> None:
             "A sampling temperature for generation is unrelated")
 
 
-def check_config(args: Any, train_dataset: Any, loss: str) -> None:
-    """Reject a dataset missing ``loss``'s columns (TRL's loss fields: :mod:`._trl_config`)."""
+def check_config(args: Any, train_dataset: Any, loss: str, *, reward_columns: bool = False,
+                 candidates: bool = False) -> None:
+    """Reject a dataset missing the columns the run reads (``reward_columns``: VAR's diagonal form; ``candidates``:
+    offline MC-PO) and options ``loss`` does not support (TRL's loss fields: :mod:`._trl_config`)."""
     if args is None:
         return
     if train_dataset is not None and hasattr(train_dataset, "column_names"):
         columns = set(train_dataset.column_names)
-        if loss == "var" and not set(REWARD_COLUMNS) <= columns:
+        if reward_columns and not set(REWARD_COLUMNS) <= columns:
             raise ValueError(f"fastpref_loss='var' needs dataset columns {REWARD_COLUMNS} (reward-model scores)")
-        if loss == "mcpo" and "candidates" not in columns:
+        if candidates and "candidates" not in columns:
             raise ValueError("fastpref_loss='mcpo' needs a dataset column 'candidates' (list of K responses)")
         if loss in ("mcpo", "spo") and args.precompute_ref_log_probs:
             raise ValueError(f"fastpref_loss={loss!r} does not support precompute_ref_log_probs")
@@ -83,10 +85,14 @@ def scored_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor,
 
 @dataclass
 class FastPrefCollator:
-    """TRL's preference collator plus the columns fastpref losses read (rewards, MC-PO candidate groups).
+    """TRL's preference collator plus the columns fastpref losses read (rewards, MC-PO candidate groups, SPO's
+    ranked / best-of-n groups).
 
-    MC-PO groups come out as ``group_input_ids``/``group_attention_mask``/``group_completion_mask``
-    ``[B * (K + 1), L]``, row ``b * (K + 1) + g``: g = 0 the chosen response, g >= 1 the candidates.
+    Groups come out as ``group_input_ids``/``group_attention_mask``/``group_completion_mask`` ``[B * G, L]``,
+    row ``b * G + g``, all right-padded to one width, and ``group_size`` G. MC-PO (``candidates``): G = K + 1,
+    g = 0 the chosen response, g >= 1 the candidates. SPO (``responses``): G = n, the ``response_ids`` in the
+    dataset's order (rank order for ranked data), as ``input_ids``/``attention_mask``/``completion_mask``
+    (replacing TRL's pair rows), plus ``group_best`` [B] int64 (the best response's g).
     """
 
     base: Callable[[List[Dict[str, Any]]], Dict[str, Any]]
@@ -94,22 +100,34 @@ class FastPrefCollator:
     reward_columns: Tuple[str, ...] = ()
     candidates: bool = False
     max_length: Optional[int] = None
+    responses: bool = False
 
     def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, Any]:
         batch = self.base(examples)
         for column in self.reward_columns:
             batch[column] = torch.tensor([float(ex[column]) for ex in examples], dtype=torch.float32)
         if self.candidates:
-            batch.update(self._groups(examples))
+            k = {len(ex["candidate_ids"]) for ex in examples}
+            if len(k) != 1:
+                raise ValueError(f"mcpo: every example of a batch needs the same number of candidates, got {sorted(k)}")
+            batch.update(self._groups(examples, [[ex["chosen_ids"], *ex["candidate_ids"]] for ex in examples]))
+        elif self.responses:
+            n = {len(ex["response_ids"]) for ex in examples}
+            if len(n) != 1:
+                raise ValueError(f"spo: every example of a batch needs the same number of 'responses', got {sorted(n)}")
+            groups = self._groups(examples, [list(ex["response_ids"]) for ex in examples])
+            # SPO's groups are the batch's only rows: they replace the pair rows TRL built (only its preprocessing
+            # needed chosen / rejected), so whatever reads input_ids (the loss, the effective-batch pass, the token
+            # count) sees them
+            batch.update({key: groups.pop("group_" + key) for key in ("input_ids", "attention_mask", "completion_mask")})
+            batch.update(groups, group_best=torch.tensor([int(ex["spo_best"]) for ex in examples], dtype=torch.long))
         return batch
 
-    def _groups(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
-        k = {len(ex["candidate_ids"]) for ex in examples}
-        if len(k) != 1:
-            raise ValueError(f"mcpo: every example of a batch needs the same number of candidates, got {sorted(k)}")
+    def _groups(self, examples: List[Dict[str, Any]], groups: List[List[Sequence[int]]]) -> Dict[str, torch.Tensor]:
+        """The group rows of ``groups`` (per example, its responses' token ids) after each example's prompt."""
         ids, completion = [], []
-        for ex in examples:
-            for response in [ex["chosen_ids"], *ex["candidate_ids"]]:
+        for ex, group in zip(examples, groups):
+            for response in group:
                 seq = list(ex["prompt_ids"]) + list(response)
                 mask = [0] * len(ex["prompt_ids"]) + [1] * len(response)
                 if self.max_length is not None:
@@ -118,30 +136,32 @@ class FastPrefCollator:
                 completion.append(torch.tensor(mask, dtype=torch.long))
         return dict(group_input_ids=pad_rows(ids, self.pad_token_id),
                     group_attention_mask=pad_rows([torch.ones_like(t) for t in ids], 0),
-                    group_completion_mask=pad_rows(completion, 0), group_size=torch.tensor(k.pop() + 1))
+                    group_completion_mask=pad_rows(completion, 0), group_size=torch.tensor(len(groups[0])))
 
 
-def tokenize_candidates(dataset, processing_class, eos: str, dataset_name: str):
-    """Add MC-PO's ``candidate_ids`` (each plain-text candidate tokenized after the prompt and ending in
-    ``eos``, as TRL tokenizes ``chosen``) to a dataset TRL already prepared."""
+def tokenize_candidates(dataset, processing_class, eos: str, dataset_name: str, column: str = "candidates",
+                        out_column: str = "candidate_ids", loss: str = "mcpo"):
+    """Add ``out_column`` (MC-PO's ``candidate_ids``; SPO's ``response_ids`` from ``responses``): each plain-text
+    response of ``column`` tokenized after the prompt and ending in ``eos``, as TRL tokenizes ``chosen``, to a
+    dataset TRL already prepared."""
     from trl.data_utils import _tokenize
 
     def tokenize(example):
         prompt_ids = example["prompt_ids"]
         out = []
-        for text in example["candidates"]:
+        for text in example[column]:
             if not isinstance(text, str):
-                raise TypeError("mcpo: 'candidates' must hold plain-text responses (conversational candidates "
+                raise TypeError(f"{loss}: {column!r} must hold plain-text responses (conversational responses "
                                 "are not supported)")
             text = text if text.endswith(eos) else text + eos
             ids = list(_tokenize(processing_class, example["prompt"] + text)["input_ids"])  # as TRL does
             if ids[: len(prompt_ids)] != list(prompt_ids):
-                raise ValueError("mcpo: a candidate's tokenization changes the prompt's tokens; end the prompt "
-                                 "on a token boundary")
+                raise ValueError(f"{loss}: a response's tokenization in {column!r} changes the prompt's tokens; end "
+                                 "the prompt on a token boundary")
             out.append(ids[len(prompt_ids):])
-        return {"candidate_ids": out}
+        return {out_column: out}
 
-    return dataset.map(tokenize, desc=f"Tokenizing {dataset_name} MC-PO candidates")
+    return dataset.map(tokenize, desc=f"Tokenizing {dataset_name} {loss} {column}")
 
 
 def left_padded_prompts(rows: Rows, count: int, pad_id: int) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:

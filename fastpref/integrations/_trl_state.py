@@ -7,7 +7,8 @@ trainer keeps outside the model is saved here, into the same checkpoint folder, 
 * the loss module's buffers (alpha-DPO's running ``margin_mean`` / ``margin_std`` / ``num_updates``, ...),
 * the state of the loss module's own ``torch.Generator`` (MC-PO's ``generator=``; without one MC-PO draws from
   the global RNG, which the HF Trainer restores itself),
-* SPO's online-sample cache ``_spo_cache`` (the step it was drawn at and its rows),
+* SPO's online-sample cache ``_spo_cache`` (the step it was drawn at and the rows of each accumulation
+  micro-batch),
 * the running token count behind the logged ``num_tokens``.
 """
 from __future__ import annotations
@@ -35,7 +36,8 @@ class LossStateCheckpoint:
         return {
             "buffers": {name: b.detach().cpu().clone() for name, b in loss_fn.named_buffers()},
             "generator": generator.get_state() if isinstance(generator, torch.Generator) else None,
-            "spo_cache": None if cache is None else (cache[0], tuple(t.detach().cpu().clone() for t in cache[1])),
+            "spo_cache": None if cache is None else (
+                cache[0], tuple(tuple(t.detach().cpu().clone() for t in rows) for rows in cache[1])),
             "total_train_tokens": int(getattr(self, "_total_train_tokens", 0)),
         }
 
@@ -57,7 +59,10 @@ class LossStateCheckpoint:
             generator.set_state(state["generator"])
         cache = state["spo_cache"]
         device = self.accelerator.device
-        self._spo_cache = None if cache is None else (cache[0], tuple(t.to(device) for t in cache[1]))
+        if cache is not None and cache[1] and torch.is_tensor(cache[1][0]):
+            cache = (cache[0], (cache[1],))  # written before the per-micro-batch cache: one row set
+        self._spo_cache = None if cache is None else (
+            cache[0], tuple(tuple(t.to(device) for t in rows) for rows in cache[1]))
         self._total_train_tokens = state["total_train_tokens"]
 
     def _save_checkpoint(self, model, trial) -> None:

@@ -22,6 +22,7 @@ from ..modules.base import with_extra_outputs
 from ..reference.modules import LOSS_MODULES as EAGER_LOSS_MODULES
 from ._trl_batches import Rows, check_loss_kwargs, scored_labels
 from ._trl_reference import check_peft_head, head_in_autocast, reference_head, reference_hidden, reference_scope
+from ._trl_window import KTOEffectiveBatch
 from .distributed import through_sharded
 from .transformers import LMHeadInputs, backbone_hidden, enable_hidden_forward, gather_lm_head, head_inputs, hf_model
 
@@ -44,7 +45,7 @@ def check_kto_config(args: Any) -> None:
         raise ValueError("FastPrefKTOTrainer computes the head with its own fused op: set use_liger_kernel=False")
 
 
-class FastPrefKTOTrainer(KTOTrainer):
+class FastPrefKTOTrainer(KTOEffectiveBatch, KTOTrainer):
     """TRL ``KTOTrainer`` whose loss is :class:`fastpref.FusedKTOLoss` (LM head, reference and KL point fused).
 
     ``beta``, ``desirable_weight``, ``undesirable_weight``, ``loss_type``, ``precompute_ref_log_probs`` and
@@ -104,7 +105,7 @@ class FastPrefKTOTrainer(KTOTrainer):
         rows = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         kl_rows: Optional[Rows] = None
         kl_hidden = None
-        if self.calculate_KL:
+        if self.calculate_KL and self.window_z0() is None:  # else z0 is the step's (_trl_window)
             missing = [k for k in ("KL_input_ids", "KL_attention_mask", "KL_completion_mask") if k not in batch]
             if missing:
                 raise ValueError(f"loss_type={self.loss_type!r} needs the KL completions: the batch lacks {missing} "
@@ -142,8 +143,8 @@ class FastPrefKTOTrainer(KTOTrainer):
             kl = None if kl_rows is None else self._head_inputs(model, kl_hidden, kl_rows[0], kl_rows[2], head)
             if kl is not None:
                 call.update(kl_hidden=kl.hidden, kl_targets=kl.targets, kl_seq_ids=kl.seq_ids, kl_num_seqs=kl.num_seqs)
-            else:
-                call["z0"] = 0.0  # apo_zero_unpaired: the sigmoid terms around 0
+            else:  # the step's z0 under accumulation, or apo_zero_unpaired's 0 (the sigmoid terms around 0)
+                call["z0"] = 0.0 if self.window_z0() is None else self.window_z0()
             if self.precompute_ref_logps:
                 call["ref_logps"] = batch["ref_logps"]
                 if kl is not None:

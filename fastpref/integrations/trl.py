@@ -32,9 +32,12 @@ from ._trl_batches import (
 )
 from ._trl_config import check_family_fields, loss_class_and_kwargs
 from ._trl_metrics import TRL_METRIC_NAMES, VOCAB_METRIC_OUTPUTS, store_metrics
+from ._trl_onmcpo import OnlineMCPO
 from ._trl_reference import check_peft_head, head_in_autocast, reference_head, reference_hidden, reference_scope
 from ._trl_spo import SPOSamples
 from ._trl_state import LossStateCheckpoint
+from ._trl_var import VARTrainer
+from ._trl_window import EffectiveBatchStatistics
 from .distributed import through_sharded
 from .transformers import (
     LMHeadInputs,
@@ -63,7 +66,7 @@ OTHER = {name: n for name, n in LOSSES.items() if name not in PAIRWISE}
 
 
 
-class FastPrefDPOTrainer(LossStateCheckpoint, SPOSamples, DPOTrainer):
+class FastPrefDPOTrainer(VARTrainer, OnlineMCPO, EffectiveBatchStatistics, LossStateCheckpoint, SPOSamples, DPOTrainer):
     """TRL ``DPOTrainer`` whose loss is a fastpref fused loss (see the module docstring for the losses and data).
 
     Args (in addition to ``DPOTrainer``'s):
@@ -73,9 +76,17 @@ class FastPrefDPOTrainer(LossStateCheckpoint, SPOSamples, DPOTrainer):
             ``num_negatives=``, ``ignore_index=``, ``backend=``, ...); not ``temperature``/``softcap``, which
             come from the model config.
         fastpref_eager: use the eager twin from ``fastpref.reference`` (full logits) instead, e.g. to debug.
-        var_responses: ``"both"`` (chosen and rejected responses) or ``"chosen"``.
-        spo_samples: ``"online"`` or ``"dataset"``; ``spo_num_samples``, ``spo_resample_every``,
-            ``spo_max_new_tokens`` tune the online sampling.
+        var_responses: ``"both"`` (chosen and rejected responses) or ``"chosen"``; ``var_pairs``: ``"cross"``
+            (Alg. 1 with ``reward_model``, the default when one is given) or ``"diagonal"`` (reward columns);
+            ``var_prompts_per_chunk``: prompts per cross-pair reference forward. docs/trainer.md, VAR.
+        reward_model: a ``RewardModel``, ``(model, tokenizer)`` or a callable ``(prompts, completions) -> scores``
+            (stored as ``fastpref_reward_model``).
+        mcpo_online: OnMC-PO (generate ``mcpo_num_generations`` completions per prompt with the policy, rank them with
+            ``reward_model``: best = y0, the rest candidates; regenerated every ``mcpo_regenerate_every`` steps;
+            ``mcpo_max_new_tokens`` None: from the data). docs/trainer.md, OnMC-PO.
+        spo_samples: ``"online"`` or ``"dataset"``; ``spo_num_samples`` (per prompt), ``spo_resample_every``,
+            ``spo_max_new_tokens`` (None: from the data) tune the online sampling; ``spo_mode``: ``"pairs"``,
+            ``"best_of_n"`` or ``"ranked"`` (``responses`` + ``ranks``/``scores`` data). docs/trainer.md, SPO.
     """
 
     _tag_names = ["trl", "dpo", "fastpref"]
@@ -83,30 +94,26 @@ class FastPrefDPOTrainer(LossStateCheckpoint, SPOSamples, DPOTrainer):
 
     def __init__(self, *args: Any, fastpref_loss: str = "dpo", fastpref_loss_kwargs: Optional[Dict[str, Any]] = None,
                  fastpref_eager: bool = False, var_responses: str = "both", spo_samples: str = "online",
-                 spo_num_samples: int = 4, spo_resample_every: int = 8, spo_max_new_tokens: int = 32,
-                 **kwargs: Any) -> None:
+                 spo_num_samples: int = 1, spo_resample_every: int = 1, spo_max_new_tokens: Optional[int] = None,
+                 spo_mode: str = "pairs", var_pairs: Optional[str] = None, reward_model: Any = None,
+                 var_prompts_per_chunk: int = 1, mcpo_online: bool = False, mcpo_num_generations: int = 4,
+                 mcpo_regenerate_every: int = 1, mcpo_max_new_tokens: Optional[int] = None, **kwargs: Any) -> None:
         if fastpref_loss not in LOSSES:
             why = f" ({UNSUPPORTED[fastpref_loss]})" if fastpref_loss in UNSUPPORTED else ""
             raise ValueError(f"fastpref_loss must be one of {sorted(LOSSES)}, got {fastpref_loss!r}{why}")
-        if var_responses not in ("both", "chosen"):
-            raise ValueError(f"var_responses must be 'both' or 'chosen', got {var_responses!r}")
-        if spo_samples not in ("online", "dataset"):
-            raise ValueError(f"spo_samples must be 'online' or 'dataset', got {spo_samples!r}")
-        for name, value in (("spo_num_samples", spo_num_samples), ("spo_resample_every", spo_resample_every),
-                            ("spo_max_new_tokens", spo_max_new_tokens)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
         loss_kwargs = dict(fastpref_loss_kwargs or {})
         check_loss_kwargs(loss_kwargs)
         self.fastpref_loss = fastpref_loss
-        self.var_responses = var_responses
-        self.spo_samples, self.spo_num_samples = spo_samples, spo_num_samples
-        self.spo_resample_every, self.spo_max_new_tokens = spo_resample_every, spo_max_new_tokens
-        self._spo_cache: Optional[Tuple[int, Rows]] = None
 
         args_ = kwargs.get("args", args[2] if len(args) > 2 else None)
         train_dataset = kwargs.get("train_dataset", args[4] if len(args) > 4 else None)
-        check_config(args_, train_dataset, fastpref_loss)
+        loss_kwargs = self._spo_configure(loss_kwargs, train_dataset, spo_samples, spo_num_samples,
+                                          spo_resample_every, spo_max_new_tokens, spo_mode)  # _trl_spo
+        self._var_setup(fastpref_loss, reward_model, var_pairs, var_responses, var_prompts_per_chunk, args_)
+        self._onmcpo_setup(fastpref_loss, mcpo_online, mcpo_num_generations, mcpo_regenerate_every,
+                           mcpo_max_new_tokens)  # _trl_onmcpo
+        check_config(args_, train_dataset, fastpref_loss, reward_columns=fastpref_loss == "var" and self.var_pairs
+                     == "diagonal", candidates=fastpref_loss == "mcpo" and not mcpo_online)
         check_family_fields(args_, fastpref_loss)
         # DPOConfig(padding_free=True): TRL 1.16 turns it off with a warning; fastpref packs the rows itself
         self.fastpref_padding_free = bool(getattr(args_, "padding_free", False))
@@ -122,6 +129,7 @@ class FastPrefDPOTrainer(LossStateCheckpoint, SPOSamples, DPOTrainer):
         self.fastpref_loss_fn.to(self.accelerator.device)
         self._needs_reference = self._uses_reference()
         self._check_reference()
+        self._var_ready()
         enable_hidden_forward(hf_model(self.model))
         if self.ref_model is not None:
             # The reference runs through its own (possibly wrapped) forward: FSDP / DeepSpeed hooks on the reference
@@ -129,8 +137,9 @@ class FastPrefDPOTrainer(LossStateCheckpoint, SPOSamples, DPOTrainer):
             enable_hidden_forward(hf_model(self.ref_model))
         self.data_collator = FastPrefCollator(
             base=self.data_collator, pad_token_id=self._tokenizer.pad_token_id,
-            reward_columns=REWARD_COLUMNS if fastpref_loss == "var" else (),
-            candidates=fastpref_loss == "mcpo", max_length=self.args.max_length)
+            reward_columns=REWARD_COLUMNS if fastpref_loss == "var" and self.var_pairs == "diagonal" else (),
+            candidates=fastpref_loss == "mcpo" and not mcpo_online, max_length=self.args.max_length,
+            responses=spo_mode != "pairs")
 
     # -- construction ---------------------------------------------------------------------------------
 
@@ -172,7 +181,7 @@ class FastPrefDPOTrainer(LossStateCheckpoint, SPOSamples, DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        if self.fastpref_loss != "mcpo" or "candidate_ids" in dataset.column_names:
+        if self.fastpref_loss != "mcpo" or self.mcpo_online or "candidate_ids" in dataset.column_names:
             return dataset
         return tokenize_candidates(dataset, processing_class, self._tokenizer.eos_token, dataset_name)
 
@@ -189,16 +198,15 @@ class FastPrefDPOTrainer(LossStateCheckpoint, SPOSamples, DPOTrainer):
         name = self.fastpref_loss
         self.fastpref_loss_fn.train(mode == "train")
         mcpo_full = None
-        if name == "mcpo":
-            rows = (inputs["group_input_ids"], inputs["group_attention_mask"], inputs["group_completion_mask"])
-            rows, mcpo_extra, mcpo_full = self._mcpo_select(model, rows, int(inputs["group_size"]))
-        else:
+        if name == "mcpo":  # the dataset's candidate lists, or OnMC-PO's ranked generations (_trl_onmcpo)
+            rows, mcpo_extra, mcpo_full = self._mcpo_select(model, *self._mcpo_groups(model, inputs))
+        else:  # SPO's best-of-n / ranked groups come as these rows too (FastPrefCollator)
             rows = (inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
         num_pairs = inputs["input_ids"].shape[0] // 2
         if name == "var" and self.var_responses == "chosen":
             rows = tuple(t[:num_pairs] for t in rows)
         num_main = rows[0].shape[0]
-        kl_rows = self._spo_kl_rows(model, rows, num_pairs) if name == "spo" else None
+        kl_rows = self._spo_kl_rows(model, rows, inputs) if name == "spo" else None
         if kl_rows is not None and self.spo_samples == "online":
             rows = cat_rows(rows, kl_rows, self._tokenizer.pad_token_id)
 
@@ -206,11 +214,12 @@ class FastPrefDPOTrainer(LossStateCheckpoint, SPOSamples, DPOTrainer):
         # only the scored positions reach the head (packed layout)
         labels, keep = scored_labels(input_ids, completion_mask, self.fastpref_loss_fn.ignore_index)
         extra: Dict[str, Any] = {}
-        if name == "var":
-            rewards = torch.cat([inputs["chosen_reward"], inputs["rejected_reward"]])
-            extra["rewards"] = rewards[:num_main]
+        if name == "var":  # dataset columns, or Alg. 1's cross pairs (_trl_var)
+            extra.update(self._var_loss_inputs(inputs, rows, num_main))
         elif name == "mcpo":
             extra.update(mcpo_extra)
+        elif name == "spo":
+            extra.update(self._spo_call(inputs))
 
         def head_loss(hidden: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
             # Runs inside the (wrapped) model's forward, so DDP sees the head used by the output (the HF Trainer
@@ -242,11 +251,12 @@ class FastPrefDPOTrainer(LossStateCheckpoint, SPOSamples, DPOTrainer):
     def _fused_loss(self, model, hidden, input_ids, attention_mask, labels, keep, num_main, kl_rows, inputs,
                     extra) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """``(loss, metrics)`` of the fused loss on the policy's final hidden states (head, reference, KL)."""
-        call: Dict[str, Any] = {}
+        call: Dict[str, Any] = dict(self.window_call())  # the step's batch statistic (_trl_window)
         with contextlib.ExitStack() as stack:
             head = stack.enter_context(gather_lm_head(model))
             main = self._head_inputs(model, hidden[:num_main], labels[:num_main], keep[:num_main], head)
             ref_head = None
+            extra = self._var_cross_reference(model, extra)  # VAR's cross pairs: log pi_ref(y_j | x_i), [S, S]
             ref_given = "ref_logps" in extra  # MC-PO: from the no-grad pass over all K + 1 responses
             if (self._needs_reference and not ref_given) or kl_rows is not None:
                 ref_head = stack.enter_context(self._reference_head())
@@ -336,7 +346,7 @@ class FastPrefDPOTrainer(LossStateCheckpoint, SPOSamples, DPOTrainer):
     def _log_metrics(self, mode: str, metrics: Dict[str, torch.Tensor], inputs: Dict[str, Any],
                      token_counts: torch.Tensor) -> None:
         store = self._metrics[mode]
-        pairwise = self.fastpref_loss in PAIRWISE or self.fastpref_loss == "spo"
+        pairwise = self.fastpref_loss in PAIRWISE or (self.fastpref_loss == "spo" and self.spo_mode == "pairs")
         store_metrics(store, metrics, token_counts, pairwise, self.accelerator.gather)
         if mode == "train":
             self._total_train_tokens += int(self.accelerator.gather(inputs["attention_mask"].sum()).sum().item())

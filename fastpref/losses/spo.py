@@ -63,8 +63,10 @@ def _listwise_term(s: Tensor, winner: Tensor, alpha: float) -> Tensor:
     return torch.logsumexp(alpha * d, dim=1) / alpha
 
 
-def _spo_listwise(s: Tensor, winners: Tensor, terms: int, alpha, gamma, kl, kl_coef, weight_baseline) -> LossOutput:
-    """Σ_{k < terms} μ_k·term_k (term_k over columns k.., winner column ``winners[:, k]``) + kl_coef·mean(kl)."""
+def _spo_listwise(s: Tensor, winners: Tensor, terms: int, alpha, gamma, kl, kl_coef, weight_baseline,
+                  decay: float = 1.0) -> LossOutput:
+    """Σ_{k < terms} η^(k+1)·μ_k·term_k (term_k over columns k.., winner column ``winners[:, k]``) + kl_coef·mean(kl),
+    η = ``decay`` (1: the undecayed sum)."""
     alpha = check_positive("alpha", alpha, allow_zero=True)
     gamma = check_positive("gamma", gamma, allow_zero=True)
     kl_coef = check_positive("kl_coef", kl_coef, allow_zero=True)
@@ -72,7 +74,8 @@ def _spo_listwise(s: Tensor, winners: Tensor, terms: int, alpha, gamma, kl, kl_c
     if kl is not None and kl.dtype == torch.float64:
         s = s.to(torch.float64)
     mu = _weights(s, gamma, weight_baseline, terms)  # [B, terms]
-    pref = sum(mu[:, k] * _listwise_term(s[:, k:], winners[:, k] - k, alpha) for k in range(terms))
+    # App. E.3's decayed weights η^k·μ_k, k = 1..n−1 (here 0-based k, hence k + 1); η = 1 leaves Eq. 15 unchanged
+    pref = sum(decay ** (k + 1) * mu[:, k] * _listwise_term(s[:, k:], winners[:, k] - k, alpha) for k in range(terms))
     if kl is None:
         return pref.mean(), {"logps": s.detach(), "weights": mu.detach()}
     kl = kl.to(s.dtype)
@@ -142,11 +145,15 @@ def spo_best_of_n(logps: Tensor, best: Tensor, *, alpha: float = 0.01, gamma: fl
 
 
 def spo_ranked(logps: Tensor, *, alpha: float = 0.01, gamma: float = 0.0, kl: Optional[Tensor] = None,
-               kl_coef: float = 0.01, weight_baseline: Optional[Union[Tensor, float]] = None) -> LossOutput:
+               kl_coef: float = 0.01, weight_baseline: Optional[Union[Tensor, float]] = None,
+               rank_decay: float = 1.0) -> LossOutput:
     """SPO on ranked data (Eq. 15): logps [B, n] with columns in rank order, best first.
 
-        ℓ_pref = Σ_{k=1}^{n−1} μ_k·[−S_k + (1/α)·LSE_{j≥k}(αS_j)]   (α < 1e-6: Σ_k μ_k·mean_{j≥k}(S_j − S_k))
+        ℓ_pref = Σ_{k=1}^{n−1} η^k·μ_k·[−S_k + (1/α)·LSE_{j≥k}(αS_j)]   (α < 1e-6: Σ_k η^k·μ_k·mean_{j≥k}(S_j − S_k))
         μ_k    = sg(2σ((Σ_{j≥k} π_j)^γ − Ê[(Σ_{j≥k} π'_j)^γ]))     (Eq. 12 on the suffix set, Ê per k)
+
+    η = ``rank_decay`` in (0, 1]: the decayed weight functions η^k·μ_k of the paper's ranking experiment
+    (App. E.3, η ∈ {1, 0.5}); the default 1 is Eq. 15 as written. The reported ``weights`` are μ_k (without η^k).
 
     A Plackett-Luce-style sum of best-of-(n−k+1) terms; the k = n term is identically 0 and omitted.
     The α ≥ 1e-6 value (paper Eq. 15) contains Σ_k μ_k·log(n−k+1)/α; the α = 0 form drops it (value jump
@@ -157,6 +164,9 @@ def spo_ranked(logps: Tensor, *, alpha: float = 0.01, gamma: float = 0.0, kl: Op
     (s,) = floats((None, None), logps=logps)
     if s.shape[1] < 2:
         raise ValueError(f"logps must be [B, n] with n >= 2, got shape {tuple(s.shape)}")
+    decay = check_positive("rank_decay", rank_decay)
+    if decay > 1.0:
+        raise ValueError(f"rank_decay must be in (0, 1] (App. E.3's decay eta), got {rank_decay!r}")
     n = s.shape[1]
     winners = torch.arange(n, device=s.device).expand(s.shape[0], n)
-    return _spo_listwise(s, winners, n - 1, alpha, gamma, kl, kl_coef, weight_baseline)
+    return _spo_listwise(s, winners, n - 1, alpha, gamma, kl, kl_coef, weight_baseline, decay)

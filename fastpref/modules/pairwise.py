@@ -193,7 +193,10 @@ class FusedAlphaDPOLoss(_PairwiseLoss):
     gathered over the global batch when torch.distributed is initialized (``stats_group``, see
     :class:`FusedLossBase`: each vocabulary-parallel replica counted once; global batch >= 2 pairs). The
     statistics used are the bias-corrected ``ema / (1 - momentum^k)`` (default) or, with
-    ``bias_correction=False``, the raw EMA. In ``eval()`` they are frozen (not updated); before any
+    ``bias_correction=False``, the raw EMA. A caller that makes the one update per optimizer step itself
+    (:meth:`update_statistics` on the margins of every accumulation micro-batch, as FastPrefDPOTrainer does)
+    sets ``update_in_forward = False``; the training-mode calls then use the statistics without updating.
+    In ``eval()`` they are frozen (not updated); before any
     update, eval uses the batch's own statistics.
 
     Relation to the public code (``junkangwu/alpha-DPO``, ``update_and_sync_ref_mean_std``): with
@@ -229,6 +232,8 @@ class FusedAlphaDPOLoss(_PairwiseLoss):
         self.register_buffer("margin_mean", torch.zeros((), dtype=torch.float64))
         self.register_buffer("margin_std", torch.zeros((), dtype=torch.float64))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # False while a caller has made the step's one update itself (the trainer's effective-batch pass)
+        self.update_in_forward = True
 
     def _batch_statistics(self, margin: Tensor) -> Tuple[Tensor, Tensor]:
         # over the ranks stats_group selects, each distinct batch once (see FusedLossBase)
@@ -259,7 +264,8 @@ class FusedAlphaDPOLoss(_PairwiseLoss):
         c, r, rc, rr, lc, lr = self.pairs(batch)
         margin = losses.alpha_dpo_margin(c, r, rc, rr, lc, lr)
         if self.training:
-            self.update_statistics(margin)
+            if self.update_in_forward:
+                self.update_statistics(margin)
             mean, std = self.margin_statistics()
         elif int(self.num_updates.item()) == 0:
             mean, std = self._batch_statistics(margin)

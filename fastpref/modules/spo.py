@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import losses
-from .._checks import check_int
+from .._checks import check_int, check_positive
 from .base import FusedLossBase, Metrics, SequenceBatch, Tensor, check_grouped, check_pairwise, split_pairs
 from .batch_stats import is_distributed
 
@@ -22,7 +22,8 @@ class FusedSPOLoss(FusedLossBase):
     ``K_s = sum_t KL(pi_theta(.|ctx_t) || pi_ref(.|ctx_t))`` over the online sample's positions.
     ``mode="best_of_n"`` (Eq. 14, call keyword ``best`` [B] int64, checked by the head
     :func:`fastpref.losses.spo_best_of_n`) and ``mode="ranked"`` (Eq. 15, columns in rank order) use the
-    grouped layout with ``group_size`` = n.
+    grouped layout with ``group_size`` = n. ``rank_decay`` η (ranked only, in (0, 1]) weights the k-th ranked
+    term by η^k (App. E.3's decayed weight functions η^k·μ_k; 1 = Eq. 15 as written).
 
     Call keywords: ``kl_hidden``, ``kl_ref_hidden``, ``kl_targets`` (+ ``kl_seq_ids``/``kl_num_seqs`` when
     packed): the online samples y' ~ pi_theta(.|x') in the same layouts as ``hidden``; a second fused
@@ -39,12 +40,16 @@ class FusedSPOLoss(FusedLossBase):
     modes = ("pairs", "best_of_n", "ranked")
 
     def __init__(self, alpha: float = 0.01, gamma: float = 0.0, kl_coef: float = 0.01, mode: str = "pairs",
-                 group_size: Optional[int] = None, **options) -> None:
+                 group_size: Optional[int] = None, rank_decay: float = 1.0, **options) -> None:
         super().__init__(**options)
         if mode not in self.modes:
             raise ValueError(f"mode must be one of {self.modes}, got {mode!r}")
         if mode != "pairs" and group_size is None:
             raise ValueError(f"mode={mode!r} needs group_size (n responses per prompt)")
+        self.rank_decay = check_positive("rank_decay", rank_decay)
+        if self.rank_decay > 1.0 or (mode != "ranked" and self.rank_decay != 1.0):
+            raise ValueError(f"rank_decay must be in (0, 1] and is only for mode='ranked' (App. E.3's decayed "
+                             f"weights); got rank_decay={rank_decay!r} with mode={mode!r}")
         self.alpha, self.gamma, self.kl_coef, self.mode = alpha, gamma, kl_coef, mode
         self.group_size = None if group_size is None else check_int("group_size", group_size, minimum=2)
 
@@ -88,5 +93,5 @@ class FusedSPOLoss(FusedLossBase):
         if self.mode == "pairs":
             return losses.spo(logps[:, 0], logps[:, 1], **common)
         if self.mode == "ranked":
-            return losses.spo_ranked(logps, **common)
+            return losses.spo_ranked(logps, rank_decay=self.rank_decay, **common)
         return losses.spo_best_of_n(logps, best, **common)

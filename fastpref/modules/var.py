@@ -113,12 +113,13 @@ def var_cross_pair_ref_logps(
     return out
 
 
-def _check_token_lists(prompts: Sequence[Tensor], responses: Sequence[Tensor]) -> int:
-    """B, after checking that prompts and responses are B non-empty 1-D integer tensors each."""
+def _check_token_lists(prompts: Sequence[Tensor], responses: Sequence[Tensor], same_count: bool = True) -> int:
+    """B, after checking that prompts and responses are non-empty lists (of equal length unless ``same_count`` is
+    False) of non-empty 1-D integer tensors."""
     b = len(prompts)
-    if b == 0 or len(responses) != b:
-        raise ValueError(f"prompts and responses must be non-empty lists of equal length, got {len(prompts)} and "
-                         f"{len(responses)}")
+    if b == 0 or len(responses) == 0 or (same_count and len(responses) != b):
+        kind = "non-empty lists of equal length" if same_count else "non-empty lists"
+        raise ValueError(f"prompts and responses must be {kind}, got {len(prompts)} and {len(responses)}")
     for name, seqs in (("prompts", prompts), ("responses", responses)):
         for t in seqs:
             if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype.is_floating_point:
@@ -130,21 +131,34 @@ def _check_token_lists(prompts: Sequence[Tensor], responses: Sequence[Tensor]) -
     return b
 
 
-def _chunk_inputs(prompts: Sequence[Tensor], responses: Sequence[Tensor], pad_token_id: int,
-                  device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(input_ids, attention_mask, targets)`` of every ``prompts[i] + responses[j]``, row ``i * B + j``,
-    right-padded; targets score the response tokens only (position t predicts token t + 1)."""
+def cross_pair_rows(prompts: Sequence[Tensor], responses: Sequence[Tensor], pad_token_id: int = 0,
+                    device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(input_ids, attention_mask, completion_mask)`` ``[P * R, L]`` of every ``prompts[i] + responses[j]``
+    (P prompts, R responses, row ``i * R + j``), right-padded with ``pad_token_id``; ``completion_mask`` marks
+    the response tokens at their own positions (unshifted, like TRL's collator). ``device``: that of the first
+    prompt unless given."""
+    _check_token_lists(prompts, responses, same_count=False)
+    device = prompts[0].device if device is None else device
     pairs = [(p, r) for p in prompts for r in responses]
     lengths = [p.numel() + r.numel() for p, r in pairs]
     shape = (len(pairs), max(lengths))
     ids = torch.full(shape, pad_token_id, dtype=torch.long, device=device)
     mask = torch.zeros(shape, dtype=torch.long, device=device)
-    targets = torch.full(shape, IGNORE_INDEX, dtype=torch.long, device=device)
+    completion = torch.zeros(shape, dtype=torch.long, device=device)
     for row, ((p, r), n) in enumerate(zip(pairs, lengths)):
-        p, r = p.to(device), r.to(device)
-        ids[row, : p.numel()] = p
-        ids[row, p.numel(): n] = r
+        ids[row, : p.numel()] = p.to(device)
+        ids[row, p.numel(): n] = r.to(device)
         mask[row, :n] = 1
-        # The response tokens sit at positions p-1 .. n-2 (each predicted by the position before it).
-        targets[row, p.numel() - 1: n - 1] = r
+        completion[row, p.numel(): n] = 1
+    return ids, mask, completion
+
+
+def _chunk_inputs(prompts: Sequence[Tensor], responses: Sequence[Tensor], pad_token_id: int,
+                  device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(input_ids, attention_mask, targets)`` of every ``prompts[i] + responses[j]``, row ``i * B + j``,
+    right-padded; targets score the response tokens only (position t predicts token t + 1)."""
+    ids, mask, completion = cross_pair_rows(prompts, responses, pad_token_id, device)
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    # The response tokens sit at positions p-1 .. n-2 (each predicted by the position before it).
+    targets[:, :-1] = ids[:, 1:].masked_fill(completion[:, 1:] == 0, IGNORE_INDEX)
     return ids, mask, targets
