@@ -3,14 +3,16 @@
     python -m fastpref.bench.readme            # rewrite README.md from fastpref.bench/results/
     python -m fastpref.bench.readme --check    # exit 1 if README.md differs from what bench/results/ generates
 
-Three blocks, each between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->``:
+Four blocks, each between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->``:
 
 - ``cpu-quick``: the machine line, column legend and table of ``bench/results/cpu_quick.md`` (the
   ``results.md`` of ``fastpref bench --quick``), verbatim;
 - ``cpu-target``: the machine line, table and target checks of ``bench/results/cpu_target_dpo.md`` (the
   ``results.md`` of the DPO target row), verbatim;
 - ``kernels``: a summary of the static Triton kernel reports ``bench/results/kernels_<arch>.md`` (written by
-  ``fastpref kernels --arch ARCH --out DIR --report FILE``): configurations, registers, spills, wgmma.
+  ``fastpref kernels --arch ARCH --out DIR --report FILE``): configurations, registers, spills, wgmma;
+- ``trainer-step``: the machine line, legend, table, targets and note status of ``bench/results/trainer_step_cpu.md``
+  (the ``trainer_step.md`` of ``python -m fastpref.bench.trainer_step``, plus its hand-written note).
 
 Everything outside the markers is left alone; a missing marker is an error. tests/test_readme_bench.py
 checks that README.md equals what this module generates from the committed files.
@@ -31,8 +33,9 @@ QUICK_MD = os.path.join(RESULTS_DIR, "cpu_quick.md")
 TARGET_MD = os.path.join(RESULTS_DIR, "cpu_target_dpo.md")
 TARGET_NOTE = os.path.join(RESULTS_DIR, "cpu_target_note.md")
 KERNEL_MDS = (os.path.join(RESULTS_DIR, "kernels_sm80.md"), os.path.join(RESULTS_DIR, "kernels_sm90a.md"))
+TRAINER_STEP_MD = os.path.join(RESULTS_DIR, "trainer_step_cpu.md")
 README = "README.md"
-BLOCKS = ("cpu-quick", "cpu-target", "kernels")
+BLOCKS = ("cpu-quick", "cpu-target", "kernels", "trainer-step")
 
 
 def start_marker(name: str) -> str:
@@ -213,6 +216,74 @@ def render_kernels(texts: Dict[str, str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# trainer step (bench/trainer_step.py)
+
+
+@dataclass
+class TrainerStepMarkdown:
+    title: str
+    machine: str
+    legend: str
+    table: List[str]
+    targets: List[str]  # "- step time / TRL DPOTrainer <= 1.0 (median): 0.83 (met)" ...
+    not_measured: List[str]  # "- `dpo/trl+liger`: RuntimeError: ..."
+    status: List[str]  # the note's blockquote, if the file has one
+
+
+def _list_after(lines: List[str], heading: str) -> List[str]:
+    """The "- " lines right after the line starting with ``heading`` (up to the first other non-blank line)."""
+    start = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
+    out: List[str] = []
+    for line in lines[start + 1:] if start is not None else []:
+        if line.startswith("- "):
+            out.append(line)
+        elif line.strip() or out:
+            break
+    return out
+
+
+def parse_trainer_step_md(text: str) -> TrainerStepMarkdown:
+    """Split a ``trainer_step.md`` written by ``python -m fastpref.bench.trainer_step`` (plus, in the committed
+    copy, a hand-written note whose first blockquote is its status) into its parts."""
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("### fastpref trainer step"):
+        raise ValueError("not a trainer-step results file (no '### fastpref trainer step' title)")
+    table_at = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    paragraphs = [line.strip() for line in lines[1:table_at] if line.strip()]
+    table = []
+    for line in lines[table_at:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    if len(paragraphs) < 2 or len(table) < 3:
+        raise ValueError("trainer_step.md: expected a machine line, a legend and a table with rows")
+    status = []
+    for line in lines[lines.index(table[-1]) + 1:]:
+        if line.startswith(">"):
+            status.append(line)
+        elif status:
+            break
+    return TrainerStepMarkdown(lines[0][4:].strip(), paragraphs[0], paragraphs[1], table,
+                               _list_after(lines, "Targets ("), _list_after(lines, "Not measured:"), status)
+
+
+def render_trainer_step(md: TrainerStepMarkdown, source: str = TRAINER_STEP_MD) -> str:
+    grid = re.search(r"\((.*)\)", md.title)
+    met = [t for t in md.targets if "(met" in t]
+    unmeasured = [t for t in md.targets if "(not measured" in t]
+    lines = [f"Source: `{source}` ({grid.group(1) if grid else md.title}). Measured {md.machine}", ""]
+    if md.status:
+        lines += [f"From the note in `{source}`:", "", *md.status, ""]
+    lines += [md.legend, "", *md.table, ""]
+    counted = f" ({len(unmeasured)} not measured)" if unmeasured else ""
+    lines += [f"Targets met: {len(met)} of {len(md.targets)}{counted}.", "", *md.targets, ""]
+    if md.not_measured:
+        lines += ["Not measured:", "", *md.not_measured, ""]
+    lines.append(f"torch.profiler breakdowns of the DPO steps and the note on missed targets: `{source}`.")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # README
 
 
@@ -222,13 +293,14 @@ def _read(path: str) -> str:
 
 
 def generate(quick_md: str = QUICK_MD, target_md: str = TARGET_MD,
-             kernel_mds: Sequence[str] = KERNEL_MDS) -> Dict[str, str]:
+             kernel_mds: Sequence[str] = KERNEL_MDS, trainer_step_md: str = TRAINER_STEP_MD) -> Dict[str, str]:
     """The body of every block, from the files (paths as written in the README)."""
     return {
         "cpu-quick": render_quick(parse_results_md(_read(quick_md)), quick_md),
         "cpu-target": render_target(parse_results_md(_read(target_md)), target_md, TARGET_NOTE,
                                     note_status(_read(TARGET_NOTE)) if os.path.exists(TARGET_NOTE) else ()),
         "kernels": render_kernels({p: _read(p) for p in kernel_mds}),
+        "trainer-step": render_trainer_step(parse_trainer_step_md(_read(trainer_step_md)), trainer_step_md),
     }
 
 
@@ -260,9 +332,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick-md", default=QUICK_MD, help="results.md of fastpref bench --quick")
     parser.add_argument("--target-md", default=TARGET_MD, help="results.md of the DPO target row")
     parser.add_argument("--kernels", nargs="+", default=list(KERNEL_MDS), help="kernel reports")
+    parser.add_argument("--trainer-step-md", default=TRAINER_STEP_MD, help="trainer_step.md of the trainer-step bench")
     parser.add_argument("--check", action="store_true", help="only check; exit 1 if the README is stale")
     args = parser.parse_args(argv)
-    blocks = generate(args.quick_md, args.target_md, args.kernels)
+    blocks = generate(args.quick_md, args.target_md, args.kernels, args.trainer_step_md)
     old = _read(args.readme)
     new = update(old, blocks)
     if args.check:

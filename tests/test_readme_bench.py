@@ -83,3 +83,22 @@ def test_parser_rejects_other_files():
         readme.parse_results_md("# something else\n")
     with pytest.raises(ValueError):
         readme.parse_kernel_md("| a | b |\n")
+    with pytest.raises(ValueError, match="trainer step"):
+        readme.parse_trainer_step_md("### fastpref bench (quick grid, cpu)\n")
+
+
+def test_trainer_step_block_is_the_committed_table_and_targets():
+    """The trainer-step block quotes bench/results/trainer_step_cpu.md's table, targets and note status, and its
+    target count matches the committed JSON's evaluated targets."""
+    import json
+
+    with open(readme.TRAINER_STEP_MD) as f:
+        md = readme.parse_trainer_step_md(f.read())
+    with open(readme.TRAINER_STEP_MD.replace(".md", ".json")) as f:
+        results = json.load(f)
+    block = readme.extract_block(_readme(), "trainer-step")
+    assert md.table and all(line in block for line in md.table + md.targets + md.status)
+    assert md.machine in block and len(md.table) == 2 + len(results["rows"])
+    assert len(md.targets) == len(results["targets"])
+    met = sum(t["met"] is True for t in results["targets"])
+    assert f"Targets met: {met} of {len(results['targets'])}" in block
