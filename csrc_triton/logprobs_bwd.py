@@ -13,6 +13,10 @@ ones to a plain ``RED``. The grid is one-dimensional and grouped (as in Triton's
 GROUP_N row blocks share each vocabulary tile's turn, so programs running together reuse the same H/dH
 rows and W/dW tiles in L2.
 
+With ``FILTER_EPS > 0`` (``KernelOptions.grad_filter``) a tile whose entries are all small and that holds no
+target (:func:`filter_tile`) returns before the D loop: the filter's work saving on the GPU (the deterministic
+backward does not filter: its cuBLAS GEMMs span whole chunks, so zeroed tiles of ``dz`` would save nothing).
+
 Rows are compacted on the device (``rows``: positions with a nonzero upstream gradient first, their
 count at ``n_active_ptr``); programs past the count return at once.
 """
@@ -72,11 +76,41 @@ BWD_EXTRAS_CONFIGS = {
     ("sm_90a", "tf32"): [
         config(64, 64, 32, num_warps=8, num_stages=3),
     ],
+    # the 128-row tile spills 16 B here with the gradient filter's verdict compiled in (FILTER_EPS)
+    ("sm_90a", "half"): [
+        config(64, 64, 64, num_warps=8, num_stages=3),
+        config(64, 128, 64, num_warps=8, num_stages=2),
+    ],
 }
 
 GROUP_N = 8  # row blocks per group of the grouped launch order
+#: The gradient filter's threshold of the ahead-of-time compile (``fastpref kernels`` takes module constants
+#: for the constexprs its variants leave unset): the filter's code is in every compiled variant, so the spill
+#: and fence checks cover it. Launches pass their own (0.0: off).
+FILTER_EPS = 2.0 ** -12
 
-BWD_KEY = ["n_rows_bucket", "V", "D", "D_ref", "KL_MODE", "DOT_PRECISION", "REF_DOT_PRECISION", "ENTROPY"]
+BWD_KEY = ["n_rows_bucket", "V", "D", "D_ref", "KL_MODE", "DOT_PRECISION", "REF_DOT_PRECISION", "ENTROPY",
+           "FILTER_EPS"]
+
+
+@triton.jit
+def filter_tile(g, rows, row_mask, col0, targets_ptr, grad_logps_ptr, grad_kl_ptr, grad_entropy_ptr, vocab_offset,
+                inv_temperature, FILTER_EPS: tl.constexpr, KL_MODE: tl.constexpr, ENTROPY: tl.constexpr,
+                BLOCK_V: tl.constexpr):
+    """The gradient filter's verdict on a logits-gradient tile ``g`` (a scalar): skip it when no target lies in it
+    and every entry is small, ``|g| <= FILTER_EPS * s / T`` with ``s`` the row's ``|a| + |b| + |c|`` (the upstream
+    gradients that the launch's KL_MODE / ENTROPY give a gradient). A tile holding a target (columns
+    ``[col0, col0 + BLOCK_V)``) is never skipped, so its one-hot term stays. Only row vectors are formed from
+    ``g`` (its row maxima): a tile-sized mask or a second tile next to ``g`` made the kernel spill."""
+    scale = tl.abs(tl.load(grad_logps_ptr + rows, mask=row_mask, other=0.0))
+    if KL_MODE != 0:
+        scale += tl.abs(tl.load(grad_kl_ptr + rows, mask=row_mask, other=0.0))
+    if ENTROPY:
+        scale += tl.abs(tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0))
+    target = tl.load(targets_ptr + rows, mask=row_mask, other=-1) - vocab_offset
+    has_target = (target >= col0) & (target < col0 + BLOCK_V)
+    needed = (tl.max(tl.abs(g), axis=1) > (FILTER_EPS * inv_temperature) * scale) | has_target
+    return tl.max(needed.to(tl.int32), axis=0) == 0
 
 
 @triton.jit(do_not_specialize=["n_rows_bucket", "vocab_offset"])
@@ -94,6 +128,7 @@ def logprobs_bwd_kernel(
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, REF_DOT_PRECISION: tl.constexpr,  # per head: each from its own dtype
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    FILTER_EPS: tl.constexpr,  # the gradient filter's threshold; 0.0: off
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     # Grouped order: GROUP_N row blocks x every vocabulary tile, row block fastest within the group.
@@ -120,6 +155,10 @@ def logprobs_bwd_kernel(
                      stride_h, stride_w, stride_rh, stride_rw, inv_temperature, softcap,
                      HAS_BIAS, HAS_REF_BIAS, KL_MODE, ENTROPY, SOFTCAP, UPCAST, DOT_PRECISION, REF_DOT_PRECISION,
                      BLOCK_N, BLOCK_V, BLOCK_D)
+    if FILTER_EPS > 0:
+        if filter_tile(g, rows, row_mask, col_block * BLOCK_V, targets_ptr, grad_logps_ptr, grad_kl_ptr,
+                       grad_entropy_ptr, vocab_offset, inv_temperature, FILTER_EPS, KL_MODE, ENTROPY, BLOCK_V):
+            return  # a skipped tile: no GEMM, no atomics
     if NEED_DB:
         tl.atomic_add(d_bias_ptr + cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
     if UPCAST:

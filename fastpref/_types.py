@@ -11,7 +11,7 @@ Nothing here imports another fastpref module.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -25,12 +25,18 @@ KL_MODES = (None, "forward", "reverse")
 EXTRA_OUTPUTS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 #: Default budget of the Triton backward's ``dz`` workspace (see :class:`KernelOptions`).
 DEFAULT_WORKSPACE_BYTES = 256 * 2**20
+#: The threshold ``KernelOptions(grad_filter="auto")`` takes for bf16/fp16 inputs: bf16's epsilon 2**-7 / 32.
+#: A skipped entry is then at most 2**-12 |g| (``g`` the row's upstream gradient), 8x below the bf16 rounding
+#: error 2**-9 |g| that eager autograd already makes on the row's target entry ``g (1 - p)`` (for p <= 1/2);
+#: 2**-7 itself would drop entries 4x above that rounding, and whole rows of a flat softmax over V < 4096.
+GRAD_FILTER_AUTO = 2.0 ** -12
 
 
 @dataclass(frozen=True)
 class KernelOptions:
-    """How the Triton backend runs (``fused_logprobs(..., options=KernelOptions(...))``); the torch backend,
-    deterministic by construction and tiled by its own block sizes, ignores these.
+    """How the backward runs (``fused_logprobs(..., options=KernelOptions(...))``). ``deterministic`` and
+    ``workspace_bytes`` are the Triton backend's (the torch backend, deterministic by construction and tiled by
+    its own block sizes, ignores them); ``grad_filter`` applies to both backends.
 
     Attributes:
         deterministic: True (default): the backward recomputes the logits gradient ``dz`` one vocabulary
@@ -40,10 +46,30 @@ class KernelOptions:
         workspace_bytes: the budget of the deterministic backward's ``dz`` chunk (``positions x columns``
             in the input dtype, fp32 for fp32 inputs); it sets how many vocabulary columns one chunk covers
             (at least 256). The fp32 ``dH`` accumulator (``positions x D``) comes on top of it.
+        grad_filter: gradient filtering threshold ``t`` of the backward: None (off: exact), a float in (0, 1), or
+            ``"auto"`` (default): :data:`GRAD_FILTER_AUTO` for bf16/fp16 inputs, off for fp32/fp64 (exact). It
+            applies where it saves work: the torch backend and Triton's ``deterministic=False`` backward. The
+            deterministic Triton backward is always exact: its cuBLAS GEMMs span whole chunks of ``dz``, so a filter
+            there would cost accuracy and save nothing. An entry ``(i, v)`` of the logits gradient ``dz`` is *small*
+            when ``|dz_iv| <= t * s_i`` with ``s_i = (|a_i| + |b_i| + |c_i|) / T``, the row's upstream gradients of
+            ``token_logps``, ``token_kl`` and the entropy (those that have one); for a log-prob-only gradient (DPO
+            and its kin) that is ``p_iv * phi_iv <= t`` (``phi <= 1`` the softcap's slope, 1 without one). A tile
+            whose non-target entries are all small is skipped: only its target entries (the one-hot term, never
+            dropped) reach ``dH``/``dW``/``db``, and its GEMM work is not done (torch backend: per row of a
+            ``BLOCK_V`` slice, whose target entry is added on its own, when at most 3/4 of the block's rows remain;
+            Triton atomic backward: per ``BLOCK_N x BLOCK_V`` tile, and a tile holding a target is never skipped).
+            Error bound, with ``S_i`` the skipped entries of row ``i`` (each ``|dz_iv| <= t s_i``): ``||ddH_i|| <=
+            sum_{v in S_i} |dz_iv| ||w_v||``, ``||ddW_v|| <= sum_{i: v in S_i} |dz_iv| ||h_i||``, ``|ddb_v| <=
+            sum_{i: v in S_i} |dz_iv|``; for a log-prob-only gradient ``||ddH_i|| <= (|a_i| / T) * P_i * max_v
+            ||w_v||`` with ``P_i`` the skipped softmax mass (``P_i <= min(1, t |S_i|)``). A peaked (trained)
+            softmax has tiles whose entries are all small at a tiny ``P_i`` (how many, depends on the tile size);
+            a flat softmax over ``V > 1 / t`` columns has every entry small, so nearly all of its mass can be
+            skipped (``bench/grad_filter.py`` measures both).
     """
 
     deterministic: bool = True
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+    grad_filter: Union[float, str, None] = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.deterministic, bool):
@@ -51,6 +77,23 @@ class KernelOptions:
         if isinstance(self.workspace_bytes, bool) or not isinstance(self.workspace_bytes, int) \
                 or self.workspace_bytes <= 0:
             raise ValueError(f"KernelOptions.workspace_bytes must be a positive int, got {self.workspace_bytes!r}")
+        t = self.grad_filter
+        if isinstance(t, str):
+            if t != "auto":
+                raise ValueError(f"KernelOptions.grad_filter must be None, 'auto' or a float in (0, 1), got {t!r}")
+        elif t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0):
+            raise ValueError(f"KernelOptions.grad_filter must be None, 'auto' or a float in (0, 1), got {t!r}")
+
+    def filter_threshold(self, dtype: torch.dtype, backend: str) -> Optional[float]:
+        """The gradient filter's threshold for inputs of ``dtype`` on ``backend`` ("torch" or "triton"), or
+        None when filtering is off (``grad_filter="auto"`` resolved as documented above)."""
+        if self.grad_filter is None:
+            return None
+        if backend == "triton" and self.deterministic:
+            return None
+        if self.grad_filter != "auto":
+            return float(self.grad_filter)
+        return GRAD_FILTER_AUTO if dtype in (torch.bfloat16, torch.float16) else None
 
 
 @dataclass(frozen=True)

@@ -80,8 +80,10 @@ def fused_logprobs(
             Both backends (the Triton forward all-gathers one partial state per rank). The slice
             sizes are all-gathered eagerly in the wrapper (one small collective and host sync per call); the
             op itself receives the group's name.
-        options: :class:`fastpref.KernelOptions` for the Triton backend (deterministic backward, its
-            workspace budget); None takes the defaults.
+        options: :class:`fastpref.KernelOptions`: the Triton backend's (deterministic backward, its workspace
+            budget) and the backward's gradient filter of both backends (``grad_filter``: off for fp32/fp64
+            inputs, a 2**-12 threshold for bf16/fp16 by default; its error bound is in the class docstring);
+            None takes the defaults.
         extra_outputs: optional per-position outputs, any subset of ``fastpref._types.EXTRA_OUTPUTS``, all
             of the policy's softmax after the logit map (0 / False at ignored positions): ``"entropy"``
             ``H = -sum_v p_v log p_v`` (differentiable: ``dH/dz_j = -p_j (log p_j + H)``), ``"mean_logits"``
@@ -137,12 +139,13 @@ def _extras_names(mask: int) -> Tuple[str, ...]:
 
 def _op_args(call: Call) -> tuple:
     """The custom op's arguments: tensors, then scalars (a process group travels as its name, the
-    options as their fields)."""
+    options as their fields, ``grad_filter`` resolved to a threshold or None)."""
     return (
         call.hidden, call.weight, call.bias, call.targets, call.seq_ids, call.ref_hidden, call.ref_weight,
         call.ref_bias, call.num_seqs, call.kl, call.temperature, call.softcap, call.ignore_index, call.backend,
         None if call.group is None else call.group.group_name, call.vocab_offset, call.global_vocab,
-        call.options.deterministic, call.options.workspace_bytes, _extras_mask(call.extra_outputs),
+        call.options.deterministic, call.options.workspace_bytes,
+        call.options.filter_threshold(call.hidden.dtype, call.backend), _extras_mask(call.extra_outputs),
     )
 
 
@@ -150,7 +153,7 @@ def _prepared(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: T
               ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor],
               scalars: tuple, check: bool = True) -> Prepared:
     """The value-checked :class:`Prepared` of the op's arguments (the scalars as :func:`_op_args` orders them)."""
-    num_seqs, kl, temperature, softcap, ignore_index, backend, group_name, offset, vocab, det, ws, extras = scalars
+    num_seqs, kl, temperature, softcap, ignore_index, backend, group_name, offset, vocab, det, ws, gf, extras = scalars
     group = None
     if group_name is not None:
         from torch.distributed.distributed_c10d import _resolve_process_group
@@ -160,8 +163,8 @@ def _prepared(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: T
     shape = (n,) if seq_ids is not None else (num_seqs, n // num_seqs if num_seqs else 0)
     return build_prepared(Call(
         hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, num_seqs, kl, temperature,
-        softcap, ignore_index, backend, offset, vocab, KernelOptions(deterministic=det, workspace_bytes=ws), group,
-        shape, _extras_names(extras),
+        softcap, ignore_index, backend, offset, vocab,
+        KernelOptions(deterministic=det, workspace_bytes=ws, grad_filter=gf), group, shape, _extras_names(extras),
     ), check_values_=check)
 
 
@@ -193,12 +196,12 @@ def _fused_forward(
     ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor], num_seqs: int,
     kl: Optional[str], temperature: float, softcap: Optional[float], ignore_index: int, backend: str,
     group_name: Optional[str], vocab_offset: int, global_vocab: int, deterministic: bool, workspace_bytes: int,
-    extras: int,
+    grad_filter: Optional[float], extras: int,
 ) -> _FORWARD_SCHEMA_OUT:
     """Real implementation: value checks, the backend's forward, per-sequence sums."""
     prep = _prepared(hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, (
         num_seqs, kl, temperature, softcap, ignore_index, backend, group_name, vocab_offset, global_vocab,
-        deterministic, workspace_bytes, extras))
+        deterministic, workspace_bytes, grad_filter, extras))
     out = _backend_module(prep).forward(prep)
     empty = out.token_logps.new_empty(0)
 
@@ -298,14 +301,14 @@ def _fused_backward(
     ref_lse: Tensor, token_kl: Tensor, grad_logps: Tensor, grad_kl: Optional[Tensor], num_seqs: int,
     kl: Optional[str], temperature: float, softcap: Optional[float], ignore_index: int, backend: str,
     group_name: Optional[str], vocab_offset: int, global_vocab: int, deterministic: bool, workspace_bytes: int,
-    extras: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+    grad_filter: Optional[float], extras: int, need_hidden: bool, need_weight: bool, need_bias: bool,
     entropy: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Real implementation: the backend's backward (it recomputes the logit tiles). ``entropy`` (saved) and
     ``grad_entropy`` (its upstream gradient) come last, None unless the entropy extra has a gradient."""
     prep = _prepared(hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, (
         num_seqs, kl, temperature, softcap, ignore_index, backend, group_name, vocab_offset, global_vocab,
-        deterministic, workspace_bytes, extras), check=False)
+        deterministic, workspace_bytes, grad_filter, extras), check=False)
     has_ref, has_entropy = ref_hidden is not None, grad_entropy is not None and entropy is not None and extras & 1
     d_hidden, d_weight, d_bias = _backend_module(prep).backward(
         prep, lse, ref_lse if has_ref else None, token_kl if kl else None, grad_logps, grad_kl,
@@ -322,7 +325,7 @@ def _fused_backward(
 @_fused_backward.register_fake
 def _fused_backward_fake(hidden, weight, bias, targets, seq_ids, ref_hidden, ref_weight, ref_bias, lse, ref_lse,
                          token_kl, grad_logps, grad_kl, num_seqs, kl, temperature, softcap, ignore_index, backend,
-                         group_name, vocab_offset, global_vocab, deterministic, workspace_bytes, extras,
+                         group_name, vocab_offset, global_vocab, deterministic, workspace_bytes, grad_filter, extras,
                          need_hidden, need_weight, need_bias, entropy=None, grad_entropy=None,
                          ) -> Tuple[Tensor, Tensor, Tensor]:
     return (

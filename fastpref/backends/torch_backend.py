@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._types import ForwardOutputs, Prepared
-from .torch_online import ExtraSums, OnlineLSE, entropy_grad_term, entropy_rows
+from .torch_online import ExtraSums, Grads, OnlineLSE, entropy_grad_term, entropy_rows, filter_rows
 
 # Tile sizes. A [BLOCK_N, BLOCK_V] fp32 tile is 4 MiB: big enough for efficient GEMMs on CPU (the
 # backward's dW product has K = BLOCK_N), small enough that the few live tiles stay a tiny fraction of
@@ -26,6 +26,9 @@ from .torch_online import ExtraSums, OnlineLSE, entropy_grad_term, entropy_rows
 # and the W slice closer to the cache).
 BLOCK_N = 1024
 BLOCK_V = 1024
+#: The gradient filter's counts of the last backward in this process (``KernelOptions.grad_filter``), for
+#: benchmarks and tests: (row, vocabulary block) slices looked at and skipped (0, 0 when the filter was off).
+LAST_FILTER_STATS = {"rows_seen": 0, "rows_skipped": 0}
 
 
 class _Tiles:
@@ -254,40 +257,6 @@ def _row_block_grad(prep: Prepared, h: torch.Tensor, hr: Optional[torch.Tensor],
     return g
 
 
-class _Grads:
-    """dH / dW / db buffers in the compute dtype. The first row block writes dW/db and the first vocabulary
-    block each dH row block (no zero fill of the [V, D] buffer); dH rows of inactive positions stay zero."""
-
-    def __init__(self, prep: Prepared, need: Tuple[bool, bool, bool], all_rows: bool):
-        cd, device = prep.compute_dtype, prep.hidden.device
-        vocab, dim = prep.weight.shape
-        need_h, need_w, need_b = need
-        self.hidden = (torch.empty if all_rows else torch.zeros)(prep.num_positions, dim, dtype=cd, device=device) \
-            if need_h else None
-        self.weight = torch.empty(vocab, dim, dtype=cd, device=device) if need_w else None
-        self.bias = torch.empty(vocab, dtype=cd, device=device) if need_b else None
-
-    def add_tile(self, g: torch.Tensor, w_blk: torch.Tensor, h_scaled: torch.Tensor,
-                 row_scale: Optional[torch.Tensor], dh_blk: Optional[torch.Tensor], first_row_block: bool,
-                 v0: int, v1: int) -> None:
-        if dh_blk is not None:
-            if v0 == 0:
-                torch.mm(g, w_blk.to(g.dtype), out=dh_blk)
-            else:
-                dh_blk.addmm_(g, w_blk.to(g.dtype))
-        if self.weight is not None:
-            if first_row_block:
-                torch.mm(g.t(), h_scaled, out=self.weight[v0:v1])
-            else:
-                self.weight[v0:v1].addmm_(g.t(), h_scaled)
-        if self.bias is not None:
-            col_sums = g.sum(dim=0) if row_scale is None else torch.mv(g.t(), row_scale.squeeze(1))
-            if first_row_block:
-                self.bias[v0:v1] = col_sums
-            else:
-                self.bias[v0:v1] += col_sums
-
-
 def backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor], token_kl: Optional[torch.Tensor],
              grad_logps: torch.Tensor, grad_kl: Optional[torch.Tensor], need: Tuple[bool, bool, bool], *,
              entropy: Optional[torch.Tensor] = None, grad_entropy: Optional[torch.Tensor] = None):
@@ -304,13 +273,15 @@ def backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor],
     rows = active.nonzero().squeeze(1)
     n = rows.numel()
     all_rows = n == prep.num_positions
-    grads = _Grads(prep, need, all_rows)
+    threshold = prep.options.filter_threshold(prep.hidden.dtype, "torch")
+    grads = Grads(prep, need, all_rows, zero=threshold is not None)
     if n == 0:
         for t in (grads.hidden, grads.weight, grads.bias):
             if t is not None:
                 t.zero_()
     else:
-        _backward_rows(prep, rows, all_rows, a, b, lse, ref_lse, token_kl, grads, ent)
+        _backward_rows(prep, rows, all_rows, a, b, lse, ref_lse, token_kl, grads, ent, threshold)
+    LAST_FILTER_STATS.update(rows_seen=grads.rows_seen, rows_skipped=grads.rows_skipped)
     if grads.hidden is not None and prep.vocab_parallel_group is not None:
         _all_reduce_sum(grads.hidden, prep.vocab_parallel_group)  # every rank of the group joins
     return grads.hidden, grads.weight, grads.bias
@@ -318,9 +289,10 @@ def backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor],
 
 def _backward_rows(prep: Prepared, rows: torch.Tensor, all_rows: bool, a: torch.Tensor, b: Optional[torch.Tensor],
                    lse: torch.Tensor, ref_lse: Optional[torch.Tensor], token_kl: Optional[torch.Tensor],
-                   grads: _Grads, ent: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)) -> None:
+                   grads: Grads, ent: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
+                   threshold: Optional[float] = None) -> None:
     """Recompute the tiles of the active ``rows`` and accumulate their gradients into ``grads``;
-    ``ent``: (upstream gradient of the entropy, saved entropy), or Nones."""
+    ``ent``: (upstream gradient of the entropy, saved entropy), or Nones; ``threshold``: the gradient filter's."""
     cd, device = prep.compute_dtype, prep.hidden.device
     vocab, dim = prep.weight.shape
     n = rows.numel()
@@ -339,8 +311,13 @@ def _backward_rows(prep: Prepared, rows: torch.Tensor, all_rows: bool, a: torch.
     if use_ent:  # dH/dz = -p (z - (lse - H)), scaled by the entropy's upstream gradient
         g_ent, ent_shift = take(ent[0]), lse - take(ent[1])
 
+    # The filter's bound on a tile entry, in the tile's units: the log-prob-only tile p - onehot leaves the
+    # row factor -a / T to the operands (|dz| <= t |a| / T is |tile| <= t); the full tile is dz * T.
+    limit, row_scale_only = threshold, not (use_ref or use_ent)
+    if threshold is not None and not row_scale_only:
+        limit = threshold * (a.abs() + (b.abs() if use_ref else 0.0) + (g_ent.abs() if use_ent else 0.0))
     bn, bv = min(BLOCK_N, n), min(BLOCK_V, vocab)
-    tiles = _Tiles(2 + use_ref + use_ent, bn, bv, cd, device)
+    tiles = _Tiles(2 + use_ref + use_ent + (threshold is not None), bn, bv, cd, device)
     for n0 in range(0, n, bn):
         n1 = min(n0 + bn, n)
         h = hidden[n0:n1].to(cd)
@@ -361,12 +338,22 @@ def _backward_rows(prep: Prepared, rows: torch.Tensor, all_rows: bool, a: torch.
         h_scaled = h if row_scale is None else h * row_scale
         dh_blk = None
         if grads.hidden is not None:  # every row active: dH is written in place
-            dh_blk = grads.hidden[n0:n1] if all_rows else torch.empty(n1 - n0, dim, dtype=cd, device=device)
+            dh_blk = grads.hidden[n0:n1] if all_rows else \
+                (torch.empty if threshold is None else torch.zeros)(n1 - n0, dim, dtype=cd, device=device)
         lse_blk = lse[n0:n1].unsqueeze(1)
         for v0 in range(0, vocab, bv):
             v1 = min(v0 + bv, vocab)
             g = _row_block_grad(prep, h, hr, targets[n0:n1], a_blk, lse_blk, (kl_terms, ent_terms), v0, v1, tiles)
-            grads.add_tile(g, prep.weight[v0:v1], h_scaled, row_scale, dh_blk, n0 == 0, v0, v1)
+            filtered = None
+            if threshold is not None:
+                grads.rows_seen += n1 - n0
+                limit_blk = limit if isinstance(limit, float) else limit[n0:n1].unsqueeze(1)
+                filtered = filter_rows(g, limit_blk, targets[n0:n1] - (prep.vocab_offset + v0),
+                                       tiles.get(len(tiles.bufs) - 1, n1 - n0, v1 - v0), nonneg=row_scale_only)
+            if filtered is None:
+                grads.add_tile(g, prep.weight[v0:v1], h_scaled, row_scale, dh_blk, n0 == 0, v0, v1)
+            else:
+                grads.add_filtered(g, filtered, prep.weight[v0:v1], h_scaled, row_scale, dh_blk, v0, v1)
         if dh_blk is not None:
             if row_scale is not None:
                 dh_blk.mul_(row_scale)

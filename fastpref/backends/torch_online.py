@@ -15,13 +15,18 @@ tiles the running max reads, so ``target_logit >= m`` compares equal values exac
 Under vocabulary parallelism the partial sums are rescaled to the global max and summed like ``s``.
 
 Backward: ``dH/dz_j = -p_j (log p_j + H) = -p_j (z_j - (lse - H))``, scaled per position by the upstream
-gradient of the entropy, joins the logits gradient of each tile.
+gradient of the entropy, joins the logits gradient of each tile. :class:`Grads` holds the backward's dH / dW /
+db buffers and adds each tile's products into them, skipping, with ``KernelOptions.grad_filter``, the rows of
+a tile whose non-target entries are all small (:func:`filter_rows`; the criterion and its error bound are in
+the ``KernelOptions`` docstring).
 """
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
 import torch
+
+from .._types import Prepared
 
 
 class OnlineLSE:
@@ -106,3 +111,95 @@ def entropy_rows(grad_entropy: Optional[torch.Tensor], entropy: Optional[torch.T
     if grad_entropy is None or entropy is None:
         return None, None
     return grad_entropy.to(dtype) * valid, entropy.to(dtype)
+
+
+#: The gradient filter's gather threshold: a tile keeping more than this fraction of its rows runs densely (no
+#: entry dropped). Below it the kept rows are gathered (a copy of theirs of the tile and of H, cheap next to the
+#: two GEMMs they shrink); above it the dropped quarter would not pay for the copies and the extra passes.
+DENSE_ABOVE = 0.75
+
+
+def filter_rows(g: torch.Tensor, limit, local: torch.Tensor, scratch: torch.Tensor, nonneg: bool):
+    """The gradient filter on one tile ``g`` (``[rows, cols]``, in the tile's own units): None when the tile is
+    to be multiplied densely, else ``(kept, (rows, cols, values))``: the rows to multiply, and the target entries
+    ``g[r, c]`` of the other rows (the one-hot term is never dropped). A row is dropped when its non-target
+    entries are all ``<= limit`` (a float, or ``[rows, 1]``); ``local``: each row's target column in this tile
+    (outside ``[0, cols)``: elsewhere). ``nonneg``: the non-target entries are >= 0 and the target's <= 0 (the
+    log-prob-only tile ``(p - onehot) * slope``), so the row maximum decides in one pass. When more than
+    :data:`DENSE_ABOVE` of the rows are kept: None (the tile runs densely, nothing dropped)."""
+    if nonneg:
+        keep = g.amax(dim=1) > limit
+    else:
+        big = torch.abs(g, out=scratch) > limit
+        inside = ((local >= 0) & (local < g.shape[1])).nonzero().squeeze(1)
+        big[inside, local.index_select(0, inside)] = False  # target entries do not decide (they are always kept)
+        keep = big.any(dim=1)
+    kept = keep.nonzero().squeeze(1)
+    if kept.numel() > DENSE_ABOVE * g.shape[0]:
+        return None
+    dropped = ~keep & (local >= 0) & (local < g.shape[1])
+    rows = dropped.nonzero().squeeze(1)
+    cols = local.index_select(0, rows)
+    return kept, (rows, cols, g[rows, cols])
+
+
+class Grads:
+    """dH / dW / db buffers in the compute dtype. Unfiltered, the first row block writes dW/db and the first
+    vocabulary block each dH row block (no zero fill of the [V, D] buffer); dH rows of inactive positions stay
+    zero. With the gradient filter (``zero``) every buffer starts at zero, since skipped rows only accumulate.
+    ``rows_seen`` / ``rows_skipped`` count the (row, vocabulary block) slices the filter looked at / skipped."""
+
+    def __init__(self, prep: Prepared, need: Tuple[bool, bool, bool], all_rows: bool, zero: bool = False):
+        cd, device = prep.compute_dtype, prep.hidden.device
+        vocab, dim = prep.weight.shape
+        need_h, need_w, need_b = need
+        new = torch.zeros if zero else torch.empty
+        self.hidden = (new if all_rows else torch.zeros)(prep.num_positions, dim, dtype=cd, device=device) \
+            if need_h else None
+        self.weight = new(vocab, dim, dtype=cd, device=device) if need_w else None
+        self.bias = new(vocab, dtype=cd, device=device) if need_b else None
+        self.rows_seen = self.rows_skipped = 0
+
+    def add_tile(self, g: torch.Tensor, w_blk: torch.Tensor, h_scaled: torch.Tensor,
+                 row_scale: Optional[torch.Tensor], dh_blk: Optional[torch.Tensor], first_row_block: bool,
+                 v0: int, v1: int) -> None:
+        if dh_blk is not None:
+            if v0 == 0:
+                torch.mm(g, w_blk.to(g.dtype), out=dh_blk)
+            else:
+                dh_blk.addmm_(g, w_blk.to(g.dtype))
+        if self.weight is not None:
+            if first_row_block:
+                torch.mm(g.t(), h_scaled, out=self.weight[v0:v1])
+            else:
+                self.weight[v0:v1].addmm_(g.t(), h_scaled)
+        if self.bias is not None:
+            col_sums = g.sum(dim=0) if row_scale is None else torch.mv(g.t(), row_scale.squeeze(1))
+            if first_row_block:
+                self.bias[v0:v1] = col_sums
+            else:
+                self.bias[v0:v1] += col_sums
+
+    def add_filtered(self, g: torch.Tensor, filtered, w_blk: torch.Tensor, h_scaled: torch.Tensor,
+                     row_scale: Optional[torch.Tensor], dh_blk: Optional[torch.Tensor], v0: int, v1: int) -> None:
+        """Accumulate the kept rows of ``g`` densely and the dropped rows' target entries (``filter_rows``)."""
+        kept, (rows, cols, values) = filtered
+        self.rows_skipped += g.shape[0] - kept.numel()
+        scale = None if row_scale is None else row_scale.squeeze(1)
+        if kept.numel():
+            gk = g.index_select(0, kept)
+            if dh_blk is not None:  # rows are unique: gather, add, scatter back (CPU index_add_ is slow)
+                dh_blk.index_copy_(0, kept, torch.addmm(dh_blk.index_select(0, kept), gk, w_blk.to(g.dtype)))
+            if self.weight is not None:
+                self.weight[v0:v1].addmm_(gk.t(), h_scaled.index_select(0, kept))
+            if self.bias is not None:
+                self.bias[v0:v1] += gk.sum(dim=0) if scale is None else torch.mv(gk.t(), scale.index_select(0, kept))
+        if rows.numel():
+            if dh_blk is not None:  # one target per row: unique rows
+                w_rows = w_blk.index_select(0, cols).to(g.dtype)
+                dh_blk.index_copy_(0, rows, dh_blk.index_select(0, rows).addcmul_(values.unsqueeze(1), w_rows))
+            if self.weight is not None:  # columns may repeat (rows sharing a target): accumulate
+                self.weight.index_put_((cols + v0,), values.unsqueeze(1) * h_scaled.index_select(0, rows),
+                                       accumulate=True)
+            if self.bias is not None:
+                self.bias.index_add_(0, cols + v0, values if scale is None else values * scale.index_select(0, rows))

@@ -18,6 +18,9 @@ not rows, because ``dW[chunk]`` is then complete after one GEMM: a row chunking 
 (``torch.addmm(..., out_dtype=float32, out=...)`` is broken, pytorch#154086), so that would cost a
 ``[V, D]`` fp32 temporary per chunk. With ``deterministic=False`` one fused kernel (``logprobs_bwd.py``)
 adds its tiles into dH/dW/db with relaxed fp32 atomics instead: no workspace, last-bit nondeterminism.
+``KernelOptions.grad_filter`` reaches the atomic kernel as the constexpr ``FILTER_EPS`` (0.0: off), which skips
+the GEMMs and atomics of the tiles it filters; the deterministic backward is always exact (filtering would zero
+tiles of ``dz`` but save none of the cuBLAS work over whole chunks).
 
 No host synchronization: the positions are compacted on the device (those with work first, their count
 in a device scalar the kernels read), every grid is sized by the number of positions, and programs past
@@ -251,8 +254,11 @@ def backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor],
     saved = (lse, ref_lse if use_kl else lse, token_kl if (use_kl and token_kl is not None) else lse, c,
              entropy.to(f32) if use_ent else lse)
     flags = dict(heads.flags, KL_MODE=KL_CODES[prep.kl] if use_kl else 0, ENTROPY=use_ent)
-    run = _backward_chunked if prep.options.deterministic else _backward_atomic
-    d_hidden, d_weight, d_bias = run(prep, heads, rows, n_active, (a, b, *saved), flags, need)
+    if prep.options.deterministic:
+        d_hidden, d_weight, d_bias = _backward_chunked(prep, heads, rows, n_active, (a, b, *saved), flags, need)
+    else:
+        flags["FILTER_EPS"] = prep.options.filter_threshold(prep.hidden.dtype, "triton") or 0.0
+        d_hidden, d_weight, d_bias = _backward_atomic(prep, heads, rows, n_active, (a, b, *saved), flags, need)
     if d_hidden is not None and prep.vocab_parallel_group is not None:
         import torch.distributed as dist
 
