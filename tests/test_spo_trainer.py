@@ -381,3 +381,18 @@ def test_grouped_accumulation_equals_one_batch(tok, tmp_path):
     assert max((params[0][n] - start[n]).abs().max().item() for n in start) > 1e-4  # the step moved the policy
     for name, p in params[0].items():
         torch.testing.assert_close(params[1][name], p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_online_samples_under_bf16_autocast(tok, tmp_path):
+    """DPOConfig(bf16=True): the reference head of the KL pass is cast with its hidden states (it was passed in
+    fp32 beside bf16 hidden states, a TypeError), and the steps train with a finite loss and KL."""
+    trainer = FastPrefDPOTrainer(
+        model=tiny_llama(seed=0), ref_model=tiny_llama(seed=1),
+        args=dpo_config(tmp_path, bf16=True, max_steps=2, optim="sgd", learning_rate=0.1),
+        train_dataset=preference_rows(8), processing_class=tok, fastpref_loss="spo",
+        fastpref_loss_kwargs=dict(SPO, alpha=0.5, kl_coef=0.1))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for h in logs:
+        assert torch.isfinite(torch.tensor([h["loss"], h["kl"]])).all() and h["kl"] > 0.0

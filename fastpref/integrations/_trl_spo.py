@@ -244,5 +244,6 @@ class SPOSamples:
         pol = self._head_inputs(model, hidden[rows], kl_labels, kl_keep, head)
         ref_hidden = self._reference_hidden(input_ids[rows], attention_mask[rows])
         ref = self._head_inputs(model, ref_hidden, kl_labels, kl_keep, ref_head)
+        # the reference head as cast with its hidden states (the policy's autocast dtype under mixed precision)
         return dict(kl_hidden=pol.hidden, kl_ref_hidden=ref.hidden, kl_targets=pol.targets, kl_seq_ids=pol.seq_ids,
-                    kl_num_seqs=pol.num_seqs)
+                    kl_num_seqs=pol.num_seqs, ref_weight=ref.weight, ref_bias=ref.bias)

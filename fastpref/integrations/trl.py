@@ -269,9 +269,10 @@ class FastPrefDPOTrainer(VARTrainer, OnlineMCPO, EffectiveBatchStatistics, LossS
                     ref = self._head_inputs(model, ref_hidden, labels[:num_main], keep[:num_main], ref_head)
                     call.update(ref_hidden=ref.hidden, ref_weight=ref.weight, ref_bias=ref.bias)
             if kl_rows is not None:
-                extra = {**extra, **self._spo_kl_inputs(model, hidden, input_ids, attention_mask, labels, keep,
-                                                        num_main, head, ref_head)}
-                call.update(ref_weight=ref_head[0], ref_bias=ref_head[1])
+                kl_inputs = self._spo_kl_inputs(model, hidden, input_ids, attention_mask, labels, keep, num_main,
+                                                head, ref_head)
+                call.update(ref_weight=kl_inputs.pop("ref_weight"), ref_bias=kl_inputs.pop("ref_bias"))
+                extra = {**extra, **kl_inputs}
             # the head's keywords (bias, temperature, softcap from the config, packing) travel with the head
             out = self.fastpref_loss_fn(main.weight, main.hidden, main.targets, **main.head_kwargs(), **call, **extra)
         return out.loss, out.metrics
