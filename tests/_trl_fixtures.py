@@ -21,19 +21,10 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
-WORDS = [f"w{i}" for i in range(40)]
-SPECIALS = ["<pad>", "<unk>", "</s>"]
+from fastpref.integrations.toy import SPECIALS, WORDS, toy_preferences, toy_tokenizer  # noqa: E402
 
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+#: the word-level tokenizer the README's recipes use (fastpref.integrations.toy)
+tiny_tokenizer = toy_tokenizer
 
 
 def tiny_llama(seed: int = 0, tied: bool = False):
@@ -79,29 +70,9 @@ def tiny_mixtral(seed: int = 0):
 
 
 def preference_rows(n: int = 8, seed: int = 0, candidates: int = 0):
-    """Prompts of 3-5 words; chosen = the prompt's words shifted by one, rejected = random words."""
-    rng = random.Random(seed)
-    rows = {"prompt": [], "chosen": [], "rejected": [], "chosen_reward": [], "rejected_reward": []}
-    if candidates:
-        rows["candidates"] = []
-    for _ in range(n):
-        prompt = [rng.randrange(len(WORDS)) for _ in range(rng.randint(3, 5))]
-        chosen = [(w + 1) % len(WORDS) for w in prompt][: rng.randint(2, 4)]
-        rejected = [rng.randrange(len(WORDS)) for _ in range(rng.randint(2, 4))]
-        text = lambda ws: " ".join(WORDS[w] for w in ws)  # noqa: E731
-        rows["prompt"].append(text(prompt))
-        rows["chosen"].append(" " + text(chosen))
-        rows["rejected"].append(" " + text(rejected))
-        rows["chosen_reward"].append(1.0 + rng.random())
-        rows["rejected_reward"].append(rng.random() - 1.0)
-        if candidates:
-            cands = [" " + text([rng.randrange(len(WORDS)) for _ in range(rng.randint(2, 4))])
-                     for _ in range(candidates)]
-            rows["candidates"].append(cands)
-            rows["rejected"][-1] = cands[0]
-    from datasets import Dataset
-
-    return Dataset.from_dict(rows)
+    """Prompts of 3-5 words; chosen = the prompt's words shifted by one, rejected = random words
+    (:func:`fastpref.integrations.toy.toy_preferences`)."""
+    return toy_preferences(n, seed, candidates)
 
 
 def dpo_config(tmp_path, **overrides):
