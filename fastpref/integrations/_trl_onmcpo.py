@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ._trl_batches import Rows, left_padded_prompts, pad_rows
+from ._trl_spo import generate_seeded
 
 Cached = Tuple[int, List[torch.Tensor]]  # (segment, completions best first)
 
@@ -94,18 +95,9 @@ class OnlineMCPO:
         """``mcpo_num_generations`` sampled completions per prompt, sorted by reward, best first."""
         tok, g = self._tokenizer, self.mcpo_num_generations
         max_new = self.mcpo_max_new_tokens or int(rows[2].sum(dim=1).max().item())  # default: the data's longest
-        policy = self.accelerator.unwrap_model(model)
-        was_training = policy.training
-        policy.eval()
         seed = hash((int(self.args.seed), segment, self.state.global_step, self.accelerator.process_index)) % 2**31
-        try:
-            with torch.random.fork_rng(devices=[left.device] if left.device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                out = policy.generate(input_ids=left, attention_mask=left_mask, do_sample=True, temperature=1.0,
-                                      top_k=0, top_p=1.0, num_return_sequences=g, max_new_tokens=max_new,
-                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        finally:
-            policy.train(was_training)
+        out = generate_seeded(self.accelerator.unwrap_model(model), left, left_mask, tok, num_return_sequences=g,
+                              max_new_tokens=max_new, seed=seed)
         new = out[:, left.shape[1]:]
         completions = [_until_eos(row, tok.eos_token_id, tok.pad_token_id) for row in new]
         prompt_ids = [p for p in prompts for _ in range(g)]

@@ -99,6 +99,23 @@ def _seeded(seed: int, device: torch.device):
         yield
 
 
+@torch.no_grad()
+def generate_seeded(policy: torch.nn.Module, left: torch.Tensor, left_mask: torch.Tensor, tok: Any, *,
+                    num_return_sequences: int, max_new_tokens: int, seed: int) -> torch.Tensor:
+    """``policy.generate`` on left-padded prompts: pure sampling (temperature 1, no top-k / top-p), in eval mode,
+    seeded by ``seed`` (:func:`_seeded`: the global RNG is left as it was); SPO's and OnMC-PO's samples."""
+    was_training = policy.training
+    policy.eval()
+    try:
+        with _seeded(seed, left.device):
+            return policy.generate(
+                input_ids=left, attention_mask=left_mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    finally:
+        policy.train(was_training)
+
+
 class SPOSamples:
     """The trainer's SPO methods; reads ``fastpref_loss``, ``fastpref_loss_fn``, ``args``, ``state`` and the
     ``spo_*`` options set by :meth:`_spo_configure`."""
@@ -223,17 +240,9 @@ class SPOSamples:
         by :meth:`_spo_seed`; rows prompt-major (prompt i's samples at rows i * k .. i * k + k - 1)."""
         tok, k = self._tokenizer, self.spo_num_samples
         prompts, left, left_mask = left_padded_prompts(prompt_rows, prompt_rows[0].shape[0], tok.pad_token_id)
-        policy = self.accelerator.unwrap_model(model)
-        was_training = policy.training
-        policy.eval()
-        try:
-            with _seeded(self._spo_seed(key), left.device):
-                generated = policy.generate(
-                    input_ids=left, attention_mask=left_mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                    num_return_sequences=k, max_new_tokens=self._spo_new_tokens(rows, left.shape[1]),
-                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        finally:
-            policy.train(was_training)
+        generated = generate_seeded(self.accelerator.unwrap_model(model), left, left_mask, tok,
+                                    num_return_sequences=k, max_new_tokens=self._spo_new_tokens(rows, left.shape[1]),
+                                    seed=self._spo_seed(key))
         return sampled_rows([p for p in prompts for _ in range(k)], generated, tok.pad_token_id, tok.eos_token_id)
 
     def _spo_kl_inputs(self, model, hidden, input_ids, attention_mask, labels, keep, num_main, head, ref_head):
