@@ -9,7 +9,8 @@ from typing import Dict, List, Optional
 
 from .peers import is_installed, mib
 
-IMPL_ORDER = ("eager", "trl", "liger", "cce", "fastpref-torch", "fastpref-triton")
+IMPL_ORDER = ("eager", "trl", "liger", "cce", "fastpref-torch", "fastpref-torch-4gemm", "fastpref-triton",
+              "fastpref-triton-4gemm")
 
 
 class Progress:
@@ -99,7 +100,7 @@ def print_table(results: dict) -> None:
 
     table = Table(title="fastpref bench: forward+backward, median (best) of interleaved repeats")
     for c in COLUMNS:
-        if c == "impl":  # never truncated: "fastpref-triton" is the longest name
+        if c == "impl":  # never truncated: IMPL_WIDTH fits the longest name
             table.add_column(c, justify="left", no_wrap=True, min_width=IMPL_WIDTH)
         else:
             table.add_column(c, justify="left" if c in TEXT_COLUMNS else "right")

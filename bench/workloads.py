@@ -28,7 +28,10 @@ from fastpref.losses import mcpo_sample_negatives
 from . import peers
 
 WORKLOADS = ("logprobs", "dpo", "var", "mcpo", "spo")
-IMPLEMENTATIONS = ("eager", "trl", "liger", "cce", "fastpref-torch", "fastpref-triton")
+IMPLEMENTATIONS = ("eager", "trl", "liger", "cce", "fastpref-torch", "fastpref-triton", "fastpref-torch-4gemm",
+                   "fastpref-triton-4gemm")
+#: The workloads whose fastpref loss is a sum of per-pair terms: ``KernelOptions(grad_in_forward=True)`` applies.
+FOUR_GEMM_WORKLOADS = ("dpo",)
 
 SEQS = {"logprobs": 8, "dpo": 8, "var": 8, "mcpo": 10, "spo": 8}
 MCPO_K = 4
@@ -206,7 +209,8 @@ def _trl(case: Case) -> Callable[[], torch.Tensor]:
 _MODULES = {"dpo": "FusedDPOLoss", "var": "FusedVARLoss", "mcpo": "FusedMCPOLoss", "spo": "FusedSPOLoss"}
 
 
-def _fastpref(case: Case, backend: str) -> Callable[[], torch.Tensor]:
+def _fastpref(case: Case, backend: str, grad_in_forward: bool = False) -> Callable[[], torch.Tensor]:
+    """The fused module's step; ``grad_in_forward``: dH/dW formed in the forward (four GEMMs, separable losses)."""
     import fastpref
 
     t = case.tensors
@@ -216,7 +220,8 @@ def _fastpref(case: Case, backend: str) -> Callable[[], torch.Tensor]:
 
     kwargs = {"dpo": dict(beta=DPO_BETA), "var": dict(beta=VAR_BETA),
               "mcpo": dict(beta=MCPO_BETA, group_size=MCPO_K + 1), "spo": dict(alpha=SPO_ALPHA, kl_coef=SPO_KL_COEF)}[w]
-    module = getattr(fastpref, _MODULES[w])(**kwargs, backend=backend)
+    options = fastpref.KernelOptions(grad_in_forward=True) if grad_in_forward else None
+    module = getattr(fastpref, _MODULES[w])(**kwargs, backend=backend, kernel_options=options)
     if w == "var":
         return lambda: module(t["weight"], t["hidden"], t["targets"], rewards=t["rewards"]).loss
     if w == "spo":
@@ -289,6 +294,15 @@ def implementations(case: Case, opts: Options) -> Tuple[List[Impl], Dict[str, st
                 skipped[name] = "needs CUDA"
                 continue
             ready.append(Impl(name, _fastpref(case, "triton")))
+        elif name in ("fastpref-torch-4gemm", "fastpref-triton-4gemm"):
+            backend = name.split("-")[1]
+            if backend == "triton" and not cuda:
+                skipped[name] = "needs CUDA"
+            elif case.workload not in FOUR_GEMM_WORKLOADS:
+                skipped[name] = "the loss couples the batch or is the bare op: no in-forward gradients"
+            else:
+                ready.append(Impl(name, _fastpref(case, backend, grad_in_forward=True),
+                                  note="KernelOptions(grad_in_forward=True): dH, dW formed in the forward"))
         else:
             raise ValueError(f"unknown implementation {name!r}; choose from {IMPLEMENTATIONS}")
     return ready, skipped

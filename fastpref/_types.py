@@ -65,11 +65,25 @@ class KernelOptions:
             softmax has tiles whose entries are all small at a tiny ``P_i`` (how many, depends on the tile size);
             a flat softmax over ``V > 1 / t`` columns has every entry small, so nearly all of its mass can be
             skipped (``bench/grad_filter.py`` measures both).
+        grad_in_forward: read by the loss modules, not by the op (``FusedDPOLoss(kernel_options=...)``). True: a
+            module whose loss is a sum of independent per-pair terms (the DPO family without batch-sorting loss
+            types or WPO, IPO, SimPO, SLiC, DPOP, ORPO without ``nll_targets``, CPO) forms ``dH``, ``dW`` and ``db``
+            in its forward, one group of whole pairs at a time while the group's logits are in memory, and its
+            backward only scales them by the upstream gradient: four GEMMs (policy and reference logits, ``dH``,
+            ``dW``) instead of five (the recompute). The price is memory: a group's ``[rows x V]`` logits
+            (``workspace_bytes`` bounds them; a pair that does not fit falls back to the recompute), so the
+            workspace is no longer flat in V. Exact (fp32/fp64: the recompute's gradients up to round-off). Falls
+            back to the recompute, silently and exactly, where the conditions do not hold (batch-coupled losses,
+            a softcap, vocabulary parallelism, no gradient needed, extra outputs on the Triton backend; docs/api.md
+            §3.1);
+            ``fastpref.modules.grad_in_forward.LAST_PATH`` says which path the last call took and why. Default
+            False.
     """
 
     deterministic: bool = True
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
     grad_filter: Union[float, str, None] = "auto"
+    grad_in_forward: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.deterministic, bool):
@@ -77,6 +91,8 @@ class KernelOptions:
         if isinstance(self.workspace_bytes, bool) or not isinstance(self.workspace_bytes, int) \
                 or self.workspace_bytes <= 0:
             raise ValueError(f"KernelOptions.workspace_bytes must be a positive int, got {self.workspace_bytes!r}")
+        if not isinstance(self.grad_in_forward, bool):
+            raise TypeError(f"KernelOptions.grad_in_forward must be a bool, got {self.grad_in_forward!r}")
         t = self.grad_filter
         if isinstance(t, str):
             if t != "auto":

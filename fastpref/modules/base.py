@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .._prepare import check_extra_outputs
-from .._types import IGNORE_INDEX, LogprobStats
+from .._types import IGNORE_INDEX, KernelOptions, LogprobStats
 from ..ops import fused_logprobs as _fused_logprobs
 from .batch_stats import check_stats_group, gather_across_ranks, global_mean
 
@@ -209,9 +209,13 @@ class FusedLossBase(nn.Module):
 
     def __init__(self, *, ignore_index: int = IGNORE_INDEX, backend: str = "auto",
                  vocab_parallel_group: Optional[object] = None, stats_group: Optional[object] = None,
-                 extra_outputs: Sequence[str] = (), **unknown: object) -> None:
+                 extra_outputs: Sequence[str] = (), kernel_options: Optional[KernelOptions] = None,
+                 **unknown: object) -> None:
         _reject_options(type(self).__name__, unknown)
+        if kernel_options is not None and not isinstance(kernel_options, KernelOptions):
+            raise TypeError(f"kernel_options must be a fastpref.KernelOptions, got {type(kernel_options).__name__}")
         super().__init__()
+        self.kernel_options = kernel_options
         self.extra_outputs = check_extra_outputs(extra_outputs)
         self.ignore_index = ignore_index
         self.backend = backend
@@ -224,6 +228,8 @@ class FusedLossBase(nn.Module):
         """The module's keyword arguments of every fused_logprobs call (the head's come per call). Not the
         ``extra_outputs``: only the call's main pass (:meth:`run_logprobs`) computes them."""
         options = dict(ignore_index=self.ignore_index, backend=self.backend)
+        if self.kernel_options is not None:
+            options["options"] = self.kernel_options
         if self.vocab_parallel_group is not None:
             options["vocab_parallel_group"] = self.vocab_parallel_group
         return options
@@ -271,11 +277,26 @@ class FusedLossBase(nn.Module):
                                    extra_outputs=self.extra_outputs)
         if ref_hidden is not None:
             ref = stats.ref_logps
-        elif ref_logps is not None:
-            ref = as_stat("ref_logps", ref_logps, stats.logps, self.ref_logps_shapes(stats.logps.shape[0]))
         else:
-            ref = None
+            ref = self.given_ref_logps(ref_logps, stats.logps)
+        return self.sequence_batch(stats, ref, head, ref_head, targets=targets, seq_ids=seq_ids)
+
+    def given_ref_logps(self, ref_logps: Optional[Tensor], logps: Tensor) -> Optional[Tensor]:
+        """A user's precomputed ``ref_logps``, validated and detached in ``logps``' dtype (None stays None)."""
+        if ref_logps is None:
+            return None
+        return as_stat("ref_logps", ref_logps, logps, self.ref_logps_shapes(logps.shape[0]))
+
+    def sequence_batch(self, stats: LogprobStats, ref: Optional[Tensor], head: LMHead, ref_head: LMHead, *,
+                       targets: Tensor, seq_ids: Optional[Tensor]) -> SequenceBatch:
+        """The :class:`SequenceBatch` that :meth:`compute_loss` reads (a subclass adds what its loss needs)."""
         return SequenceBatch(stats=stats, ref_logps=ref, head=head, ref_head=ref_head)
+
+    def separable_units(self, num_seqs: int, loss_specific: dict) -> Optional[Tensor]:
+        """``[U, k]`` sequence indices of the independent units of this call's loss (the loss is a sum of one
+        term per unit, each reading only its unit's statistics), or None when the loss couples the batch. What
+        ``KernelOptions.grad_in_forward`` needs; None here: the base class promises nothing."""
+        return None
 
     def _check_reference_args(self, ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor],
                               ref_bias: Optional[Tensor], ref_logps: Optional[Tensor]) -> None:
@@ -312,6 +333,14 @@ class FusedLossBase(nn.Module):
         :func:`fastpref.fused_logprobs`); the reference head and every extra pass use the same logit map.
         """
         head = LMHead(weight, bias, temperature, softcap)
+        if self.kernel_options is not None and self.kernel_options.grad_in_forward:
+            from .grad_in_forward import forward_with_grads
+
+            out = forward_with_grads(self, head, hidden, targets, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                     ref_bias=ref_bias, ref_logps=ref_logps, seq_ids=seq_ids, num_seqs=num_seqs,
+                                     loss_specific=loss_specific)
+            if out is not None:
+                return out
         batch = self.run_logprobs(head, hidden, targets, ref_hidden=ref_hidden, ref_weight=ref_weight,
                                   ref_bias=ref_bias, ref_logps=ref_logps, seq_ids=seq_ids, num_seqs=num_seqs)
         loss, metrics = self.compute_loss(batch, **loss_specific)
@@ -339,6 +368,21 @@ class FusedLossBase(nn.Module):
 
 class _PairwiseLoss(FusedLossBase):
     """Pairwise layout: sequence i (chosen) pairs with sequence i + S/2 (rejected)."""
+
+    #: True when the loss is a mean (or sum) of per-pair terms (see :meth:`separable_units`).
+    separable: bool = True
+
+    def separable_call(self, loss_specific: dict) -> bool:
+        """Whether this call's loss is a sum of per-pair terms (a subclass refuses options that couple pairs)."""
+        return self.separable
+
+    def separable_units(self, num_seqs: int, loss_specific: dict) -> Optional[Tensor]:
+        """The pairs ``[S/2, 2]`` (``(i, i + S/2)``) when :meth:`separable_call` holds, else None."""
+        if not self.separable_call(loss_specific) or num_seqs == 0 or num_seqs % 2:
+            return None
+        half = num_seqs // 2
+        chosen = torch.arange(half)
+        return torch.stack([chosen, chosen + half], dim=1)
 
     def pairs(self, batch: SequenceBatch) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Tensor, Tensor]:
         """(chosen, rejected) splits of logps, ref_logps and lengths."""

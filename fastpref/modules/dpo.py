@@ -9,7 +9,7 @@ import torch
 
 from .. import losses
 from .._checks import check_finite, check_values
-from ..losses.dpo_family import LossTypes
+from ..losses.dpo_family import SORTING_LOSS_TYPES, LossTypes
 from .base import Metrics, SequenceBatch, Tensor, _PairwiseLoss, split_pairs, with_extra_outputs
 
 #: The op's extra outputs that WPO weighting (``use_weighting``) reads.
@@ -72,14 +72,18 @@ class FusedDPOLoss(_PairwiseLoss):
                 and self.smooth_sigmoid and self.ld_alpha is None and not self.use_weighting and not self.average_log_prob
                 and not self.compute_nll_loss)
 
-    def run_logprobs(self, head, hidden: Tensor, targets: Tensor, *, seq_ids: Optional[Tensor] = None,
-                     num_seqs: Optional[int] = None, **kwargs) -> SequenceBatch:
-        """The base pass, plus the layout (valid positions, ``seq_ids``) that LD-DPO and WPO read."""
-        batch = super().run_logprobs(head, hidden, targets, seq_ids=seq_ids, num_seqs=num_seqs, **kwargs)
+    def sequence_batch(self, stats, ref, head, ref_head, *, targets: Tensor, seq_ids: Optional[Tensor]
+                       ) -> SequenceBatch:
+        """The base batch, plus the layout (valid positions, ``seq_ids``) that LD-DPO and WPO read."""
+        batch = super().sequence_batch(stats, ref, head, ref_head, targets=targets, seq_ids=seq_ids)
         if self._is_plain_dpo():
             return batch
         return _LayoutBatch(**vars(batch), valid=targets != self.ignore_index,
                             seq_ids=None if seq_ids is None else seq_ids.long())
+
+    def separable_call(self, loss_specific: dict) -> bool:
+        """Pairs are independent unless a loss type sorts the batch (AOT) or WPO reads the op's extra outputs."""
+        return not self.use_weighting and not any(t in SORTING_LOSS_TYPES for t in self._types)
 
     def _sequence_logps(self, batch: "_LayoutBatch") -> Tuple[Tensor, Tensor]:
         """Per-sequence policy and reference log-probs after LD-DPO weighting or length averaging."""

@@ -131,6 +131,10 @@ class FusedORPOLoss(LigerCompatible, _PairwiseLoss):
         batch.nll_inputs = (hidden, targets.shape, options["seq_ids"])  # what an nll_targets pass reads
         return batch
 
+    def separable_call(self, loss_specific: dict) -> bool:
+        """An ``nll_targets`` pass is a second fused op inside the loss: only the plain call is separable here."""
+        return loss_specific.get("nll_targets") is None and loss_specific.get("nll_target") is None
+
     def compute_loss(self, batch: SequenceBatch, nll_targets: Optional[Tensor] = None,
                      nll_target: Optional[Tensor] = None) -> Tuple[Tensor, Metrics]:
         c, r, _, _, lc, lr = self.pairs(batch)
@@ -218,6 +222,7 @@ class FusedAlphaDPOLoss(_PairwiseLoss):
     """
 
     sequence_kl = "reverse"  # KL(pi_ref || pi_theta) per position, the paper's sequential KL
+    separable = False  # the margin statistics and their EMA couple the batch
 
     def __init__(self, beta: float = 10.0, gamma_beta_ratio: float = 0.4, alpha: float = 0.05,
                  label_smoothing: float = 0.0, momentum: float = 0.9, bias_correction: bool = True,

@@ -74,8 +74,9 @@ def eager_extras(prep: Prepared, logits: torch.Tensor, logp: torch.Tensor,
 
 def fused_logprobs(hidden, weight, targets, *, bias=None, seq_ids=None, num_seqs=None, ref_hidden=None,
                    ref_weight=None, ref_bias=None, kl=None, temperature=1.0, softcap=None, ignore_index=IGNORE_INDEX,
-                   backend="auto", vocab_parallel_group=None, extra_outputs=()) -> LogprobStats:
-    """Eager twin of :func:`fastpref.fused_logprobs` (same signature and outputs; ``backend`` ignored).
+                   backend="auto", vocab_parallel_group=None, options=None, extra_outputs=()) -> LogprobStats:
+    """Eager twin of :func:`fastpref.fused_logprobs` (same signature and outputs; ``backend`` ignored, ``options``
+    validated and ignored: plain autograd has no kernel options).
 
     ``vocab_parallel_group`` is not supported here: the oracle for a vocabulary-parallel call is this
     function on the full (gathered) head, which is what the tests compare against.
@@ -87,7 +88,8 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, seq_ids=None, num_seqs
     prep = prepare(
         hidden, weight, targets, bias=bias, seq_ids=seq_ids, num_seqs=num_seqs, ref_hidden=ref_hidden,
         ref_weight=ref_weight, ref_bias=ref_bias, kl=kl, temperature=temperature, softcap=softcap,
-        ignore_index=ignore_index, backend="torch" if backend == "auto" else backend, extra_outputs=extra_outputs,
+        ignore_index=ignore_index, backend="torch" if backend == "auto" else backend, options=options,
+        extra_outputs=extra_outputs,
     )
     extras: Dict[str, torch.Tensor] = {}
     return assemble(prep, *eager_token_stats(prep, extras), extras=extras)

@@ -1,0 +1,287 @@
+"""Four GEMMs for separable losses: ``dH``, ``dW`` and ``db`` formed in the module's forward
+(``KernelOptions(grad_in_forward=True)``, docs/api.md §3).
+
+The recompute path runs five products of ``[positions x D x V]``: the policy and reference logits in the
+forward, then the policy logits again, ``dH`` and ``dW`` in the backward, because the per-sequence upstream
+gradient is unknown until every sequence's forward is done. When the loss is a sum of independent per-pair
+terms, a pair's upstream gradient is known as soon as that pair's forward is: so each group of whole pairs
+is projected once into a ``[rows x V]`` buffer, log-softmaxed in place, its per-position gradient
+``dL/dz = a (onehot - p) / T`` formed in the same buffer and multiplied out into ``dH`` and ``dW`` while the
+buffer is still hot. The backward scales the three stored gradients by the (scalar) upstream gradient.
+
+``a`` (``dL/dtoken_logps`` of the group's positions) comes from the module's own :meth:`compute_loss` on the
+batch's per-position log-probs with the groups not yet projected held at a placeholder: for a separable
+loss the gradient of one pair's terms reads only that pair's values, so ``a`` is exact. The loss value and
+the metrics come from one more :meth:`compute_loss` on the finished batch, the same call the recompute path
+makes. Memory: the group's logits (at most ``KernelOptions.workspace_bytes``; a pair that does not fit falls
+back), plus ``dH`` and ``dW`` (fp32 for half inputs) held from the forward to the backward.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .. import ops
+from .._prepare import build_prepared, check_call
+from .._types import LogprobStats, Prepared, reduce_per_sequence
+
+# Not importing .base: base's forward calls into this module. ``head`` is a base.LMHead, the result a LossOutput.
+LMHead = LossOutput = Any
+
+Tensor = torch.Tensor
+
+#: Which path the last module call with ``grad_in_forward=True`` took (for tests and benchmarks): ``path``
+#: ("in_forward" or "recompute"), ``groups`` (pair groups projected) and ``reason`` (why it fell back).
+LAST_PATH: Dict[str, Any] = {"path": None, "groups": 0, "reason": ""}
+#: log pi of a position not yet projected, while a group's gradient is taken (any finite log-prob works
+#: for a separable loss; a negative one keeps losses that read log(1 - p) finite).
+_PLACEHOLDER_LOGP = -1.0
+
+
+def _fallback(reason: str) -> None:
+    LAST_PATH.update(path="recompute", groups=0, reason=reason)
+    return None
+
+
+def _why_not(module: Any, head: LMHead, hidden: Tensor, ref_hidden: Optional[Tensor],
+             loss_specific: dict) -> Optional[str]:
+    """Why this call cannot take the in-forward path (None: it can)."""
+    if type(module).fused_logprobs is not ops.fused_logprobs:
+        return "the module's log-prob op is not the fused one (eager twin)"
+    if not torch.is_grad_enabled():
+        return "no gradient: grad mode is off"
+    if not any(t is not None and t.requires_grad for t in (hidden, head.weight, head.bias)):
+        return "no gradient: neither hidden, weight nor bias requires one"
+    if module.vocab_parallel_group is not None:
+        return "vocabulary-parallel head"
+    if head.softcap is not None:
+        return "softcap (its slope would need the logits kept next to their exponentials)"
+    if module.sequence_kl is not None and ref_hidden is not None:
+        return "the module computes a KL in its pass"
+    return None
+
+
+def _groups(prep: Prepared, units: Tensor, budget_rows: int) -> Optional[List[Tuple[Tensor, int]]]:
+    """(sequence indices, valid positions) of consecutive unit groups whose valid positions fit
+    ``budget_rows``; None if a single unit does not fit."""
+    lengths = reduce_per_sequence(prep, prep.valid.to(torch.int64)).cpu()
+    unit_rows = lengths[units.cpu()].sum(dim=1).tolist()
+    groups, current, rows = [], [], 0
+    for u, n in enumerate(unit_rows):
+        if n > budget_rows:
+            return None
+        if rows + n > budget_rows and current:
+            groups.append((units[current].reshape(-1), rows))
+            current, rows = [], 0
+        current.append(u)
+        rows += n
+    if current:
+        groups.append((units[current].reshape(-1), rows))
+    return groups
+
+
+class _TorchRows:
+    """The row-wise passes over a group's logits buffer, in torch ops (any device)."""
+
+    def stats(self, z: Tensor, targets: Tensor, extras: Tuple[str, ...] = ()) -> Tuple[Tensor, Tensor, dict]:
+        """(lse, target logit, requested extras) per row; leaves ``exp(z - max)`` in ``z`` (no second buffer).
+        The extras carry no gradient here: the modules' losses never read them (metrics only)."""
+        target = z.gather(1, targets.unsqueeze(1)).squeeze(1)
+        m = z.amax(dim=1)
+        out = {}
+        if "mean_logits" in extras:
+            out["mean_logits"] = z.mean(dim=1)
+        if "is_top1" in extras:
+            out["is_top1"] = (target >= m).to(z.dtype)
+        z.sub_(m.unsqueeze(1))
+        if "entropy" in extras or "log_sum_sq_probs" in extras:
+            # sum p (z - m) and sum p^2 need the shifted logits next to their exponentials: a few rows at a time.
+            self.sum_exp, pz, sq = (torch.empty_like(m) for _ in range(3))
+            step = max(1, (1 << 22) // max(1, z.shape[1]))
+            for r0 in range(0, z.shape[0], step):
+                shifted = z[r0:r0 + step]
+                e = torch.exp(shifted)
+                self.sum_exp[r0:r0 + step] = e.sum(dim=1)
+                pz[r0:r0 + step] = (e * shifted).sum(dim=1)
+                sq[r0:r0 + step] = e.square().sum(dim=1)
+                shifted.copy_(e)
+            log_s = self.sum_exp.log()
+            if "entropy" in extras:  # H = lse - sum p z = log s - sum e (z - m) / s
+                out["entropy"] = log_s - pz / self.sum_exp
+            if "log_sum_sq_probs" in extras:
+                out["log_sum_sq_probs"] = sq.log() - 2 * log_s
+        else:
+            self.sum_exp = z.exp_().sum(dim=1)
+        return m + self.sum_exp.log(), target, out
+
+    def grad_(self, z: Tensor, lse: Tensor, row_scale: Tensor, targets: Tensor) -> Tensor:
+        """``z <- row_scale * (onehot - p)`` in place (``z`` holds ``exp(z - max)``: ``p = z / sum``)."""
+        z.mul_((-row_scale / self.sum_exp).unsqueeze(1))
+        return z.index_put_((torch.arange(z.shape[0], device=z.device), targets), row_scale, accumulate=True)
+
+
+class _TritonRows:
+    """The same passes as Triton kernels (``csrc_triton/logits_rows.py``): one read for the statistics, one
+    read-write for the gradient."""
+
+    def stats(self, z: Tensor, targets: Tensor, extras: Tuple[str, ...] = ()) -> Tuple[Tensor, Tensor, dict]:
+        from ..backends.triton_rows import row_softmax_stats
+
+        return (*row_softmax_stats(z, targets), {})
+
+    def grad_(self, z: Tensor, lse: Tensor, row_scale: Tensor, targets: Tensor) -> Tensor:
+        from ..backends.triton_rows import softmax_grad_
+
+        return softmax_grad_(z, lse, row_scale, targets)
+
+
+def _project(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, out: Tensor) -> Tensor:
+    """``out = (h @ weight.T + bias) / T`` in ``out``'s dtype (half weights cast one vocabulary slice at a time)."""
+    cd = out.dtype
+    if weight.dtype == cd:
+        torch.mm(h, weight.t(), out=out)
+    else:
+        step = max(1, (1 << 24) // max(1, weight.shape[1]))
+        for v0 in range(0, weight.shape[0], step):
+            out[:, v0:v0 + step] = h @ weight[v0:v0 + step].to(cd).t()
+    if bias is not None:
+        out.add_(bias.to(cd))
+    if temperature != 1.0:
+        out.div_(temperature)
+    return out
+
+
+def _multiply_out(dz: Tensor, h: Tensor, weight: Tensor, grads: "_Grads", rows: Tensor) -> None:
+    """``dH[rows] = dz @ W``, ``dW += dz^T @ h``, ``db += sum(dz)`` (half weights one slice at a time)."""
+    cd = dz.dtype
+    if grads.hidden is not None:
+        if weight.dtype == cd:
+            grads.hidden.index_copy_(0, rows, dz @ weight)
+        else:
+            step = max(1, (1 << 24) // max(1, weight.shape[1]))
+            dh = torch.zeros(dz.shape[0], weight.shape[1], dtype=cd, device=dz.device)
+            for v0 in range(0, weight.shape[0], step):
+                dh.addmm_(dz[:, v0:v0 + step], weight[v0:v0 + step].to(cd))
+            grads.hidden.index_copy_(0, rows, dh)
+    if grads.weight is not None:
+        grads.weight.addmm_(dz.t(), h)
+    if grads.bias is not None:
+        grads.bias.add_(dz.sum(dim=0))
+
+
+class _Grads:
+    """The gradients formed in the forward, in the compute dtype, for the inputs that need one."""
+
+    def __init__(self, prep: Prepared, hidden: Tensor, head: LMHead, cd: torch.dtype):
+        def new(t: Optional[Tensor], shape) -> Optional[Tensor]:
+            return None if t is None or not t.requires_grad else torch.zeros(shape, dtype=cd, device=t.device)
+
+        self.hidden = new(hidden, prep.hidden.shape)
+        self.weight = new(head.weight, head.weight.shape)
+        self.bias = new(head.bias, () if head.bias is None else head.bias.shape)
+
+
+class _ScaledGrads(torch.autograd.Function):
+    """Returns ``loss``; its backward hands out the stored gradients times the upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], grads: _Grads
+                ) -> Tensor:
+        ctx.grads, ctx.shape = grads, hidden.shape
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss.detach().clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, upstream: Tensor):
+        grads, (dh_t, dw_t, db_t) = ctx.grads, ctx.dtypes
+        if grads is None:
+            raise RuntimeError("a module call with KernelOptions(grad_in_forward=True) hands out its gradients once; "
+                               "a second backward through it (retain_graph=True) needs grad_in_forward=False")
+        ctx.grads = None  # scaled in place and handed out: no second copy of dW
+
+        def scaled(g: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+            return None if g is None else g.mul_(upstream.to(g.dtype)).to(dtype)
+
+        dh = scaled(grads.hidden, dh_t)
+        return None, None if dh is None else dh.view(ctx.shape), scaled(grads.weight, dw_t), \
+            scaled(grads.bias, db_t), None
+
+
+def forward_with_grads(module: Any, head: LMHead, hidden: Tensor, targets: Tensor, *, ref_hidden: Optional[Tensor],
+                       ref_weight: Optional[Tensor], ref_bias: Optional[Tensor], ref_logps: Optional[Tensor],
+                       seq_ids: Optional[Tensor], num_seqs: Optional[int], loss_specific: dict
+                       ) -> Optional[LossOutput]:
+    """The module's call on the in-forward path, or None (the caller then takes the recompute path)."""
+    module._check_reference_args(ref_hidden, ref_weight, ref_bias, ref_logps)
+    reason = _why_not(module, head, hidden, ref_hidden, loss_specific)
+    if reason is not None:
+        return _fallback(reason)
+    opts = module.kernel_options
+    call = check_call(hidden, head.weight, targets, bias=head.bias, seq_ids=seq_ids, num_seqs=num_seqs,
+                      temperature=head.temperature, ignore_index=module.ignore_index, backend=module.backend,
+                      options=opts)
+    prep = build_prepared(call)
+    if module.extra_outputs and prep.backend == "triton":
+        return _fallback("extra outputs with the Triton backend (its row kernels compute log-probs only)")
+    units = module.separable_units(prep.num_seqs, loss_specific)
+    if units is None:
+        return _fallback("the loss couples the batch (not a sum of per-pair terms)")
+    cd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    vocab = head.weight.shape[0]
+    groups = _groups(prep, units.to(prep.seq_ids.device), opts.workspace_bytes // (vocab * cd.itemsize))
+    if groups is None:
+        return _fallback("one pair's logits exceed KernelOptions.workspace_bytes")
+
+    ref_head = head.reference(ref_weight, ref_bias)
+    ref_stats = None
+    if ref_hidden is not None:  # the reference pass: no gradient, no logits kept (the fused op)
+        with torch.no_grad():
+            ref_stats = ops.fused_logprobs(ref_hidden, ref_head.weight, targets, bias=ref_head.bias, seq_ids=seq_ids,
+                                       num_seqs=num_seqs, temperature=head.temperature, **module.logprob_options())
+
+    lengths = reduce_per_sequence(prep, prep.valid.to(cd))
+    token_logps = torch.where(prep.valid, _PLACEHOLDER_LOGP, 0.0).to(cd)
+    token_extras = {name: torch.zeros_like(token_logps) for name in module.extra_outputs}
+
+    def loss_of(values: Tensor) -> Tuple[Tensor, dict, Any]:
+        extras = {}
+        for name, per_position in token_extras.items():
+            extras[name] = reduce_per_sequence(prep, per_position)
+            extras["token_" + name] = (per_position.bool() if name == "is_top1" else per_position).view(prep.target_shape)
+        stats = LogprobStats(logps=reduce_per_sequence(prep, values), lengths=lengths,
+                             token_logps=values.view(prep.target_shape),
+                             ref_logps=None if ref_stats is None else ref_stats.logps,
+                             ref_token_logps=None if ref_stats is None else ref_stats.token_logps, **extras)
+        ref = stats.ref_logps if ref_stats is not None else module.given_ref_logps(ref_logps, stats.logps)
+        batch = module.sequence_batch(stats, ref, head, ref_head, targets=targets, seq_ids=seq_ids)
+        loss, metrics = module.compute_loss(batch, **loss_specific)
+        return loss, metrics, batch
+
+    grads = _Grads(prep, hidden, head, cd)
+    rows_pass = _TritonRows() if prep.backend == "triton" else _TorchRows()
+    buffer = torch.empty(max((n for _, n in groups), default=0) * vocab, dtype=cd, device=hidden.device)
+    weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+    for seqs, _ in groups:
+        rows = (torch.isin(prep.seq_ids, seqs) & prep.valid).nonzero().squeeze(1)
+        h = prep.hidden.detach().index_select(0, rows).to(cd)
+        tgt = prep.targets.index_select(0, rows)
+        z = _project(h, weight, bias, head.temperature, buffer[: rows.numel() * vocab].view(-1, vocab))
+        lse, target_logit, row_extras = rows_pass.stats(z, tgt, module.extra_outputs)
+        token_logps.index_copy_(0, rows, target_logit - lse)
+        for name, values in row_extras.items():
+            token_extras[name].index_copy_(0, rows, values)
+        leaf = token_logps.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (a,) = torch.autograd.grad(loss_of(leaf)[0], leaf, allow_unused=True)
+        a = torch.zeros_like(leaf) if a is None else a
+        dz = rows_pass.grad_(z, lse, a.index_select(0, rows) / head.temperature, tgt)
+        _multiply_out(dz, h, weight, grads, rows)
+    del buffer
+
+    with torch.no_grad():
+        loss, metrics, batch = loss_of(token_logps)
+    LAST_PATH.update(path="in_forward", groups=len(groups), reason="")
+    loss = _ScaledGrads.apply(loss, hidden, head.weight, head.bias, grads)
+    return module.finish(batch, loss, metrics)
