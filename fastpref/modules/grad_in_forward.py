@@ -136,15 +136,31 @@ class _TritonRows:
         return softmax_grad_(z, lse, row_scale, targets)
 
 
+def _product(a: Tensor, b: Tensor, cd: torch.dtype) -> Tensor:
+    """``a @ b`` in the compute dtype ``cd``. Half operands: on CUDA one cuBLAS GEMM with fp32 output
+    (``out_dtype``: tensor cores, fp32 accumulation, ``a`` rounded to ``b``'s dtype as the deterministic Triton
+    backward rounds ``dz``); elsewhere fp32 copies (the CPU has no such kernel)."""
+    if a.dtype == cd and b.dtype == cd:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a.to(b.dtype), b, out_dtype=cd)
+    return a.to(cd) @ b.to(cd)
+
+
+def _slices(weight: Tensor):
+    """Vocabulary slices of a half head, each cast on its own (a bounded temporary, never a full fp32 copy)."""
+    step = max(1, (1 << 24) // max(1, weight.shape[1]))
+    return [slice(v0, v0 + step) for v0 in range(0, weight.shape[0], step)]
+
+
 def _project(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, out: Tensor) -> Tensor:
-    """``out = (h @ weight.T + bias) / T`` in ``out``'s dtype (half weights cast one vocabulary slice at a time)."""
+    """``out = (h @ weight.T + bias) / T`` in ``out``'s (compute) dtype."""
     cd = out.dtype
-    if weight.dtype == cd:
+    if weight.dtype == cd and h.dtype == cd:
         torch.mm(h, weight.t(), out=out)
     else:
-        step = max(1, (1 << 24) // max(1, weight.shape[1]))
-        for v0 in range(0, weight.shape[0], step):
-            out[:, v0:v0 + step] = h @ weight[v0:v0 + step].to(cd).t()
+        for cols in _slices(weight):
+            out[:, cols] = _product(h, weight[cols].t(), cd)
     if bias is not None:
         out.add_(bias.to(cd))
     if temperature != 1.0:
@@ -153,19 +169,23 @@ def _project(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: flo
 
 
 def _multiply_out(dz: Tensor, h: Tensor, weight: Tensor, grads: "_Grads", rows: Tensor) -> None:
-    """``dH[rows] = dz @ W``, ``dW += dz^T @ h``, ``db += sum(dz)`` (half weights one slice at a time)."""
+    """``dH[rows] = dz @ W``, ``dW += dz^T @ h``, ``db += sum(dz)``, in the compute dtype of ``dz``."""
     cd = dz.dtype
+    same = weight.dtype == cd and h.dtype == cd
     if grads.hidden is not None:
-        if weight.dtype == cd:
-            grads.hidden.index_copy_(0, rows, dz @ weight)
+        if same:
+            dh = dz @ weight
         else:
-            step = max(1, (1 << 24) // max(1, weight.shape[1]))
             dh = torch.zeros(dz.shape[0], weight.shape[1], dtype=cd, device=dz.device)
-            for v0 in range(0, weight.shape[0], step):
-                dh.addmm_(dz[:, v0:v0 + step], weight[v0:v0 + step].to(cd))
-            grads.hidden.index_copy_(0, rows, dh)
+            for cols in _slices(weight):
+                dh += _product(dz[:, cols], weight[cols], cd)
+        grads.hidden.index_copy_(0, rows, dh)
     if grads.weight is not None:
-        grads.weight.addmm_(dz.t(), h)
+        if same:
+            grads.weight.addmm_(dz.t(), h)
+        else:
+            for cols in _slices(weight):
+                grads.weight[cols] += _product(dz[:, cols].t(), h, cd)
     if grads.bias is not None:
         grads.bias.add_(dz.sum(dim=0))
 
@@ -265,7 +285,8 @@ def forward_with_grads(module: Any, head: LMHead, hidden: Tensor, targets: Tenso
     weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
     for seqs, _ in groups:
         rows = (torch.isin(prep.seq_ids, seqs) & prep.valid).nonzero().squeeze(1)
-        h = prep.hidden.detach().index_select(0, rows).to(cd)
+        h = prep.hidden.detach().index_select(0, rows)
+        h = h if h.is_cuda else h.to(cd)  # CUDA: half operands go to cuBLAS as they are (_product)
         tgt = prep.targets.index_select(0, rows)
         z = _project(h, weight, bias, head.temperature, buffer[: rows.numel() * vocab].view(-1, vocab))
         lse, target_logit, row_extras = rows_pass.stats(z, tgt, module.extra_outputs)
