@@ -13,15 +13,21 @@ exactly). The loss is
 ``sum_i a_i log p_i(target)`` (DPO-like: a log-prob-only gradient), so the float64 logits gradient is
 ``a_i (onehot - p)`` in closed form. bf16 rows put the default (filter on) next to filter off and to eager
 bf16 autograd, all against the same float64 truth (the parity rule: fused error <= eager error + eps/4).
+
+A second table times the backward alone (the forward is run untimed before each timed backward) with bf16 inputs,
+filter off vs 2**-12 (the bf16 default) vs 2**-7, on both distributions: interleaved repeats (each repeat runs
+every setting once, in a rotated order) and the ratio of medians to "off". A hand-written note at the end of the
+``--out`` file (from the line ``## Note``) is kept when the file is regenerated.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -31,6 +37,8 @@ from fastpref.backends import torch_backend
 from fastpref.reference import fused_logprobs as eager_fused_logprobs
 
 THRESHOLDS = {"off": None, "2^-12 (auto)": GRAD_FILTER_AUTO, "2^-7 (bf16 eps)": 2.0 ** -7}
+#: The marker of the hand-written note that ``main`` carries over when it rewrites ``--out``.
+NOTE_MARK = "## Note"
 
 
 def make_inputs(kind: str, n: int, d: int, vocab: int, seed: int = 0):
@@ -129,12 +137,64 @@ def run(n: int, d: int, vocab: int, repeats: int) -> str:
     return "\n".join(lines)
 
 
+def backward_seconds(hidden, weight, targets, a, threshold: Optional[float]) -> Tuple[float, float]:
+    """(seconds of the backward alone, fraction of slices the filter skipped) of ``sum_i a_i token_logps_i``, torch
+    backend, filter ``threshold``; the forward runs first, untimed."""
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    stats = fastpref.fused_logprobs(h, w, targets, seq_ids=torch.zeros_like(targets), num_seqs=1, backend="torch",
+                                    options=KernelOptions(grad_filter=threshold))
+    loss = (stats.token_logps.double() * a).sum()
+    start = time.perf_counter()
+    loss.backward()
+    seconds = time.perf_counter() - start
+    seen, skipped = torch_backend.LAST_FILTER_STATS["rows_seen"], torch_backend.LAST_FILTER_STATS["rows_skipped"]
+    return seconds, skipped / seen if seen else 0.0
+
+
+def backward_timing(n: int, d: int, vocab: int, repeats: int) -> str:
+    """The backward-time table: bf16 inputs, filter off / 2**-12 / 2**-7, interleaved repeats, ratio of medians."""
+    lines = ["### Backward time, filter on vs off (bf16 inputs, torch backend)", "",
+             f"Backward alone (forward untimed), {repeats} interleaved repeats per setting after one warm-up; "
+             "ratio = median / median of \"off\" of the same distribution. Other jobs shared the machine: the "
+             "spread column shows how noisy single runs were; only the ratios are meaningful.", "",
+             "| distribution | threshold | slices skipped | backward s (median) | spread (min-max) | ratio to off |",
+             "|---|---|---|---|---|---|"]
+    settings = list(THRESHOLDS.items())
+    for kind in ("peaked", "flat"):
+        hidden, weight, targets, a = make_inputs(kind, n, d, vocab)
+        hb, wb = hidden.bfloat16(), weight.bfloat16()
+        backward_seconds(hb, wb, targets, a, GRAD_FILTER_AUTO)  # warm-up (allocator, thread pool)
+        times: Dict[str, List[float]] = {label: [] for label, _ in settings}
+        skipped: Dict[str, float] = {}
+        for r in range(repeats):
+            for label, t in settings[r % len(settings):] + settings[:r % len(settings)]:
+                seconds, skipped[label] = backward_seconds(hb, wb, targets, a, t)
+                times[label].append(seconds)
+        base = statistics.median(times["off"])
+        for label, _ in settings:
+            med = statistics.median(times[label])
+            lines.append(f"| {kind} | {label} | {skipped[label]:.1%} | {med:.3f} | {min(times[label]):.3f}-"
+                         f"{max(times[label]):.3f} | {med / base:.2f} |")
+    return "\n".join(lines + [""])
+
+
+def kept_note(path: Optional[str]) -> str:
+    """The hand-written note (from the line starting with :data:`NOTE_MARK`) of an existing report, or ""."""
+    if not path or not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        text = f.read()
+    at = text.find("\n" + NOTE_MARK)
+    return text[at:] if at >= 0 else ""
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=512, help="positions")
     parser.add_argument("--d", type=int, default=256, help="hidden size")
     parser.add_argument("--v", type=int, default=32000, help="vocabulary size")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting of the accuracy table")
+    parser.add_argument("--time-repeats", type=int, default=7, help="interleaved repeats of the backward timing")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="write the Markdown report here")
     args = parser.parse_args(argv)
@@ -152,7 +212,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         "the skipped fractions and errors are deterministic.",
         "",
     ]
-    report = "\n".join(header) + "\n" + run(args.n, args.d, args.v, args.repeats)
+    report = "\n".join(header) + "\n" + run(args.n, args.d, args.v, args.repeats) + "\n" + \
+        backward_timing(args.n, args.d, args.v, args.time_repeats)
+    report = report.rstrip("\n") + "\n" + kept_note(args.out)
     print(report)
     if args.out:
         with open(args.out, "w") as f:
