@@ -20,6 +20,10 @@ gemm-floor          logits, dH, dW (+ ref logits)         each product reads or 
                                                           operand once: 3 e (+ e)
 fastpref-triton     fwd logits (+ ref), bwd recomputed     deterministic backward: dz written once, read
                     logits, dH, dW                        by the dH and dW GEMMs: 3 e
+fastpref-triton-    logits, dH, dW in the forward          fp32 logits written by cuBLAS, read by the
+4gemm (DPO only)    (+ ref, fused: no logits)             statistics kernel, read and written by the
+                                                          gradient kernel, cast to e, read by dH and dW:
+                                                          20 + 3 e
 eager               logits, dH, dW (+ ref logits)         fp32 upcast, log_softmax and its backward,
                                                           cast back: 40 + 5 e (+ 16 + 2 e)
 liger               logits, dH, dW in the forward (+ ref)  chunked, compiled: 5 e (+ 2 e)
@@ -58,7 +62,7 @@ CARDS: Dict[str, Card] = {
 HALF_DTYPES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 
 WORKLOADS = ("logprobs", "dpo")
-IMPLS = ("gemm-floor", "fastpref-triton", "eager", "liger", "cce", "trl")
+IMPLS = ("gemm-floor", "fastpref-triton", "fastpref-triton-4gemm", "eager", "liger", "cce", "trl")
 
 
 def card_for(device_name: Optional[str]) -> Optional[Card]:
@@ -79,7 +83,8 @@ def card_for(device_name: Optional[str]) -> Optional[Card]:
 def _products(impl: str, workload: str) -> Tuple[int, int]:
     """(products of the policy with its gradient, reference products) for one step."""
     ref = 1 if workload == "dpo" else 0
-    policy = {"gemm-floor": 3, "fastpref-triton": 4, "eager": 3, "liger": 3, "cce": 4, "trl": 4}[impl]
+    policy = {"gemm-floor": 3, "fastpref-triton": 4, "fastpref-triton-4gemm": 3, "eager": 3, "liger": 3, "cce": 4,
+              "trl": 4}[impl]
     return policy, ref
 
 
@@ -88,6 +93,7 @@ def _logits_bytes(impl: str, workload: str, e: int) -> float:
     policy, ref = {
         "gemm-floor": (3 * e, e),
         "fastpref-triton": (3 * e, 0),
+        "fastpref-triton-4gemm": (20 + 3 * e, 0),
         "eager": (40 + 5 * e, 16 + 2 * e),
         "liger": (5 * e, 2 * e),
         "cce": (0, 0),

@@ -6,7 +6,8 @@ Rows (bf16, padded, every position valid; ``bench/workloads.py`` builds the inpu
 - ``logprobs``: the bare log-prob op, 8192 tokens, D = 4096, V = 151936.
 
 Per row: the measured cuBLAS floor (``gemm-floor``: ``torch.mm`` at the same shapes: logits ``H W^T``,
-``dH``, ``dW`` for the policy, plus the reference logits for DPO: four GEMMs), ``fastpref-triton``,
+``dH``, ``dW`` for the policy, plus the reference logits for DPO: four GEMMs), ``fastpref-triton``, for DPO
+``fastpref-triton-4gemm`` (``KernelOptions(grad_in_forward=True)``: dH and dW formed in the forward),
 ``eager`` (full logits), Liger's chunked DPO loss (DPO), Cut Cross-Entropy (log-probs) and TRL's chunked
 LM-head path (``trl.kernels``). An implementation whose package is missing is a skipped row naming the
 pip extra that installs it. Time: the median of interleaved repeats (the order rotates each round),
@@ -36,7 +37,7 @@ from .workloads import DPO_BETA, Case, GemmFloor, Impl, Options, build_case, par
 Row = Tuple[str, int, int, int, str]  # workload, tokens, dim, vocab, dtype
 QUICK_ROWS: List[Row] = [("dpo", 8192, 4096, 128256, "bf16"), ("logprobs", 8192, 4096, 151936, "bf16")]
 TINY_ROWS: List[Row] = [("dpo", 24, 32, 200, "bf16"), ("logprobs", 24, 32, 200, "bf16")]
-IMPLS = ("gemm-floor", "fastpref-triton", "eager", "liger", "cce", "trl")
+IMPLS = ("gemm-floor", "fastpref-triton", "fastpref-triton-4gemm", "eager", "liger", "cce", "trl")
 EXTRAS = {"liger": "pip install 'fastpref[bench]' (liger-kernel)",
           "cce": "pip install 'fastpref[bench]' (cut-cross-entropy)",
           "trl": "pip install 'fastpref[trl]' (trl>=1.16 has trl.kernels)"}
@@ -78,6 +79,11 @@ def implementations(case: Case, cfg: Config) -> Tuple[List[Impl], Dict[str, str]
     cuda, t = case.device.type == "cuda", case.tensors
     ready: List[Impl] = [Impl("fastpref-triton", workloads._fastpref(case, "triton"), note="backend='triton'")]
     skipped: Dict[str, str] = {}
+    if case.workload in workloads.FOUR_GEMM_WORKLOADS:
+        ready.append(Impl("fastpref-triton-4gemm", workloads._fastpref(case, "triton", grad_in_forward=True),
+                          note="KernelOptions(grad_in_forward=True): dH, dW in the forward"))
+    else:
+        skipped["fastpref-triton-4gemm"] = "the loss couples the batch or is the bare op: no in-forward gradients"
     logits = peers.logits_bytes(case.tokens, case.vocab) * (2 if case.workload == "dpo" else 1)
     budget = torch.cuda.get_device_properties(case.device).total_memory if cuda else float("inf")
     if 4 * logits > 0.8 * budget:

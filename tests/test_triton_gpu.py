@@ -79,3 +79,33 @@ def test_no_grad_forward_never_allocates_logits():
     extra = torch.cuda.max_memory_allocated() - base
     assert torch.isfinite(stats.kl).all() and (stats.kl > -1e-3).all()
     assert extra < 64 * 2**20, f"forward used {extra / 2**20:.0f} MiB beyond its inputs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_in_forward_on_the_gpu(dtype):
+    """KernelOptions(grad_in_forward=True) on CUDA (row kernels, cuBLAS with fp32 output for bf16) against the fp64
+    recompute path: fp32 within FP32_RTOL, bf16 no worse than the default Triton path plus BF16_SLACK."""
+    from fastpref.modules import grad_in_forward as gif
+
+    g = torch.Generator().manual_seed(3)
+    hidden, ref_hidden = (torch.randn(8, 512, 1024, generator=g, dtype=torch.float64) for _ in range(2))
+    weight = torch.randn(32000, 1024, generator=g, dtype=torch.float64) / 32
+    targets = torch.randint(0, 32000, (8, 512), generator=g)
+    targets[0, :100] = -100
+
+    def step(backend, dt, options):
+        leaves = [t.to("cuda", dt, copy=True).requires_grad_(True) for t in (hidden, weight)]
+        loss = fastpref.FusedDPOLoss(beta=0.5, backend=backend, kernel_options=options)(
+            leaves[1], leaves[0], targets.cuda(), ref_hidden=ref_hidden.to("cuda", dt)).loss
+        loss.backward()
+        return [loss.detach().double()] + [t.grad.double() for t in leaves]
+
+    truth = step("torch", torch.float64, None)
+    got = step("triton", dtype, fastpref.KernelOptions(grad_in_forward=True, workspace_bytes=2**30))
+    assert gif.LAST_PATH["path"] == "in_forward", gif.LAST_PATH
+    base = step("triton", dtype, None)
+    for g_, b_, t_ in zip(got, base, truth):
+        if dtype == torch.float32:
+            assert rel_err(g_, t_) <= FP32_RTOL
+        else:
+            assert rel_err(g_, t_) <= rel_err(b_, t_) + BF16_SLACK

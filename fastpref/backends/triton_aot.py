@@ -41,6 +41,8 @@ KERNELS = {
     "logprobs_bwd": ("fastpref.kernels.logprobs_bwd", "logprobs_bwd_kernel", "BWD_CONFIGS"),
     "logprobs_combine": ("fastpref.kernels.logprobs_combine", "logprobs_combine_kernel", "COMBINE_CONFIGS"),
     "logprobs_dz": ("fastpref.kernels.logprobs_dz", "logprobs_dz_kernel", "DZ_CONFIGS"),
+    "logits_row_stats": ("fastpref.kernels.logits_rows", "row_softmax_stats_kernel", "ROWS_CONFIGS"),
+    "logits_softmax_grad": ("fastpref.kernels.logits_rows", "softmax_grad_kernel", "ROWS_CONFIGS"),
 }
 GEMM_KERNELS = ("logprobs_fwd", "logprobs_bwd", "logprobs_dz")
 
@@ -54,10 +56,12 @@ VARIANTS = {
     "tf32_kl": ("fp32", "tf32", _FLAGS, GEMM_KERNELS),
     "bf16_kl_split": ("bf16", "tf32", dict(_FLAGS, SPLIT=True), ("logprobs_fwd",)),
     "kl": ("fp32", "ieee", _FLAGS, ("logprobs_combine",)),
+    "fp32_rows": ("fp32", "ieee", _FLAGS, ("logits_row_stats", "logits_softmax_grad")),
+    "fp64_rows": ("fp64", "ieee", _FLAGS, ("logits_row_stats", "logits_softmax_grad")),
 }
 # variant -> the precision column of the kernels' config tables
 VARIANT_PRECISION = {"bf16_kl": "half", "bf16_rkl": "half", "fp32_kl": "fp32", "tf32_kl": "tf32",
-                     "bf16_kl_split": "half", "kl": "half"}
+                     "bf16_kl_split": "half", "kl": "half", "fp32_rows": "fp32", "fp64_rows": "fp64"}
 # Each variant with the extra outputs on (``extra_outputs``: EXTRAS in the forward and combine, ENTROPY in the
 # backward kernels), over the configurations ``configs.pruner`` keeps for them (``variant_table``).
 EXTRAS_SUFFIX = "_extras"
@@ -65,9 +69,10 @@ VARIANTS.update({name + EXTRAS_SUFFIX: (dtype, precision, dict(flags, EXTRAS=Tru
                  for name, (dtype, precision, flags, kernels) in list(VARIANTS.items())})
 VARIANT_PRECISION.update({name + EXTRAS_SUFFIX: column for name, column in list(VARIANT_PRECISION.items())})
 
-# Pointer element types by argument name (any other ``*_ptr`` is fp32): the heads and the dz workspace are in
-# the input dtype, position indices are int64, counts int32. Other non-constexpr scalars are i32 unless float.
-_HALF_INPUTS = {"hidden_ptr", "weight_ptr", "bias_ptr", "ref_hidden_ptr", "ref_weight_ptr", "ref_bias_ptr", "dz_ptr"}
+# Pointer element types by argument name (any other ``*_ptr`` is fp32): the heads, the dz workspace and the row
+# kernels' logits and row values take the input dtype, indices int64, counts int32; other scalars i32 unless float.
+_HALF_INPUTS = {"hidden_ptr", "weight_ptr", "bias_ptr", "ref_hidden_ptr", "ref_weight_ptr", "ref_bias_ptr", "dz_ptr",
+                "logits_ptr", "row_lse_ptr", "row_target_ptr", "row_scale_ptr"}
 _INDEX_INPUTS = {"targets_ptr", "rows_ptr", "seq_ids_ptr"}
 _INT32_INPUTS = {"n_active_ptr"}
 _FLOAT_SCALARS = {"inv_temperature", "softcap"}

@@ -127,6 +127,10 @@ def config_sweep(ctx: Context) -> List[dict]:
     for i, table in enumerate(shipped.discover()):
         for precision, cfg in shipped.configs_for(table, ctx.arch):
             label = f"{ctx.arch}/{precision}/{shipped.config_name(cfg)}"
+            if table.module == ROWS_MODULE:  # not launched by the op: swept through the module path using it
+                rows.append(guarded("configs", table.label, ctx,
+                                    lambda t=table, p=precision, c=cfg, lb=label: rows_parity(ctx, t, p, c, lb)))
+                continue
             spec = cases.SWEEP.get(precision)
             if spec is None:
                 rows.append(make_row("configs", table.label, status="skipped", config=label,
@@ -149,6 +153,44 @@ def config_sweep(ctx: Context) -> List[dict]:
             rows.append(guarded("configs", table.label, ctx, body))
     ctx._cache.clear()
     return rows
+
+
+#: The kernel module whose configurations the ``grad_in_forward`` module path launches (not the op).
+ROWS_MODULE = "logits_rows"
+
+
+def rows_parity(ctx: Context, table: Any, precision: str, cfg: Any, label: str) -> dict:
+    """``csrc_triton/logits_rows.py`` with ``cfg`` forced, called as ``KernelOptions(grad_in_forward=True)`` calls
+    it (``fastpref.backends.triton_rows``): the log-sum-exp, target logit and in-place gradient of a logits buffer
+    in ``precision`` against the same formulas in fp64 (``torch.logsumexp``); relative error at most 1e-5 (fp32)
+    or 1e-12 (fp64). The module path on a GPU: tests/test_triton_gpu.py."""
+    from ..backends.triton_rows import row_softmax_stats, softmax_grad_
+
+    dtype, limit = {"fp32": (torch.float32, 1e-5), "fp64": (torch.float64, 1e-12)}[precision]
+    rows, vocab = (512, 32003) if ctx.scale == "cuda" else (6, 150)
+    g = torch.Generator().manual_seed(ctx.seed + 7)
+    z64 = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 4
+    z64[0] += 1e3  # a large offset: the online max must hold it
+    z64 = z64.to(dtype).double()  # the truth is that of the rounded input
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    scale = torch.randn(rows, generator=g, dtype=torch.float64)
+    lse64 = torch.logsumexp(z64, dim=1)
+    onehot = torch.nn.functional.one_hot(targets, vocab).to(torch.float64)
+    truth = [lse64, z64.gather(1, targets[:, None]).squeeze(1), scale[:, None] * (onehot - (z64 - lse64[:, None]).exp())]
+    z = z64.to(ctx.device, dtype)
+    t_dev = targets.to(ctx.device)
+    with shipped.forced(table, cfg, interpreting=ctx.interpreting) as count:
+        lse, target = row_softmax_stats(z, t_dev)
+        grad = softmax_grad_(z, lse, scale.to(ctx.device, dtype), t_dev)
+    # Each row's values carry ~eps * |lse| of the input's own rounding: errors relative to max(1, |lse|).
+    row_scale = lse64.abs().clamp_min(1.0)
+    err = max(float(((a.double().cpu() - b).abs() / (row_scale if b.dim() == 1 else row_scale[:, None])).max())
+              for a, b in zip((lse, target, grad), truth))
+    ok = err <= limit and count.launches == 2
+    return make_row("configs", table.label, status="ok" if ok else "FAIL", dtype=precision, shape=f"R={rows} V={vocab}",
+                    config=label, fused_err=err, limit=limit, value=count.launches,
+                    note="row kernels of grad_in_forward vs fp64 formulas" + ("" if count.launches == 2 else
+                                                                               ": expected 2 launches"))
 
 
 def parity_section(ctx: Context, section: str, specs: List[cases.Spec]) -> List[dict]:

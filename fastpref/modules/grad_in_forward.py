@@ -243,6 +243,10 @@ def forward_with_grads(module: Any, head: LMHead, hidden: Tensor, targets: Tenso
                       temperature=head.temperature, ignore_index=module.ignore_index, backend=module.backend,
                       options=opts)
     prep = build_prepared(call)
+    if prep.backend == "triton":
+        from ..backends.triton_backend import check_supported
+
+        check_supported(prep)  # the op's own refusals (float64 ...), as on the recompute path
     if module.extra_outputs and prep.backend == "triton":
         return _fallback("extra outputs with the Triton backend (its row kernels compute log-probs only)")
     units = module.separable_units(prep.num_seqs, loss_specific)
