@@ -260,6 +260,14 @@ def evaluate_targets(rows: List[dict]) -> List[dict]:
             add(f"time / trl <= 1.0 ({label})", fp[f"{prefix}time_vs_trl"], 1.0, True)
     add("workspace >= 10x below liger", fp["workspace_below_liger"], 10.0, False)
     add("workspace >= 40x below eager", fp["workspace_below_eager"], 40.0, False)
+    four = sel.get("fastpref-torch-4gemm")  # KernelOptions(grad_in_forward=True): the "with item 2" targets
+    if four is not None:
+        for prefix, label in (("", "median"), ("best_", "best")):
+            add(f"4gemm: time / eager <= 1.0 ({label})", four[f"{prefix}time_vs_eager"], 1.0, True)
+            add(f"4gemm: time / liger <= 0.85 ({label})", four[f"{prefix}time_vs_liger"], 0.85, True)
+            add(f"4gemm: time / GEMM floor <= 1.2 ({label})", four[f"{prefix}time_vs_floor"], 1.2, True)
+        add("4gemm: workspace below liger's (a group's logits, not flat in V)", four["workspace_below_liger"], 1.0,
+            False)
     return checks
 
 

@@ -65,7 +65,7 @@ class Size:
 FULL = Size()
 QUICK = Size(warmup=1, repeats=3)
 # (loss, trainer, peer): "trl+liger" is TRL's DPOTrainer with use_liger_kernel=True; "eager" the eager twin.
-TRAINERS = (("dpo", "fastpref", "trl"), ("dpo", "trl", None), ("dpo", "trl+liger", None),
+TRAINERS = (("dpo", "fastpref", "trl"), ("dpo", "fastpref-4gemm", "trl"), ("dpo", "trl", None), ("dpo", "trl+liger", None),
             ("var", "fastpref", "eager"), ("var", "eager", None), ("mcpo", "fastpref", "eager"),
             ("mcpo", "eager", None), ("spo", "fastpref", "eager"), ("spo", "eager", None))
 # Loss options of the seed losses (VAR's beta is required; SPO reads the batch's chosen responses, so that no
@@ -146,7 +146,12 @@ def build_trainer(loss: str, impl: str, size: Size, data, tokenizer, out_dir: st
         else:
             from fastpref.integrations.trl import FastPrefDPOTrainer
 
-            trainer = FastPrefDPOTrainer(**common, fastpref_loss=loss, fastpref_loss_kwargs=LOSS_KWARGS[loss],
+            kwargs = dict(LOSS_KWARGS[loss])
+            if impl == "fastpref-4gemm":  # dH, dW formed in the loss's forward (docs/api.md §3.1)
+                from fastpref import KernelOptions
+
+                kwargs["kernel_options"] = KernelOptions(grad_in_forward=True)
+            trainer = FastPrefDPOTrainer(**common, fastpref_loss=loss, fastpref_loss_kwargs=kwargs,
                                          fastpref_eager=impl == "eager", spo_samples="dataset")
     patches = liger_patches(trainer) if args.use_liger_kernel else {}
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop; training_step divides by it

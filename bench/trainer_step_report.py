@@ -136,7 +136,7 @@ def write_plot(results: dict, path: str) -> Optional[str]:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, values, title in ((axes[0], [1e3 * r["median_s"] for r in rows], "median step (ms)"),
                               (axes[1], [r["peak_mib"] or 0 for r in rows], "peak step memory (MiB, memray)")):
-        ax.bar(range(len(rows)), values, color=["C0" if r["trainer"] == "fastpref" else "C1" for r in rows])
+        ax.bar(range(len(rows)), values, color=["C0" if r["trainer"].startswith("fastpref") else "C1" for r in rows])
         ax.set_xticks(range(len(rows)), labels, fontsize=7)
         ax.set_title(title)
     fig.suptitle("FastPrefDPOTrainer (blue) vs peers (orange): " + results["mode"])

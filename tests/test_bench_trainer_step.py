@@ -56,6 +56,7 @@ def test_fastpref_and_trl_dpo_agree_at_step_one(results):
     ours, trl = rows[("dpo", "fastpref")]["step1_loss"], rows[("dpo", "trl")]["step1_loss"]
     assert ours == pytest.approx(trl, rel=1e-5)
     assert ours == pytest.approx(math.log(2), rel=1e-5)  # policy == reference at step 1: -log sigmoid(0)
+    assert rows[("dpo", "fastpref-4gemm")]["step1_loss"] == pytest.approx(ours, rel=1e-6)  # grad_in_forward
     liger = rows[("dpo", "trl+liger")]
     if liger["status"] == "ok":
         assert liger["step1_loss"] == pytest.approx(trl, rel=1e-5)
