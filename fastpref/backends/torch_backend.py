@@ -17,7 +17,9 @@ from typing import Optional, Tuple
 import torch
 
 from .._types import ForwardOutputs, Prepared
-from .torch_online import ExtraSums, Grads, OnlineLSE, entropy_grad_term, entropy_rows, filter_rows
+from . import torch_epilogue as epilogue
+from .torch_epilogue import TargetSlots
+from .torch_online import ExtraSums, Grads, entropy_rows, filter_rows
 
 # Tile sizes. A [BLOCK_N, BLOCK_V] fp32 tile is 4 MiB: big enough for efficient GEMMs on CPU (the
 # backward's dW product has K = BLOCK_N), small enough that the few live tiles stay a tiny fraction of
@@ -44,8 +46,14 @@ class _Tiles:
 def _logits_tile(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], temperature: float,
                  softcap: Optional[float], out: torch.Tensor) -> torch.Tensor:
     """out = softcap(((h @ w.T) + b) / temperature), in place, in the compute dtype."""
+    torch.mm(h, w.t().to(out.dtype), out=out)
+    return _finish_tile(out, b, temperature, softcap)
+
+
+def _finish_tile(out: torch.Tensor, b: Optional[torch.Tensor], temperature: float,
+                 softcap: Optional[float]) -> torch.Tensor:
+    """The bias, temperature and softcap of ``_logits_tile``, in place on the product ``out``."""
     dtype = out.dtype
-    torch.mm(h, w.t().to(dtype), out=out)
     if b is not None:
         out.add_(b.to(dtype))
     if temperature != 1.0:
@@ -53,13 +61,6 @@ def _logits_tile(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], te
     if softcap is not None:
         out.div_(softcap).tanh_().mul_(softcap)
     return out
-
-
-def _target_logit(z: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """z[i, local[i]] where 0 <= local[i] < z.shape[1], else 0 (targets in other vocab blocks)."""
-    inside = (local >= 0) & (local < z.shape[1])
-    picked = z.gather(1, local.clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1)
-    return torch.where(inside, picked, torch.zeros_like(picked))
 
 
 class _Partials:
@@ -136,7 +137,6 @@ def _forward(prep: Prepared, rows: torch.Tensor, all_rows: bool):
     device = prep.hidden.device
     n = rows.numel()
     vocab = prep.vocab_size
-    offset = prep.vocab_offset
     has_ref = prep.ref_hidden is not None
     kl = prep.kl
 
@@ -149,55 +149,55 @@ def _forward(prep: Prepared, rows: torch.Tensor, all_rows: bool):
     want_extras = bool(prep.extra_outputs)
     part = _Partials(n, has_ref, kl, cd, device, want_extras)
     bn, bv = min(BLOCK_N, max(n, 1)), min(BLOCK_V, vocab)
-    exp_tile = 3 if kl else (2 if has_ref else 1)  # with extras, the exponentials get their own tile
-    tiles = _Tiles(exp_tile + want_extras, bn, bv, cd, device)
+    # Tiles: policy, reference, KL difference, exponentials (with extras); the compiled epilogue needs the first two.
+    tiles = _Tiles((3 if kl else (2 if has_ref else 1)) + want_extras, bn, bv, cd, device)
+    fused = not want_extras and epilogue.use_compiled(bn, bv, device)
     for n0 in range(0, n, bn):
         n1 = min(n0 + bn, n)
-        rb = n1 - n0
-        h = hidden[n0:n1].to(cd)
-        tgt = targets[n0:n1]
-        pol = OnlineLSE(rb, cd, device)
-        tz = torch.zeros(rb, dtype=cd, device=device)
-        if has_ref:
-            hr = ref_hidden[n0:n1].to(cd)
-            ref = OnlineLSE(rb, cd, device)
-            tr = torch.zeros(rb, dtype=cd, device=device)
-        if kl:
-            acc = torch.zeros(rb, dtype=cd, device=device)
+        hr = ref_hidden[n0:n1].to(cd) if has_ref else None
         extra = part.extra.rows(n0, n1) if want_extras else None
-        for v0 in range(0, vocab, bv):
-            v1 = min(v0 + bv, vocab)
-            cols = v1 - v0
-            # Target logits are picked up first: the exponentials below overwrite the tiles in place.
-            z = _logits_tile(h, prep.weight[v0:v1], None if prep.bias is None else prep.bias[v0:v1],
-                             prep.temperature, prep.softcap, tiles.get(0, rb, cols))
-            tz += _target_logit(z, tgt - (offset + v0))
-            if has_ref:
-                r = _logits_tile(hr, prep.ref_weight[v0:v1],
-                                 None if prep.ref_bias is None else prep.ref_bias[v0:v1],
-                                 prep.temperature, prep.softcap, tiles.get(1, rb, cols))
-                tr += _target_logit(r, tgt - (offset + v0))
-            # forward KL: acc = sum_v exp(z - max) * (z - r), rescaled with the policy's running max;
-            # reverse KL: acc = sum_v exp(r - max_r) * (r - z), rescaled with the reference's running max.
-            d = torch.sub(z, r, out=tiles.get(2, rb, cols)) if kl == "forward" else (
-                torch.sub(r, z, out=tiles.get(2, rb, cols)) if kl == "reverse" else None)
-            e, rescale = pol.update(z, tiles.get(exp_tile, rb, cols) if want_extras else z)
-            if want_extras:
-                extra.update(z, e, rescale)  # z is consumed
-            if kl == "forward":
-                acc.mul_(rescale).add_(d.mul_(e).sum(dim=1))
-            if has_ref:
-                er, rescale_r = ref.update(r, r)
-                if kl == "reverse":
-                    acc.mul_(rescale_r).add_(d.mul_(er).sum(dim=1))
-        part.max[n0:n1], part.sum[n0:n1], part.target[n0:n1] = pol.max, pol.sum, tz
+        state, fused = _forward_block(prep, hidden[n0:n1].to(cd), hr, targets[n0:n1], bv, tiles, fused, extra)
+        part.max[n0:n1], part.sum[n0:n1], part.target[n0:n1] = state[:3]
         if has_ref:
-            part.ref_max[n0:n1], part.ref_sum[n0:n1], part.ref_target[n0:n1] = ref.max, ref.sum, tr
+            part.ref_max[n0:n1], part.ref_sum[n0:n1], part.ref_target[n0:n1] = state[3:6]
         if kl:
-            part.kl_acc[n0:n1] = acc
+            part.kl_acc[n0:n1] = state[-1]
     if prep.vocab_parallel_group is not None:
         part.all_reduce(kl, prep.vocab_parallel_group)
     return part.finalize(kl, prep.extra_outputs, prep.total_vocab)
+
+
+def _forward_block(prep: Prepared, h: torch.Tensor, hr: Optional[torch.Tensor], tgt: torch.Tensor, bv: int,
+                   tiles: _Tiles, fused: bool, extra: Optional[ExtraSums]):
+    """(running statistics, fused) of one row block over the vocabulary: ``(max, sum, target[, ref_max, ref_sum,
+    ref_target][, kl_acc])``; ``fused``: the tile epilogue runs compiled (False from the first failure on)."""
+    rb, cd, vocab, kl, has_ref = h.shape[0], h.dtype, prep.vocab_size, prep.kl, hr is not None
+    local = tgt - prep.vocab_offset
+
+    def fresh() -> Tuple[torch.Tensor, ...]:
+        return (torch.full((rb,), float("-inf"), dtype=cd, device=h.device),
+                torch.zeros(rb, dtype=cd, device=h.device), torch.zeros(rb, dtype=cd, device=h.device))
+
+    state = fresh() + (fresh() if has_ref else ()) + ((torch.zeros(rb, dtype=cd, device=h.device),) if kl else ())
+    slots = None if fused else TargetSlots(local, vocab, bv)
+    for i, v0 in enumerate(range(0, vocab, bv)):
+        v1 = min(v0 + bv, vocab)
+        b, rbias = (None if t is None else t[v0:v1] for t in (prep.bias, prep.ref_bias))
+        # The raw products (bias, temperature and softcap come in the epilogue).
+        z = _logits_tile(h, prep.weight[v0:v1], None, 1.0, None, tiles.get(0, rb, v1 - v0))
+        r = _logits_tile(hr, prep.ref_weight[v0:v1], None, 1.0, None, tiles.get(1, rb, v1 - v0)) if has_ref else None
+        if fused:
+            fused, new = epilogue.forward_tile(z, b, r, rbias, local - v0, state, prep.temperature, prep.softcap, kl)
+            if fused:
+                state = new
+                continue
+            slots = TargetSlots(local, vocab, bv)  # the compiler failed: this tile and the rest run uncompiled
+        z = _finish_tile(z, b, prep.temperature, prep.softcap)
+        r = None if r is None else _finish_tile(r, rbias, prep.temperature, prep.softcap)
+        diff = tiles.get(2, rb, v1 - v0) if kl else None
+        exp_out = tiles.get(len(tiles.bufs) - 1, rb, v1 - v0) if extra is not None else z
+        state = epilogue.eager_forward_tile(z, r, slots.get(i), list(state), kl, diff, exp_out, extra)
+    return state, fused
 
 
 def _scatter_rows(values: Optional[torch.Tensor], rows: torch.Tensor, n: int, all_rows: bool):
@@ -210,51 +210,46 @@ def _scatter_rows(values: Optional[torch.Tensor], rows: torch.Tensor, n: int, al
     return out.index_copy_(0, rows, values)
 
 
-def _row_block_grad(prep: Prepared, h: torch.Tensor, hr: Optional[torch.Tensor], tgt: torch.Tensor,
-                    a_blk: torch.Tensor, lse_blk: torch.Tensor, terms, v0: int, v1: int, tiles: _Tiles
-                    ) -> torch.Tensor:
-    """dL/dz for one [rows, v1 - v0] tile, up to the per-row factor the caller applies to the operands.
+def _row_block_grad(prep: Prepared, h: torch.Tensor, hr: Optional[torch.Tensor], tgt: Tuple, a_blk: torch.Tensor,
+                    lse_blk: torch.Tensor, terms, v0: int, v1: int, tiles: _Tiles, fused: bool):
+    """(dL/dz for one [rows, v1 - v0] tile, up to the per-row factor the caller applies to the operands; fused).
 
-    ``terms = (kl_terms, ent_terms)``. Without KL and entropy the tile is ``p - onehot`` (the factor
-    ``-a / T`` is applied to the GEMM operands); otherwise it is the full gradient (factor ``1 / T``):
+    ``tgt = (slot, local)``: the tile's targets (``TargetSlots.get``) and each row's target relative to this
+    vocabulary slice; ``terms = (kl_terms, ent_terms)``. Without KL and entropy the tile is ``p - onehot`` (the
+    factor ``-a / T`` is applied to the GEMM operands); otherwise it is the full gradient (factor ``1 / T``):
     ``p * c + a * onehot`` with ``c = -a`` plus, with ``kl_terms = (b, ref_lse, shift)``,
     ``b * ((z - r) - shift)`` (forward KL) or ``b - b * q / p`` (reverse KL), and with
-    ``ent_terms = (g_H, lse - H)`` the entropy's ``-g_H * (z - (lse - H))``.
+    ``ent_terms = (g_H, lse - H)`` the entropy's ``-g_H * (z - (lse - H))``. ``fused``: the elementwise part runs
+    compiled (``torch_epilogue``); it comes back False when the compiler failed (this tile then ran uncompiled).
     """
-    kl_terms, ent_terms = terms
+    (kl_terms, ent_terms), (slot, local) = terms, tgt
     rb, cols = h.shape[0], v1 - v0
-    z = _logits_tile(h, prep.weight[v0:v1], None if prep.bias is None else prep.bias[v0:v1],
-                     prep.temperature, prep.softcap, tiles.get(0, rb, cols))
-    g = torch.sub(z, lse_blk, out=tiles.get(1, rb, cols)).exp_()  # p
+    b, rbias = (None if t is None else t[v0:v1] for t in (prep.bias, prep.ref_bias))
+    z = _logits_tile(h, prep.weight[v0:v1], None, 1.0, None, tiles.get(0, rb, cols))  # the raw products
+    r = _logits_tile(hr, prep.ref_weight[v0:v1], None, 1.0, None, tiles.get(2, rb, cols)) if kl_terms is not None \
+        else None
+    g = tiles.get(1, rb, cols)
     full = kl_terms is not None or ent_terms is not None
-    q = None
-    if full:
-        coef = -a_blk
-        if kl_terms is not None:
-            b_blk, ref_lse_blk, shift_blk = kl_terms
-            r = _logits_tile(hr, prep.ref_weight[v0:v1], None if prep.ref_bias is None else prep.ref_bias[v0:v1],
-                             prep.temperature, prep.softcap, tiles.get(2, rb, cols))
-            if prep.kl == "forward":
-                coef = torch.sub(z, r, out=r).sub_(shift_blk).mul_(b_blk).sub_(a_blk)
-            else:
-                q = r.sub_(ref_lse_blk).exp_().mul_(b_blk)
-                coef = b_blk - a_blk
-        if ent_terms is not None:
-            coef = entropy_grad_term(z, ent_terms, tiles.get(2 + (kl_terms is not None), rb, cols)).neg_().add_(coef)
-        g.mul_(coef)
-        if q is not None:
-            g.sub_(q)
-    # The target's onehot: + a at (i, target_i) when the target lies in this block (-1 in the
-    # unscaled tile p - onehot of the no-KL path).
-    local = tgt - (prep.vocab_offset + v0)
-    inside = ((local >= 0) & (local < cols)).nonzero().squeeze(1)
-    if inside.numel():
-        onehot = a_blk.squeeze(1).index_select(0, inside) if full else g.new_full((inside.numel(),), -1.0)
-        g.index_put_((inside, local.index_select(0, inside)), onehot, accumulate=True)
-    if prep.softcap is not None:
+    slope_t = None
+    if fused:
+        flat = (a_blk,) + (kl_terms or (None,) * 3) + (ent_terms or (None,) * 2)
+        fused, slope_t = epilogue.backward_tile(z, b, lse_blk, g, r, rbias, flat,
+                                                None if prep.softcap is None else local - v0, prep.temperature,
+                                                prep.softcap, prep.kl if kl_terms is not None else None, full)
+    if not fused:
+        z = _finish_tile(z, b, prep.temperature, prep.softcap)
+        r = None if r is None else _finish_tile(r, rbias, prep.temperature, prep.softcap)
+        scratch = tiles.get(2 + (kl_terms is not None), rb, cols) if ent_terms is not None else None
+        epilogue.eager_grad(z, r, g, a_blk, lse_blk, terms, prep.kl, scratch)
+    if slot is not None:  # the target's onehot: + a at (i, target_i) (-1 in the unscaled tile p - onehot)
+        onehot = a_blk.squeeze(1).index_select(0, slot[0]) if full else g.new_full((slot[0].numel(),), -1.0)
+        if slope_t is not None:  # the compiled tile is already scaled by the softcap's slope: scale this entry too
+            onehot = onehot * slope_t.index_select(0, slot[0])
+        g.index_put_(slot, onehot, accumulate=True)
+    if prep.softcap is not None and slope_t is None:
         # d(c * tanh(u / c))/du = 1 - (z / c)^2, with z the capped logits.
         g.mul_(z.div_(prep.softcap).square_().neg_().add_(1.0))
-    return g
+    return g, fused
 
 
 def backward(prep: Prepared, lse: torch.Tensor, ref_lse: Optional[torch.Tensor], token_kl: Optional[torch.Tensor],
@@ -318,6 +313,7 @@ def _backward_rows(prep: Prepared, rows: torch.Tensor, all_rows: bool, a: torch.
         limit = threshold * (a.abs() + (b.abs() if use_ref else 0.0) + (g_ent.abs() if use_ent else 0.0))
     bn, bv = min(BLOCK_N, n), min(BLOCK_V, vocab)
     tiles = _Tiles(2 + use_ref + use_ent + (threshold is not None), bn, bv, cd, device)
+    fused = epilogue.use_compiled(bn, bv, device)
     for n0 in range(0, n, bn):
         n1 = min(n0 + bn, n)
         h = hidden[n0:n1].to(cd)
@@ -341,9 +337,12 @@ def _backward_rows(prep: Prepared, rows: torch.Tensor, all_rows: bool, a: torch.
             dh_blk = grads.hidden[n0:n1] if all_rows else \
                 (torch.empty if threshold is None else torch.zeros)(n1 - n0, dim, dtype=cd, device=device)
         lse_blk = lse[n0:n1].unsqueeze(1)
-        for v0 in range(0, vocab, bv):
+        local = targets[n0:n1] - prep.vocab_offset
+        slots = TargetSlots(local, vocab, bv)
+        for i, v0 in enumerate(range(0, vocab, bv)):
             v1 = min(v0 + bv, vocab)
-            g = _row_block_grad(prep, h, hr, targets[n0:n1], a_blk, lse_blk, (kl_terms, ent_terms), v0, v1, tiles)
+            g, fused = _row_block_grad(prep, h, hr, (slots.get(i), local), a_blk, lse_blk, (kl_terms, ent_terms),
+                                       v0, v1, tiles, fused)
             filtered = None
             if threshold is not None:
                 grads.rows_seen += n1 - n0

@@ -1,5 +1,5 @@
 """Online softmax statistics of the torch backend, tile by tile: the running log-sum-exp
-(:class:`OnlineLSE`) and the partial sums of the optional per-position outputs (``extra_outputs``).
+(:func:`online_update`) and the partial sums of the optional per-position outputs (``extra_outputs``).
 
 Per position, next to the online log-sum-exp's running max ``m`` and sum-exp ``s = sum_v exp(z_v - m)``,
 three partial sums over the vocabulary are kept:
@@ -29,26 +29,13 @@ import torch
 from .._types import Prepared
 
 
-class OnlineLSE:
-    """Running max and sum-exp of one row block; ``update`` returns exp(z - new_max) and the rescale.
-
-    ``exp_out`` may be ``z`` itself (the tile is then overwritten with its exponentials).
-    """
-
-    def __init__(self, rows: int, dtype: torch.dtype, device: torch.device):
-        self.max = torch.full((rows,), float("-inf"), dtype=dtype, device=device)
-        self.sum = torch.zeros(rows, dtype=dtype, device=device)
-
-    def update(self, z: torch.Tensor, exp_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        new_max = torch.maximum(self.max, z.amax(dim=1))
-        rescale = torch.exp(self.max - new_max)
-        e = torch.sub(z, new_max.unsqueeze(1), out=exp_out).exp_()
-        self.sum.mul_(rescale).add_(e.sum(dim=1))
-        self.max = new_max
-        return e, rescale
-
-    def lse(self) -> torch.Tensor:
-        return self.max + self.sum.log()
+def online_update(z: torch.Tensor, m: torch.Tensor, s: torch.Tensor, exp_out: torch.Tensor):
+    """One tile of a running max ``m`` and sum-exp ``s``: ``(exp(z - new max), new max, new sum, rescale)``;
+    ``s`` is updated in place, ``exp_out`` may be ``z`` itself."""
+    new_m = torch.maximum(m, z.amax(dim=1))
+    rescale = torch.exp(m - new_m)
+    e = torch.sub(z, new_m.unsqueeze(1), out=exp_out).exp_()
+    return e, new_m, s.mul_(rescale).add_(e.sum(dim=1)), rescale
 
 
 class ExtraSums:
