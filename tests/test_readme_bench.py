@@ -52,7 +52,7 @@ def test_kernel_summary_counts_match_the_reports():
     for path in readme.KERNEL_MDS:
         with open(path) as f:
             text = f.read()
-        rows = [line for line in text.splitlines() if re.match(r"\| logprobs_", line)]
+        rows = [line for line in text.splitlines() if re.match(r"\| (logprobs|logits)_", line)]  # kernel rows
         line = next(s for s in summary.splitlines() if f"`{path}`" in s)
         assert f"| {len(rows)} |" in line
         wgmma_yes = sum(1 for r in rows if "| yes |" in r)
