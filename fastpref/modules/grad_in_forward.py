@@ -44,8 +44,7 @@ def _fallback(reason: str) -> None:
     return None
 
 
-def _why_not(module: Any, head: LMHead, hidden: Tensor, ref_hidden: Optional[Tensor],
-             loss_specific: dict) -> Optional[str]:
+def _why_not(module: Any, head: LMHead, hidden: Tensor, ref_hidden: Optional[Tensor]) -> Optional[str]:
     """Why this call cannot take the in-forward path (None: it can)."""
     if type(module).fused_logprobs is not ops.fused_logprobs:
         return "the module's log-prob op is not the fused one (eager twin)"
@@ -235,7 +234,7 @@ def forward_with_grads(module: Any, head: LMHead, hidden: Tensor, targets: Tenso
                        ) -> Optional[LossOutput]:
     """The module's call on the in-forward path, or None (the caller then takes the recompute path)."""
     module._check_reference_args(ref_hidden, ref_weight, ref_bias, ref_logps)
-    reason = _why_not(module, head, hidden, ref_hidden, loss_specific)
+    reason = _why_not(module, head, hidden, ref_hidden)
     if reason is not None:
         return _fallback(reason)
     opts = module.kernel_options
