@@ -4,15 +4,13 @@ backend (interpreter, subprocess), under vocabulary parallelism (two gloo proces
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from _interpret import run_interpreted
 
 import fastpref
 import fastpref.reference
@@ -20,7 +18,6 @@ from fastpref._types import EXTRA_OUTPUTS
 from fastpref.backends import torch_backend
 from fastpref.testing import make_core_case, rel_err
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("triton_interpret_cases.py")
 _spec = importlib.util.spec_from_file_location("triton_interpret_cases", SCRIPT)
 cases = importlib.util.module_from_spec(_spec)
@@ -168,11 +165,7 @@ def test_dpo_module_reports_extras_and_keeps_loss_and_gradients():
 
 def test_triton_interpreter_matches_eager(tmp_path):
     out = tmp_path / "extras.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-W", "ignore", str(SCRIPT), str(out), "extras"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr}"
-    results = json.loads(out.read_text())
+    results = run_interpreted(SCRIPT, out, "extras")
     assert set(results) == set(cases.EXTRA_SPECS)
     for name, res in results.items():
         assert set(cases.EXTRA_KEYS) <= set(res["keys"]) and "d_hidden" in res["keys"]

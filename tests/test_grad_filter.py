@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 from typing import Dict
 
 import pytest
 import torch
+from _interpret import run_interpreted
 
 import fastpref
 from fastpref import reference
 from fastpref._types import GRAD_FILTER_AUTO, KernelOptions
 from fastpref.testing import CoreCase, make_core_case, rel_err, run_core
 
-ROOT = Path(__file__).resolve().parents[1]
 # A peaked softmax: head entries of std 2.5 (logits of std ~12 at D = 24), so most of a
 # row's vocabulary blocks lie far below the threshold.
 PEAKED = dict(S=3, T=11, D=24, V=700, weight_scale=2.5)
@@ -241,11 +239,7 @@ def interpreter_main(path: str) -> None:
 
 def test_triton_kernels_filter_within_bound(tmp_path):
     out = tmp_path / "grad_filter.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-W", "ignore", __file__, str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr}"
-    results = json.loads(out.read_text())
+    results = run_interpreted(__file__, out)
     for name in TRITON_CASES:
         res = results[name]
         for key in ("d_hidden", "d_weight"):

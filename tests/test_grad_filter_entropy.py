@@ -19,20 +19,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 from typing import Dict, Tuple
 
 import pytest
 import torch
+from _interpret import run_interpreted
 
 import fastpref
 from fastpref import reference
 from fastpref._types import KernelOptions
 from fastpref.testing import CoreCase, core_leaves, make_core_case, rel_err
 
-ROOT = Path(__file__).resolve().parents[1]
 # A peaked softmax (head entries of std 2.5 at D = 24: logits of std ~12), as in tests/test_grad_filter.py.
 PEAKED = dict(S=3, T=11, D=24, V=700, weight_scale=2.5)
 OFF, T12 = KernelOptions(grad_filter=None), KernelOptions(grad_filter=2.0 ** -12)
@@ -218,11 +216,7 @@ def interpreter_main(path: str) -> None:
 
 def test_triton_atomic_filter_with_entropy(tmp_path):
     out = tmp_path / "grad_filter_entropy.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-W", "ignore", __file__, str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr}"
-    results = json.loads(out.read_text())
+    results = run_interpreted(__file__, out)
     for name in TRITON_CASES:
         res = results[name]
         for key in ("d_hidden", "d_weight"):

@@ -5,12 +5,10 @@ path on the same fp32 inputs: loss, metrics and gradients."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _interpret import run_interpreted
 
 
 def run_case() -> dict:
@@ -40,10 +38,7 @@ def run_case() -> dict:
 
 
 def test_triton_rows_path_equals_torch_recompute(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    result = tmp_path / "out.json"
-    subprocess.run([sys.executable, __file__, str(result)], check=True, env=env, cwd=ROOT, timeout=300)
-    out = json.loads(result.read_text())
+    out = run_interpreted(__file__, tmp_path / "out.json")
     assert out["triton"]["path"]["path"] == "in_forward" and out["triton"]["path"]["groups"] == 2, out["triton"]["path"]
     assert abs(out["triton"]["loss"] - out["torch"]["loss"]) <= 1e-5 * max(1.0, abs(out["torch"]["loss"]))
     for a, b in zip(out["triton"]["logps"], out["torch"]["logps"]):

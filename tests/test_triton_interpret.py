@@ -1,17 +1,13 @@
 """Triton backend parity on CPU, through Triton's interpreter (run in a subprocess: see the script)."""
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _interpret import run_interpreted
 
 import fastpref
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("triton_interpret_cases.py")
 _spec = importlib.util.spec_from_file_location("triton_interpret_cases", SCRIPT)
 cases = importlib.util.module_from_spec(_spec)
@@ -24,11 +20,7 @@ BF16_SLACK = 1e-3  # bf16 rule: fused error vs fp64 truth <= eager bf16 error + 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("interp") / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-W", "ignore", str(SCRIPT), str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(out.read_text())
+    return run_interpreted(SCRIPT, out, timeout=600)
 
 
 @pytest.mark.parametrize("name", list(cases.CASES))

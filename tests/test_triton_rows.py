@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _interpret import run_interpreted
 
 from fastpref.backends.triton_backend import INTERPRET_BLOCKS
 
-ROOT = Path(__file__).resolve().parents[1]
 BLOCK_V = INTERPRET_BLOCKS["BLOCK_V"]  # the launcher's block under the interpreter
 TOL = {"float64": 1e-13, "float32": 2e-6}
 
@@ -137,11 +135,7 @@ def run_cases(path: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("rows") / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-W", "ignore", __file__, str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(out.read_text())
+    return run_interpreted(__file__, out)
 
 
 def test_case_shapes_cover_the_block_edges():
