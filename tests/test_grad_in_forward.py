@@ -203,3 +203,46 @@ def test_trainer_takes_the_path(tmp_path):
         torch.testing.assert_close(grads1[k], grads0[k], rtol=1e-5, atol=1e-6 * scale)
     for k in metrics0:
         assert metrics1[k] == pytest.approx(metrics0[k], rel=1e-5, abs=1e-6), k
+
+
+def test_keyword_tensor_with_gradient_falls_back():
+    """SLiC's ``sft_logps`` is differentiable: a call keyword that needs a gradient takes the recompute path."""
+    inputs = _inputs(empty=False)
+    grads = []
+    for options in (None, KernelOptions(grad_in_forward=True)):
+        sft = torch.linspace(-3.0, -1.0, 4, dtype=torch.float64).requires_grad_(True)
+        w = inputs["weight"].clone().requires_grad_(True)
+        fastpref.FusedSLiCLoss(kernel_options=options)(w, inputs["hidden"], inputs["targets"], sft_logps=sft).loss.backward()
+        grads.append((sft.grad, w.grad))
+    assert gif.LAST_PATH["path"] == "recompute" and "keyword" in gif.LAST_PATH["reason"]
+    assert grads[1][0] is not None and torch.equal(grads[1][0], grads[0][0]) and torch.equal(grads[1][1], grads[0][1])
+
+
+def test_autocast_is_ignored_as_by_the_op():
+    """Under CPU autocast the op computes in its inputs' dtype; so does the path (fp32 inputs, bf16 autocast)."""
+    inputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in _inputs().items()}
+    base, base_grads = _run("FusedDPOLoss", {}, inputs, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _run("FusedDPOLoss", {}, inputs, KernelOptions(grad_in_forward=True))
+    assert gif.LAST_PATH["path"] == "in_forward"
+    torch.testing.assert_close(out.loss, base.loss, rtol=1e-5, atol=1e-6)
+    for k in base_grads:
+        torch.testing.assert_close(grads[k], base_grads[k], rtol=1e-4, atol=1e-5)
+
+
+def test_create_graph_raises_instead_of_a_silent_zero():
+    inputs = _inputs()
+    w = inputs["weight"].clone().requires_grad_(True)
+    out = fastpref.FusedDPOLoss(kernel_options=KernelOptions(grad_in_forward=True))(
+        w, inputs["hidden"], inputs["targets"], ref_hidden=inputs["ref_hidden"])
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(out.loss, w, create_graph=True)
+
+
+def test_non_finite_loss_gives_non_finite_gradients_as_the_recompute_path():
+    """The chosen-token NLL over chosen responses that are all ignored is 0/0: NaN loss, NaN gradients, both paths."""
+    inputs = _inputs(empty=False)
+    inputs["targets"][:4] = -100
+    for options in (None, KernelOptions(grad_in_forward=True)):
+        out, grads = _run("FusedDPOLoss", dict(compute_nll_loss=True), inputs, options)
+        assert out.loss.isnan() and grads["weight"].isnan().any(), options

@@ -292,6 +292,10 @@ class FusedLossBase(nn.Module):
         """The :class:`SequenceBatch` that :meth:`compute_loss` reads (a subclass adds what its loss needs)."""
         return SequenceBatch(stats=stats, ref_logps=ref, head=head, ref_head=ref_head)
 
+    def separable_call(self, loss_specific: dict) -> bool:
+        """Whether this call's loss is a sum of independent per-unit terms (False here: nothing is promised)."""
+        return False
+
     def separable_units(self, num_seqs: int, loss_specific: dict) -> Optional[Tensor]:
         """``[U, k]`` sequence indices of the independent units of this call's loss (the loss is a sum of one
         term per unit, each reading only its unit's statistics), or None when the loss couples the batch. What

@@ -18,6 +18,7 @@ back), plus ``dH`` and ``dW`` (fp32 for half inputs) held from the forward to th
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -44,8 +45,13 @@ def _fallback(reason: str) -> None:
     return None
 
 
-def _why_not(module: Any, head: LMHead, hidden: Tensor, ref_hidden: Optional[Tensor]) -> Optional[str]:
+def _why_not(module: Any, head: LMHead, hidden: Tensor, ref_hidden: Optional[Tensor], loss_specific: dict
+             ) -> Optional[str]:
     """Why this call cannot take the in-forward path (None: it can)."""
+    if not module.separable_call(loss_specific):
+        return "the loss couples the batch (not a sum of per-pair terms)"
+    if any(isinstance(v, torch.Tensor) and v.requires_grad for v in loss_specific.values()):
+        return "a call keyword tensor needs a gradient (the path hands out dH, dW and db only)"
     if type(module).fused_logprobs is not ops.fused_logprobs:
         return "the module's log-prob op is not the fused one (eager twin)"
     if not torch.is_grad_enabled():
@@ -212,9 +218,12 @@ class _ScaledGrads(torch.autograd.Function):
         return loss.detach().clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, upstream: Tensor):
         grads, (dh_t, dw_t, db_t) = ctx.grads, ctx.dtypes
+        if torch.is_grad_enabled():  # create_graph=True: the handed-out gradients would silently carry none
+            raise RuntimeError("KernelOptions(grad_in_forward=True) forms gradients that are not differentiable: "
+                               "create_graph=True (double backward, gradient penalties) needs grad_in_forward=False "
+                               "(whose op raises on a second backward too)")
         if grads is None:
             raise RuntimeError("a module call with KernelOptions(grad_in_forward=True) hands out its gradients once; "
                                "a second backward through it (retain_graph=True) needs grad_in_forward=False")
@@ -234,7 +243,7 @@ def forward_with_grads(module: Any, head: LMHead, hidden: Tensor, targets: Tenso
                        ) -> Optional[LossOutput]:
     """The module's call on the in-forward path, or None (the caller then takes the recompute path)."""
     module._check_reference_args(ref_hidden, ref_weight, ref_bias, ref_logps)
-    reason = _why_not(module, head, hidden, ref_hidden)
+    reason = _why_not(module, head, hidden, ref_hidden, loss_specific)
     if reason is not None:
         return _fallback(reason)
     opts = module.kernel_options
@@ -257,13 +266,44 @@ def forward_with_grads(module: Any, head: LMHead, hidden: Tensor, targets: Tenso
     if groups is None:
         return _fallback("one pair's logits exceed KernelOptions.workspace_bytes")
 
-    ref_head = head.reference(ref_weight, ref_bias)
-    ref_stats = None
-    if ref_hidden is not None:  # the reference pass: no gradient, no logits kept (the fused op)
-        with torch.no_grad():
-            ref_stats = ops.fused_logprobs(ref_hidden, ref_head.weight, targets, bias=ref_head.bias, seq_ids=seq_ids,
-                                       num_seqs=num_seqs, temperature=head.temperature, **module.logprob_options())
+    with torch.autocast(hidden.device.type, enabled=False):  # the op ignores autocast; so does this path
+        loss, metrics, batch, grads = _run_groups(_Call(module, head, head.reference(ref_weight, ref_bias), hidden,
+                                                        targets, seq_ids, num_seqs, ref_hidden, ref_logps,
+                                                        loss_specific, prep, cd), groups)
+    LAST_PATH.update(path="in_forward", groups=len(groups), reason="")
+    loss = _ScaledGrads.apply(loss, hidden, head.weight, head.bias, grads)
+    return module.finish(batch, loss, metrics)
 
+
+@dataclass
+class _Call:
+    """One module call on the in-forward path: what :func:`_run_groups` reads."""
+
+    module: Any
+    head: LMHead
+    ref_head: LMHead
+    hidden: Tensor
+    targets: Tensor
+    seq_ids: Optional[Tensor]
+    num_seqs: Optional[int]
+    ref_hidden: Optional[Tensor]
+    ref_logps: Optional[Tensor]
+    loss_specific: dict
+    prep: Prepared
+    cd: torch.dtype
+
+
+def _run_groups(c: _Call, groups: List[Tuple[Tensor, int]]) -> Tuple[Tensor, dict, Any, _Grads]:
+    """The reference pass, then each group projected, log-softmaxed, differentiated and multiplied out; the loss,
+    metrics and batch of the finished call and the gradients formed."""
+    module, prep, head, cd = c.module, c.prep, c.head, c.cd
+    vocab = head.weight.shape[0]
+    ref_stats = None
+    if c.ref_hidden is not None:  # the reference pass: no gradient, no logits kept (the fused op)
+        with torch.no_grad():
+            ref_stats = ops.fused_logprobs(c.ref_hidden, c.ref_head.weight, c.targets, bias=c.ref_head.bias,
+                                           seq_ids=c.seq_ids, num_seqs=c.num_seqs, temperature=head.temperature,
+                                           **module.logprob_options())
     lengths = reduce_per_sequence(prep, prep.valid.to(cd))
     token_logps = torch.where(prep.valid, _PLACEHOLDER_LOGP, 0.0).to(cd)
     token_extras = {name: torch.zeros_like(token_logps) for name in module.extra_outputs}
@@ -277,14 +317,14 @@ def forward_with_grads(module: Any, head: LMHead, hidden: Tensor, targets: Tenso
                              token_logps=values.view(prep.target_shape),
                              ref_logps=None if ref_stats is None else ref_stats.logps,
                              ref_token_logps=None if ref_stats is None else ref_stats.token_logps, **extras)
-        ref = stats.ref_logps if ref_stats is not None else module.given_ref_logps(ref_logps, stats.logps)
-        batch = module.sequence_batch(stats, ref, head, ref_head, targets=targets, seq_ids=seq_ids)
-        loss, metrics = module.compute_loss(batch, **loss_specific)
+        ref = stats.ref_logps if ref_stats is not None else module.given_ref_logps(c.ref_logps, stats.logps)
+        batch = module.sequence_batch(stats, ref, head, c.ref_head, targets=c.targets, seq_ids=c.seq_ids)
+        loss, metrics = module.compute_loss(batch, **c.loss_specific)
         return loss, metrics, batch
 
-    grads = _Grads(prep, hidden, head, cd)
+    grads = _Grads(prep, c.hidden, head, cd)
     rows_pass = _TritonRows() if prep.backend == "triton" else _TorchRows()
-    buffer = torch.empty(max((n for _, n in groups), default=0) * vocab, dtype=cd, device=hidden.device)
+    buffer = torch.empty(max((n for _, n in groups), default=0) * vocab, dtype=cd, device=c.hidden.device)
     weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
     for seqs, _ in groups:
         rows = (torch.isin(prep.seq_ids, seqs) & prep.valid).nonzero().squeeze(1)
@@ -303,9 +343,10 @@ def forward_with_grads(module: Any, head: LMHead, hidden: Tensor, targets: Tenso
         dz = rows_pass.grad_(z, lse, a.index_select(0, rows) / head.temperature, tgt)
         _multiply_out(dz, h, weight, grads, rows)
     del buffer
-
     with torch.no_grad():
         loss, metrics, batch = loss_of(token_logps)
-    LAST_PATH.update(path="in_forward", groups=len(groups), reason="")
-    loss = _ScaledGrads.apply(loss, hidden, head.weight, head.bias, grads)
-    return module.finish(batch, loss, metrics)
+    if not bool(torch.isfinite(loss)):  # as the recompute path would: a non-finite loss gives non-finite gradients
+        for g in (grads.hidden, grads.weight, grads.bias):
+            if g is not None:
+                g.fill_(float("nan"))
+    return loss, metrics, batch, grads
