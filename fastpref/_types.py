@@ -67,8 +67,9 @@ class KernelOptions:
             skipped (``bench/grad_filter.py`` measures both).
         grad_in_forward: read by the loss modules, not by the op (``FusedDPOLoss(kernel_options=...)``). True: a
             module whose loss is a sum of independent per-pair terms (the DPO family without batch-sorting loss
-            types or WPO, IPO, SimPO, SLiC, DPOP, ORPO without ``nll_targets``, CPO) forms ``dH``, ``dW`` and ``db``
-            in its forward, one group of whole pairs at a time while the group's logits are in memory, and its
+            types or WPO, IPO, SimPO, SLiC, DPOP, ORPO without ``nll_targets``, CPO, MC-PO given ``negatives``) forms
+            ``dH``, ``dW`` and ``db`` in its forward, one group of whole pairs (or prompts) at a time while the
+            group's logits are in memory, and its
             backward only scales them by the upstream gradient: four GEMMs (policy and reference logits, ``dH``,
             ``dW``) instead of five (the recompute). The price is memory: a group's ``[rows x V]`` logits
             (``workspace_bytes`` bounds them; a pair that does not fit falls back to the recompute), so the

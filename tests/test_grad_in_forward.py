@@ -49,7 +49,8 @@ def _inputs(dtype=torch.float64, seed=0, packed=False, empty=True):
     return inputs
 
 
-def _run(name, kwargs, inputs, options, *, temperature=1.0, ref="hidden", grads=("hidden", "weight", "bias")):
+def _run(name, kwargs, inputs, options, *, temperature=1.0, ref="hidden", grads=("hidden", "weight", "bias"),
+         call=None):
     module = getattr(fastpref, name)(kernel_options=options, **kwargs)
     leaves = {k: inputs[k].detach().clone().requires_grad_(k in grads) for k in ("hidden", "weight", "bias")}
     extra = {}
@@ -59,7 +60,7 @@ def _run(name, kwargs, inputs, options, *, temperature=1.0, ref="hidden", grads=
         else:  # precomputed per-sequence reference log-probs
             extra["ref_logps"] = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) - 5
     out = module(leaves["weight"], leaves["hidden"], inputs["targets"], bias=leaves["bias"], temperature=temperature,
-                 seq_ids=inputs["seq_ids"], num_seqs=inputs["num_seqs"], **extra)
+                 seq_ids=inputs["seq_ids"], num_seqs=inputs["num_seqs"], **extra, **(call or {}))
     out.loss.backward()
     return out, {k: v.grad for k, v in leaves.items()}
 
@@ -177,8 +178,10 @@ def test_extra_outputs_equal_the_ops(packed):
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-11, atol=1e-12)
 
 
-def test_trainer_takes_the_path(tmp_path):
-    """FastPrefDPOTrainer (which asks for TRL's vocabulary metrics) with the option: same loss, gradients, metrics."""
+@pytest.mark.parametrize("loss", ["dpo", "mcpo"])
+def test_trainer_takes_the_path(tmp_path, loss):
+    """FastPrefDPOTrainer (which asks for TRL's vocabulary metrics; for MC-PO it samples the negatives in a no-grad
+    pass and passes them) with the option: same loss, gradients, metrics."""
     import copy
 
     from _trl_fixtures import dpo_config, one_batch, preference_rows, tiny_llama
@@ -188,12 +191,15 @@ def test_trainer_takes_the_path(tmp_path):
 
     policy, ref = tiny_llama(0), tiny_llama(1)
     results = []
+    base = dict(beta=0.5, num_negatives=2) if loss == "mcpo" else {}
     for i, kwargs in enumerate(({}, {"kernel_options": KernelOptions(grad_in_forward=True)})):
         trainer = FastPrefDPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref),
-                                     args=dpo_config(tmp_path / str(i), beta=0.5), train_dataset=preference_rows(8),
-                                     processing_class=toy_tokenizer(), fastpref_loss="dpo", fastpref_loss_kwargs=kwargs)
+                                     args=dpo_config(tmp_path / str(i), beta=0.5),
+                                     train_dataset=preference_rows(8, candidates=3 if loss == "mcpo" else 0),
+                                     processing_class=toy_tokenizer(), fastpref_loss=loss,
+                                     fastpref_loss_kwargs={**base, **kwargs})
         gif.LAST_PATH.update(path=None)
-        results.append(one_batch(trainer))
+        results.append(one_batch(trainer, seed=0))
     assert gif.LAST_PATH["path"] == "in_forward", gif.LAST_PATH
     (loss0, grads0, metrics0), (loss1, grads1, metrics1) = results
     torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-7)
@@ -246,3 +252,21 @@ def test_non_finite_loss_gives_non_finite_gradients_as_the_recompute_path():
     for options in (None, KernelOptions(grad_in_forward=True)):
         out, grads = _run("FusedDPOLoss", dict(compute_nll_loss=True), inputs, options)
         assert out.loss.isnan() and grads["weight"].isnan().any(), options
+
+
+def test_mcpo_with_given_negatives():
+    """MC-PO is a sum of per-prompt terms once the negatives are given (what FastPrefDPOTrainer passes); sampling
+    inside the call takes the recompute path."""
+    inputs = _inputs(empty=False)  # 8 sequences: 2 prompts x (1 preferred + 3 candidates)
+    negatives = torch.tensor([[2], [1]])
+    results = []
+    for options in (None, KernelOptions(grad_in_forward=True, workspace_bytes=_budget(24))):
+        out, grads = _run("FusedMCPOLoss", dict(beta=0.5, group_size=4), inputs, options, call=dict(negatives=negatives))
+        results.append((out, grads))
+    assert gif.LAST_PATH["path"] == "in_forward" and gif.LAST_PATH["groups"] == 2, gif.LAST_PATH
+    (base, base_grads), (out, grads) = results
+    torch.testing.assert_close(out.loss, base.loss, rtol=1e-13, atol=1e-13)
+    for k in base_grads:
+        torch.testing.assert_close(grads[k], base_grads[k], rtol=1e-11, atol=1e-12)
+    _run("FusedMCPOLoss", dict(beta=0.5, group_size=4), inputs, KernelOptions(grad_in_forward=True))
+    assert gif.LAST_PATH["path"] == "recompute"

@@ -82,6 +82,18 @@ class FusedMCPOLoss(FusedLossBase):
         return mcpo_sampling_weights(logps.detach(), ref_logps.detach(), beta=self.beta,
                                      include_positive=self.include_positive)
 
+    def separable_call(self, loss_specific: dict) -> bool:
+        """Prompts are independent once ``negatives`` are given; sampling inside the call draws them for the whole
+        batch from one generator stream (``KernelOptions.grad_in_forward`` then takes the recompute path)."""
+        return loss_specific.get("negatives") is not None and loss_specific.get("generator") is None
+
+    def separable_units(self, num_seqs: int, loss_specific: dict) -> Optional[Tensor]:
+        """The prompts' groups ``[B, G]`` when :meth:`separable_call` holds, else None."""
+        g = loss_specific.get("group_size") or self.group_size
+        if not self.separable_call(loss_specific) or g is None or num_seqs == 0 or num_seqs % g:
+            return None
+        return torch.arange(num_seqs).view(-1, g)
+
     def compute_loss(self, batch: SequenceBatch, group_size: Optional[int] = None,
                      generator: Optional[torch.Generator] = None,
                      negatives: Optional[Tensor] = None) -> Tuple[Tensor, Metrics]:
