@@ -26,6 +26,7 @@ import torch
 from .. import ops
 from .._prepare import build_prepared, check_call
 from .._types import LogprobStats, Prepared, reduce_per_sequence
+from ..backends.torch_online import ExtraSums, online_update
 
 # Not importing .base: base's forward calls into this module. ``head`` is a base.LMHead, the result a LossOutput.
 LMHead = LossOutput = Any
@@ -87,38 +88,29 @@ def _groups(prep: Prepared, units: Tensor, budget_rows: int) -> Optional[List[Tu
 
 
 class _TorchRows:
-    """The row-wise passes over a group's logits buffer, in torch ops (any device)."""
+    """The row-wise passes over a group's logits buffer, in torch ops (any device): the torch backend's online
+    statistics (``online_update``, ``ExtraSums``) with the whole vocabulary as one tile."""
 
     def stats(self, z: Tensor, targets: Tensor, extras: Tuple[str, ...] = ()) -> Tuple[Tensor, Tensor, dict]:
         """(lse, target logit, requested extras) per row; leaves ``exp(z - max)`` in ``z`` (no second buffer).
         The extras carry no gradient here: the modules' losses never read them (metrics only)."""
         target = z.gather(1, targets.unsqueeze(1)).squeeze(1)
-        m = z.amax(dim=1)
-        out = {}
-        if "mean_logits" in extras:
-            out["mean_logits"] = z.mean(dim=1)
-        if "is_top1" in extras:
-            out["is_top1"] = (target >= m).to(z.dtype)
-        z.sub_(m.unsqueeze(1))
-        if "entropy" in extras or "log_sum_sq_probs" in extras:
-            # sum p (z - m) and sum p^2 need the shifted logits next to their exponentials: a few rows at a time.
-            self.sum_exp, pz, sq = (torch.empty_like(m) for _ in range(3))
-            step = max(1, (1 << 22) // max(1, z.shape[1]))
-            for r0 in range(0, z.shape[0], step):
-                shifted = z[r0:r0 + step]
-                e = torch.exp(shifted)
-                self.sum_exp[r0:r0 + step] = e.sum(dim=1)
-                pz[r0:r0 + step] = (e * shifted).sum(dim=1)
-                sq[r0:r0 + step] = e.square().sum(dim=1)
-                shifted.copy_(e)
-            log_s = self.sum_exp.log()
-            if "entropy" in extras:  # H = lse - sum p z = log s - sum e (z - m) / s
-                out["entropy"] = log_s - pz / self.sum_exp
-            if "log_sum_sq_probs" in extras:
-                out["log_sum_sq_probs"] = sq.log() - 2 * log_s
-        else:
-            self.sum_exp = z.exp_().sum(dim=1)
-        return m + self.sum_exp.log(), target, out
+        rows = z.shape[0]
+        m0, self.sum_exp = torch.full((rows,), float("-inf"), dtype=z.dtype, device=z.device), z.new_zeros(rows)
+        if not extras:
+            _, m, _, _ = online_update(z, m0, self.sum_exp, z)
+            return m + self.sum_exp.log(), target, {}
+        # The extras' sums need the logits next to their exponentials: a few rows at a time into a scratch tile.
+        sums, m = ExtraSums.zeros(rows, z.dtype, z.device), torch.empty_like(m0)
+        step = max(1, (1 << 22) // z.shape[1])
+        scratch = z.new_empty(min(step, rows), z.shape[1])
+        for r0 in range(0, rows, step):
+            chunk = z[r0:r0 + step]
+            e, m[r0:r0 + step], _, rescale = online_update(chunk, m0[r0:r0 + step], self.sum_exp[r0:r0 + step],
+                                                           scratch[: chunk.shape[0]])
+            sums.rows(r0, r0 + step).update(chunk, e, rescale)  # overwrites the chunk ...
+            chunk.copy_(e)  # ... which then holds exp(z - max), as without extras
+        return m + self.sum_exp.log(), target, sums.finalize(extras, m, self.sum_exp, target, z.shape[1])
 
     def grad_(self, z: Tensor, lse: Tensor, row_scale: Tensor, targets: Tensor) -> Tensor:
         """``z <- row_scale * (onehot - p)`` in place (``z`` holds ``exp(z - max)``: ``p = z / sum``)."""
