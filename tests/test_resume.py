@@ -1,5 +1,6 @@
 """FastPrefDPOTrainer resume: 2 steps + checkpoint + a new trainer resumed for 2 more steps equals 4 straight steps
-(parameters and logged metrics), the loss state (alpha-DPO's EMA buffers, MC-PO's generator, SPO's online samples)
+(parameters and logged metrics), the loss state (alpha-DPO's EMA buffers, MC-PO's generator, SPO's online samples,
+OnMC-PO's generated groups)
 being saved with the checkpoint; without it the alpha-DPO run differs."""
 import os
 
@@ -21,6 +22,10 @@ CASES = {
     "mcpo-global-rng": dict(fastpref_loss_kwargs=dict(beta=0.5)),  # draws from torch's RNG, which HF restores
     "spo": dict(fastpref_loss_kwargs=dict(alpha=0.01, kl_coef=0.1), spo_num_samples=2, spo_resample_every=3,
                 spo_max_new_tokens=4),
+    # OnMC-PO over 8 prompts: steps 2 and 3 meet the prompts of steps 0 and 1 again within the one segment, so they
+    # train on the cached groups, which the checkpoint must carry
+    "mcpo-online": dict(fastpref_loss_kwargs=dict(beta=0.5), mcpo_online=True, mcpo_num_generations=3,
+                        mcpo_regenerate_every=4, mcpo_max_new_tokens=4),
 }
 # per-run wall-clock entries of the log, not training quantities
 TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos")
@@ -48,12 +53,20 @@ def _trainer(tok, out, case, stop_at=None):
     extra, loss = dict(CASES[case]), case.split("-")[0]
     if case == "mcpo":  # a loss-owned generator: its state must travel with the checkpoint
         extra["fastpref_loss_kwargs"] = dict(extra["fastpref_loss_kwargs"], generator=torch.Generator().manual_seed(3))
+    rows, candidates = 16, 2 if case in ("mcpo", "mcpo-global-rng") else 0
+    if case == "mcpo-online":
+        rows, extra["reward_model"] = 8, _reward
     args = dpo_config(out, max_steps=4, optim="sgd", learning_rate=0.05, per_device_train_batch_size=4,
                       save_strategy="steps", save_steps=2, data_seed=0)
     return FastPrefDPOTrainer(model=tiny_llama(seed=0), ref_model=tiny_llama(seed=1), args=args,
-                              train_dataset=preference_rows(16, candidates=2 if loss == "mcpo" else 0),
+                              train_dataset=preference_rows(rows, candidates=candidates),
                               processing_class=tok, fastpref_loss=loss,
                               callbacks=None if stop_at is None else [_StopAt(stop_at)], **extra)
+
+
+def _reward(prompts, completions):
+    """A deterministic reward (OnMC-PO ranks its generations with it): longer completions score lower."""
+    return [-float(len(c.split())) + 0.01 * sum(map(len, c.split())) for c in completions]
 
 
 def _logs(trainer):
@@ -96,6 +109,11 @@ def test_resume_equals_uninterrupted_run(tok, tmp_path, loss):
         torch.testing.assert_close(params[name], p, rtol=1e-6, atol=1e-7, msg=name)
     if loss == "alpha_dpo":
         assert int(resumed.fastpref_loss_fn.num_updates) == int(straight.fastpref_loss_fn.num_updates) == 4
+    if loss == "mcpo-online":
+        assert resumed._onmcpo_cache.keys() == straight._onmcpo_cache.keys() and len(straight._onmcpo_cache) == 8
+        for key, (segment, group) in straight._onmcpo_cache.items():
+            assert resumed._onmcpo_cache[key][0] == segment == 0
+            assert all(torch.equal(a, b) for a, b in zip(resumed._onmcpo_cache[key][1], group))
     if loss == "spo":
         assert resumed._spo_cache[0] == straight._spo_cache[0] == 3  # drawn at step 0, resampled at step 3
         assert len(resumed._spo_cache[1]) == len(straight._spo_cache[1]) == 1  # one row set per micro-batch

@@ -9,8 +9,8 @@ with grad on the selected rows). The completions of a prompt are kept for ``mcpo
 steps, and a prompt's group is generated with the policy of the step at which it is first met in a segment.
 The paper regenerates the whole dataset with the checkpoint at each segment's start (three segments); generating
 lazily, per micro-batch, gives the same data for a prompt first met at a segment's first step and otherwise uses a
-policy a few steps newer. Generation is seeded from ``args.seed``, the step and the rank (reproducible; the global
-RNG is left untouched).
+policy a few steps newer. Generation is seeded from ``args.seed``, the step, the rank and the micro-batch's first
+prompt (reproducible; the global RNG is left untouched). The cache is saved with the trainer's checkpoints.
 """
 from __future__ import annotations
 
@@ -19,20 +19,18 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ._trl_batches import Rows, left_padded_prompts, pad_rows
-from ._trl_spo import generate_seeded
+from ._trl_spo import _check_positive_int, generate_seeded
 
 Cached = Tuple[int, List[torch.Tensor]]  # (segment, completions best first)
 
 
 def check_onmcpo_options(num_generations: int, regenerate_every: int, max_new_tokens: Optional[int]) -> None:
     """Validate the OnMC-PO options (errors name the option)."""
-    if not isinstance(num_generations, int) or num_generations < 2:
+    if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 2:
         raise ValueError(f"mcpo_num_generations must be an int >= 2 (y0 and at least one candidate), got "
                          f"{num_generations!r}")
-    if not isinstance(regenerate_every, int) or regenerate_every < 1:
-        raise ValueError(f"mcpo_regenerate_every must be a positive int, got {regenerate_every!r}")
-    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
-        raise ValueError(f"mcpo_max_new_tokens must be None (from the data) or a positive int, got {max_new_tokens!r}")
+    _check_positive_int("mcpo_regenerate_every", regenerate_every)
+    _check_positive_int("mcpo_max_new_tokens", max_new_tokens, optional=True)
 
 
 def group_rows(prompts: List[torch.Tensor], completions: List[List[torch.Tensor]], pad_id: int) -> Rows:
@@ -82,7 +80,7 @@ class OnlineMCPO:
         stale = [i for i, k in enumerate(keys) if self._onmcpo_cache.get(k, (None,))[0] != segment]
         if stale:
             fresh = self._generate_ranked(model, [prompts[i] for i in stale], left[stale], left_mask[stale],
-                                          rows, segment)
+                                          rows, (segment, keys[stale[0]]))
             for i, group in zip(stale, fresh):
                 self._onmcpo_cache[keys[i]] = (segment, group)
         completions = [self._onmcpo_cache[k][1] for k in keys]
@@ -91,11 +89,12 @@ class OnlineMCPO:
 
     @torch.no_grad()
     def _generate_ranked(self, model, prompts: List[torch.Tensor], left: torch.Tensor, left_mask: torch.Tensor,
-                         rows: Rows, segment: int) -> List[List[torch.Tensor]]:
-        """``mcpo_num_generations`` sampled completions per prompt, sorted by reward, best first."""
+                         rows: Rows, key: Tuple) -> List[List[torch.Tensor]]:
+        """``mcpo_num_generations`` sampled completions per prompt, sorted by reward, best first; ``key`` (the
+        segment and the first prompt) seeds the generation with the step, so each micro-batch draws its own."""
         tok, g = self._tokenizer, self.mcpo_num_generations
-        max_new = self.mcpo_max_new_tokens or int(rows[2].sum(dim=1).max().item())  # default: the data's longest
-        seed = hash((int(self.args.seed), segment, self.state.global_step, self.accelerator.process_index)) % 2**31
+        max_new = self._new_tokens(rows, left.shape[1], self.mcpo_max_new_tokens)  # default: the data's, capped
+        seed = self._spo_seed(("onmcpo", self.state.global_step, *key))
         out = generate_seeded(self.accelerator.unwrap_model(model), left, left_mask, tok, num_return_sequences=g,
                               max_new_tokens=max_new, seed=seed)
         new = out[:, left.shape[1]:]

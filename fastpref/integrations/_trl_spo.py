@@ -223,11 +223,11 @@ class SPOSamples:
         text = repr((int(self.args.seed), int(self.accelerator.process_index), *key)).encode()
         return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & (2 ** 63 - 1)
 
-    def _spo_new_tokens(self, rows: Rows, prompt_width: int) -> int:
-        """``spo_max_new_tokens``, or from the data: the micro-batch's longest completion, capped so that prompt
-        and sample fit ``args.max_length`` (at least 1 token)."""
-        if self.spo_max_new_tokens is not None:
-            return self.spo_max_new_tokens
+    def _new_tokens(self, rows: Rows, prompt_width: int, max_new_tokens: Optional[int]) -> int:
+        """``max_new_tokens`` (SPO's / OnMC-PO's option), or from the data: the micro-batch's longest completion,
+        capped so that prompt and sample fit ``args.max_length`` (at least 1 token)."""
+        if max_new_tokens is not None:
+            return max_new_tokens
         longest = int(rows[2].sum(dim=1).max().item())
         max_length = getattr(self.args, "max_length", None)
         if max_length is not None:
@@ -240,9 +240,9 @@ class SPOSamples:
         by :meth:`_spo_seed`; rows prompt-major (prompt i's samples at rows i * k .. i * k + k - 1)."""
         tok, k = self._tokenizer, self.spo_num_samples
         prompts, left, left_mask = left_padded_prompts(prompt_rows, prompt_rows[0].shape[0], tok.pad_token_id)
+        max_new = self._new_tokens(rows, left.shape[1], self.spo_max_new_tokens)
         generated = generate_seeded(self.accelerator.unwrap_model(model), left, left_mask, tok,
-                                    num_return_sequences=k, max_new_tokens=self._spo_new_tokens(rows, left.shape[1]),
-                                    seed=self._spo_seed(key))
+                                    num_return_sequences=k, max_new_tokens=max_new, seed=self._spo_seed(key))
         return sampled_rows([p for p in prompts for _ in range(k)], generated, tok.pad_token_id, tok.eos_token_id)
 
     def _spo_kl_inputs(self, model, hidden, input_ids, attention_mask, labels, keep, num_main, head, ref_head):

@@ -9,6 +9,7 @@ trainer keeps outside the model is saved here, into the same checkpoint folder, 
   the global RNG, which the HF Trainer restores itself),
 * SPO's online-sample cache ``_spo_cache`` (the step it was drawn at and the rows of each accumulation
   micro-batch),
+* OnMC-PO's cache of generated groups ``_onmcpo_cache`` (the segment each prompt's group was drawn in),
 * the running token count behind the logged ``num_tokens``.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ STATE_NAME = "fastpref_state.pt"
 
 class LossStateCheckpoint:
     """Saves and restores the trainer's loss state with each checkpoint; reads ``fastpref_loss_fn``,
-    ``_spo_cache`` and ``_total_train_tokens`` of the trainer. Only the main process writes (the state is
+    ``_spo_cache``, ``_onmcpo_cache`` and ``_total_train_tokens`` of the trainer. Only the main process writes (the state is
     replicated across ranks); every rank reads."""
 
     def fastpref_state_dict(self) -> Dict[str, Any]:
@@ -38,6 +39,8 @@ class LossStateCheckpoint:
             "generator": generator.get_state() if isinstance(generator, torch.Generator) else None,
             "spo_cache": None if cache is None else (
                 cache[0], tuple(tuple(t.detach().cpu().clone() for t in rows) for rows in cache[1])),
+            "onmcpo_cache": {key: (segment, [t.detach().cpu().clone() for t in group])
+                             for key, (segment, group) in getattr(self, "_onmcpo_cache", {}).items()},
             "total_train_tokens": int(getattr(self, "_total_train_tokens", 0)),
         }
 
@@ -59,10 +62,9 @@ class LossStateCheckpoint:
             generator.set_state(state["generator"])
         cache = state["spo_cache"]
         device = self.accelerator.device
-        if cache is not None and cache[1] and torch.is_tensor(cache[1][0]):
-            cache = (cache[0], (cache[1],))  # written before the per-micro-batch cache: one row set
         self._spo_cache = None if cache is None else (
             cache[0], tuple(tuple(t.to(device) for t in rows) for rows in cache[1]))
+        self._onmcpo_cache = dict(state.get("onmcpo_cache", {}))  # CPU tensors, as the trainer keeps them
         self._total_train_tokens = state["total_train_tokens"]
 
     def _save_checkpoint(self, model, trial) -> None:
