@@ -27,6 +27,14 @@ def check_loss_kwargs(kwargs: Dict[str, Any]) -> None:
             "A sampling temperature for generation is unrelated")
 
 
+def check_positive_int(name: str, value: Any, optional: bool = False) -> None:
+    """ValueError naming the trainer option ``name`` unless ``value`` is a positive int (or None if ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
+
+
 def check_config(args: Any, train_dataset: Any, loss: str, *, reward_columns: bool = False,
                  candidates: bool = False) -> None:
     """Reject a dataset missing the columns the run reads (``reward_columns``: VAR's diagonal form; ``candidates``:

@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ._trl_batches import Rows, left_padded_prompts, pad_rows
-from ._trl_spo import _check_positive_int, generate_seeded
+from ._trl_batches import Rows, check_positive_int, left_padded_prompts, pad_rows
+from ._trl_spo import generate_seeded
 
 Cached = Tuple[int, List[torch.Tensor]]  # (segment, completions best first)
 
@@ -29,8 +29,8 @@ def check_onmcpo_options(num_generations: int, regenerate_every: int, max_new_to
     if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 2:
         raise ValueError(f"mcpo_num_generations must be an int >= 2 (y0 and at least one candidate), got "
                          f"{num_generations!r}")
-    _check_positive_int("mcpo_regenerate_every", regenerate_every)
-    _check_positive_int("mcpo_max_new_tokens", max_new_tokens, optional=True)
+    check_positive_int("mcpo_regenerate_every", regenerate_every)
+    check_positive_int("mcpo_max_new_tokens", max_new_tokens, optional=True)
 
 
 def group_rows(prompts: List[torch.Tensor], completions: List[List[torch.Tensor]], pad_id: int) -> Rows:

@@ -10,19 +10,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ._trl_batches import Rows, left_padded_prompts, sampled_rows, tokenize_candidates
+from ._trl_batches import Rows, check_positive_int, left_padded_prompts, sampled_rows, tokenize_candidates
 
 #: ``spo_mode`` values: the layout of the preference term (FusedSPOLoss's ``mode``).
 SPO_MODES = ("pairs", "best_of_n", "ranked")
 #: The columns the ranked / best-of-n path adds to a prepared dataset (kept by ``remove_unused_columns``).
 GROUP_COLUMNS = ("response_ids", "spo_best")
-
-
-def _check_positive_int(name: str, value: Any, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
 
 
 def _order_key(values: Any, column: str, mode: str, n: int) -> List[float]:
@@ -126,9 +119,9 @@ class SPOSamples:
         ``group_size`` (n, read from the first training example) when ``spo_mode`` is not ``"pairs"``."""
         if samples not in ("online", "dataset"):
             raise ValueError(f"spo_samples must be 'online' or 'dataset', got {samples!r}")
-        _check_positive_int("spo_num_samples", num_samples)
-        _check_positive_int("spo_resample_every", resample_every)
-        _check_positive_int("spo_max_new_tokens", max_new_tokens, optional=True)
+        check_positive_int("spo_num_samples", num_samples)
+        check_positive_int("spo_resample_every", resample_every)
+        check_positive_int("spo_max_new_tokens", max_new_tokens, optional=True)
         if mode not in SPO_MODES:
             raise ValueError(f"spo_mode must be one of {SPO_MODES}, got {mode!r}")
         self.spo_samples, self.spo_num_samples, self.spo_mode = samples, num_samples, mode

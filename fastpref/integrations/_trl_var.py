@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..modules.var import cross_pair_rows
-from ._trl_batches import REWARD_COLUMNS, Rows, scored_labels
+from ._trl_batches import REWARD_COLUMNS, Rows, check_positive_int, scored_labels
 from .reward import RewardModel
 from .transformers import is_peft
 
@@ -77,9 +77,7 @@ class VARTrainer:
             raise ValueError(f"var_responses must be one of {VAR_RESPONSES}, got {var_responses!r}")
         if var_pairs is not None and var_pairs not in VAR_PAIRS:
             raise ValueError(f"var_pairs must be one of {VAR_PAIRS} (or None), got {var_pairs!r}")
-        if not isinstance(var_prompts_per_chunk, int) or isinstance(var_prompts_per_chunk, bool) \
-                or var_prompts_per_chunk < 1:
-            raise ValueError(f"var_prompts_per_chunk must be a positive int, got {var_prompts_per_chunk!r}")
+        check_positive_int("var_prompts_per_chunk", var_prompts_per_chunk)
         if var_pairs is not None and loss != "var":
             raise ValueError(f"var_pairs applies to fastpref_loss='var', got fastpref_loss={loss!r}")
         self.fastpref_reward_model = as_reward_model(reward_model)
