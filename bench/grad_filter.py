@@ -1,7 +1,7 @@
 """How much the backward's gradient filter (``KernelOptions.grad_filter``) skips, and what it costs in accuracy,
 on a peaked softmax (a trained model's logit scale) and a flat one (an untrained head), torch backend on CPU.
 
-``python -m bench.grad_filter [--out bench/results/grad_filter_cpu.md]``
+``python -m fastpref.bench.grad_filter [--out bench/results/grad_filter_cpu.md]``
 
 Per distribution and threshold (off, 2**-12 = the bf16/fp16 default, 2**-7 = bf16's epsilon): the fraction of
 (row, 1024-column vocabulary block) slices skipped, the largest relative error of dH and dW against float64
@@ -75,19 +75,22 @@ def rel(got: torch.Tensor, truth: torch.Tensor) -> float:
     return float((got.double() - truth).abs().max() / truth.abs().max())
 
 
-def truth_and_bound(hidden, weight, targets, a, threshold: Optional[float]):
-    """float64 (dH, dW) and, for ``threshold``, each row's bound sum_{p_iv <= t, v != target} |a_i| p_iv ||w_v||
-    and skippable softmax mass."""
+def truth(hidden, weight, targets, a):
+    """float64 (dH, dW) and the softmax ``p`` they come from (computed once per input; the thresholds reuse it)."""
     p = torch.softmax(hidden @ weight.t(), dim=1)
     grad = -a[:, None] * p
     grad[torch.arange(len(targets)), targets] += a
-    bound = mass = None
-    if threshold is not None:
-        eligible = p <= threshold
-        eligible[torch.arange(len(targets)), targets] = False
-        mass = (p * eligible).sum(1)
-        bound = a.abs() * ((p * eligible) @ weight.norm(dim=1))
-    return grad @ weight, grad.t() @ hidden, bound, mass, p
+    return grad @ weight, grad.t() @ hidden, p
+
+
+def bound_and_mass(p, weight, targets, a, threshold: Optional[float]):
+    """For ``threshold`` (None: (None, None)), each row's bound sum_{p_iv <= t, v != target} |a_i| p_iv ||w_v||
+    and skippable softmax mass, from the float64 softmax ``p`` of :func:`truth`."""
+    if threshold is None:
+        return None, None
+    eligible = p <= threshold
+    eligible[torch.arange(len(targets)), targets] = False
+    return a.abs() * ((p * eligible) @ weight.norm(dim=1)), (p * eligible).sum(1)
 
 
 def run(n: int, d: int, vocab: int, repeats: int) -> str:
@@ -95,7 +98,7 @@ def run(n: int, d: int, vocab: int, repeats: int) -> str:
     lines: List[str] = []
     for kind in ("peaked", "flat"):
         hidden, weight, targets, a = make_inputs(kind, n, d, vocab)
-        dh_true, dw_true, _, _, p = truth_and_bound(hidden, weight, targets, a, None)
+        dh_true, dw_true, p = truth(hidden, weight, targets, a)
         top = p.max(1).values
         entropy = -(p * p.clamp_min(1e-300).log()).sum(1)
         lines += [f"### {kind}: mean max p = {top.mean():.3f}, mean entropy = {entropy.mean():.2f} nats "
@@ -112,7 +115,7 @@ def run(n: int, d: int, vocab: int, repeats: int) -> str:
                 times.append(res[2])
             stats = dict(torch_backend.LAST_FILTER_STATS)
             skipped = stats["rows_skipped"] / stats["rows_seen"] if stats["rows_seen"] else 0.0
-            _, _, bound, mass, _ = truth_and_bound(hidden, weight, targets, a, t)
+            bound, mass = bound_and_mass(p, weight, targets, a, t)
             ratio = mass_col = "-"
             if bound is not None:
                 err_rows = (res[0].double() - dh_true).norm(dim=1)
@@ -122,7 +125,7 @@ def run(n: int, d: int, vocab: int, repeats: int) -> str:
             lines.append(f"| fp32 | {label} | {skipped:.1%} | {rel(res[0], dh_true):.2e} | {rel(res[1], dw_true):.2e} "
                          f"| {ratio} | {mass_col} | {statistics.median(times):.3f} |")
         hb, wb = hidden.bfloat16(), weight.bfloat16()
-        dh_b, dw_b, _, _, _ = truth_and_bound(hb.double(), wb.double(), targets, a, None)
+        dh_b, dw_b, _ = truth(hb.double(), wb.double(), targets, a)
         for label, fn, kwargs in (("default (auto)", fastpref.fused_logprobs, dict(backend="torch")),
                                   ("off", fastpref.fused_logprobs, dict(backend="torch", options=KernelOptions(
                                       grad_filter=None))),
@@ -202,7 +205,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     header = [
         "# Gradient filter (KernelOptions.grad_filter), torch backend on CPU",
         "",
-        f"`python -m bench.grad_filter` -- N={args.n} positions, D={args.d}, V={args.v}, torch backend tiles "
+        f"`python -m fastpref.bench.grad_filter` -- N={args.n} positions, D={args.d}, V={args.v}, torch backend tiles "
         f"{torch_backend.BLOCK_N} x {torch_backend.BLOCK_V} (a slice: one row of one vocabulary block), "
         f"{args.threads} CPU threads on {platform.processor() or platform.machine()} (CPU timings only; "
         f"torch {torch.__version__}). Errors are max |err| / max |truth| against float64 math on the same inputs "

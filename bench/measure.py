@@ -17,11 +17,11 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .peers import install_hint
+from .peers import install_hint, is_installed
 
 
 def sync(device: torch.device) -> None:
@@ -114,6 +114,16 @@ def peak_step_bytes(run: Callable[[], None], device: torch.device) -> int:
 def memray_overhead_bytes() -> int:
     """Peak memray reports for an empty region (its own bookkeeping seen through the hooks)."""
     return peak_step_bytes(lambda: None, torch.device("cpu"))
+
+
+def cpu_step_peaks(steps: Dict[str, Callable[[], Any]]) -> Dict[str, Optional[int]]:
+    """memray peak of one call of each step, each in its own region, less memray's own bookkeeping
+    (:func:`memray_overhead_bytes`, clamped at 0); None for every step when memray is not installed, so that a
+    run without it still finishes and reports memory as not measured."""
+    if not is_installed("memray"):
+        return {name: None for name in steps}
+    overhead = memray_overhead_bytes()
+    return {name: max(0, peak_step_bytes(step, torch.device("cpu")) - overhead) for name, step in steps.items()}
 
 
 def median_of(values: Sequence[float]) -> float:

@@ -10,18 +10,17 @@ accumulation: ``training_step`` (TRL's or fastpref's loss, backward), gradient c
 ``zero_grad``; batches are collated beforehand, so data loading is not timed. Warm-up steps, then timed steps
 interleaved round-robin across all trainers (the order rotates each round); median, best and spread of the timed
 steps. Peak memory: memray, one step of each trainer in its own tracked region after its timed steps (the
-suite's CPU method, bench/measure.py). Parameters, AdamW state and the reference model are alive before the
-region and the same size for every trainer, so the peak counts what the step itself allocates: activations,
-logits or their tiles, the fresh gradients (``zero_grad`` frees them), the optimizer's temporaries. Writes
-``trainer_step.json`` and ``trainer_step.md`` first, then ``trainer_step.png`` (skipped with a note without
-matplotlib).
+suite's CPU method, bench/measure.py; without memray the report says memory was not measured). Parameters, AdamW
+state and the reference model are alive before the region and the same size for every trainer, so the peak counts
+what the step itself allocates: activations, logits or their tiles, the fresh gradients (``zero_grad`` frees them),
+the optimizer's temporaries. Writes ``trainer_step.json`` and ``trainer_step.md`` first, then ``trainer_step.png``
+(skipped with a note without matplotlib).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import gc
 import json
 import os
 import random
@@ -37,7 +36,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch  # noqa: E402
 
-from . import measure, runner  # noqa: E402
+from . import measure, peers, runner  # noqa: E402
 from .trainer_step_report import evaluate_targets, key, markdown, rows_of, write_plot  # noqa: E402
 
 
@@ -154,9 +153,15 @@ def build_trainer(loss: str, impl: str, size: Size, data, tokenizer, out_dir: st
             trainer = FastPrefDPOTrainer(**common, fastpref_loss=loss, fastpref_loss_kwargs=kwargs,
                                          fastpref_eager=impl == "eager", spo_samples="dataset")
     patches = liger_patches(trainer) if args.use_liger_kernel else {}
+    ready(trainer, steps)
+    return trainer, patches
+
+
+def ready(trainer, steps: int) -> None:
+    """Set up ``trainer`` for :func:`optimizer_step` as ``Trainer.train`` does before its loop: optimizer and
+    scheduler for ``steps`` steps, no gradient accumulation."""
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop; training_step divides by it
     trainer.create_optimizer_and_scheduler(num_training_steps=steps)
-    return trainer, patches
 
 
 def liger_patches(trainer) -> Dict[str, Any]:
@@ -191,10 +196,11 @@ def swapped(values: Dict[str, Any]):
         vars(modeling_llama).update(saved)
 
 
-def batches(trainer, size: Size, count: int) -> List[dict]:
-    """``count`` collated batches of consecutive rows (the same rows for every trainer of a loss)."""
+def batches(trainer, per_batch: int, count: int) -> List[dict]:
+    """``count`` collated batches of ``per_batch`` consecutive rows of the trainer's dataset (wrapping around; the
+    same rows for every trainer built on the same data)."""
     rows = len(trainer.train_dataset)
-    return [trainer.data_collator([trainer.train_dataset[(i * size.pairs + j) % rows] for j in range(size.pairs)])
+    return [trainer.data_collator([trainer.train_dataset[(i * per_batch + j) % rows] for j in range(per_batch)])
             for i in range(count)]
 
 
@@ -235,15 +241,16 @@ class Entry:
     def name(self) -> str:
         return key(self.loss, self.impl)
 
-    def step(self, i: int) -> bool:
-        """One optimizer step on batch ``i``; False if this trainer cannot run. TRL + Liger may fail at its
-        first step (Liger's layer kernels are Triton, which needs a GPU driver): the reason is recorded for the
-        report instead of a number. Any other failure is a bug: raised."""
+    def step(self) -> bool:
+        """One optimizer step on the next batch (batch ``i`` at the ``i``-th step: a step that fails ends the
+        trainer, so the steps taken are the losses recorded); False if this trainer cannot run. TRL + Liger may
+        fail at its first step (Liger's layer kernels are Triton, which needs a GPU driver): the reason is
+        recorded for the report instead of a number. Any other failure is a bug: raised."""
         if self.error is not None:
             return False
         try:
             with swapped(self.patches):
-                self.losses.append(optimizer_step(self.trainer, self.batches[i % len(self.batches)]))
+                self.losses.append(optimizer_step(self.trainer, self.batches[len(self.losses) % len(self.batches)]))
         except Exception as exc:  # noqa: BLE001 - recorded for the report, re-raised for every other trainer
             if self.impl != "trl+liger" or self.losses:
                 raise
@@ -267,18 +274,18 @@ def build_all(size: Size, seed: int, tmp: str, losses: Sequence[str]) -> List[En
         data = preference_rows(size, loss, rows=size.pairs * steps, seed=seed)
         entry.trainer, entry.patches = build_trainer(loss, impl, size, data, tokenizer, os.path.join(tmp, loss, impl),
                                                      seed, steps)
-        entry.batches = batches(entry.trainer, size, steps)
+        entry.batches = batches(entry.trainer, size.pairs, steps)
         entries.append(entry)
     return entries
 
 
-def profile_step(entry: Entry, i: int, top: int = 10) -> dict:
+def profile_step(entry: Entry, top: int = 10) -> dict:
     """torch.profiler (CPU) of one more step: the ``top`` ops by self time and the GEMM share."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        entry.step(i)
+        entry.step()
         wall = time.perf_counter() - start
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) or 1
@@ -295,37 +302,29 @@ def measure_all(entries: List[Entry], size: Size, show: bool, profile: bool) -> 
     from tqdm.auto import tqdm
 
     total = len(entries) * (size.warmup + size.repeats + 1) + (len(PROFILED) if profile else 0)
-    times: Dict[str, List[float]] = {e.name: [] for e in entries}
-    tokens: Dict[str, List[int]] = {e.name: [] for e in entries}
-    memory: Dict[str, int] = {}
     profiles: Dict[str, dict] = {}
     with tqdm(total=total, disable=not show, desc="trainer steps", file=sys.stderr) as bar:
-        for w in range(size.warmup):
+        for _ in range(size.warmup):
             for e in entries:
                 bar.set_postfix_str(f"warm-up {e.name}")
-                e.step(w)
+                e.step()
                 bar.update()
-        with measure.frozen_gc():
-            for r in range(size.repeats):
-                for e in entries[r % len(entries):] + entries[: r % len(entries)]:
-                    bar.set_postfix_str(f"round {r + 1} {e.name}")
-                    gc.collect()
-                    start = time.perf_counter()
-                    if e.step(size.warmup + r):
-                        times[e.name].append(time.perf_counter() - start)
-                        tokens[e.name].append(scored_tokens(e.batches[(size.warmup + r) % len(e.batches)]))
-                    bar.update()
-        live = [e for e in entries if e.error is None]
-        overhead = measure.memray_overhead_bytes()
-        for e in live:
-            bar.set_postfix_str(f"memory {e.name}")
-            memory[e.name] = max(0, measure.peak_step_bytes(lambda e=e: e.step(size.warmup + size.repeats),
-                                                           torch.device("cpu")) - overhead)
-            bar.update()
+        live = [e for e in entries if e.error is None]  # a trainer that failed in warm-up is not timed
+        bar.set_postfix_str("timed rounds")
+        timed = measure.time_interleaved({e.name: e.step for e in live}, size.repeats, torch.device("cpu"),
+                                         on_step=lambda name: bar.update())
+        # without warm-up, TRL + Liger fails at its first timed step: what was timed is its failure, dropped
+        live = [e for e in live if e.error is None]
+        times = {e.name: timed[e.name].times_s for e in live}
+        tokens = {e.name: [scored_tokens(e.batches[(size.warmup + r) % len(e.batches)]) for r in range(size.repeats)]
+                  for e in live}
+        bar.set_postfix_str("memory")
+        memory = measure.cpu_step_peaks({e.name: e.step for e in live})
+        bar.update(len(live))
         for e in live:
             if profile and e.name in PROFILED:
                 bar.set_postfix_str(f"profile {e.name}")
-                profiles[e.name] = profile_step(e, size.warmup + size.repeats + 1)
+                profiles[e.name] = profile_step(e)
                 bar.update()
     return {"times": times, "tokens": tokens, "memory": memory, "profiles": profiles}
 
@@ -350,16 +349,18 @@ def run(size: Size, out: str, mode: str, seed: int = 0, threads: int = 2, show: 
     settings.get("mcpo", {})["candidates"] = size.candidates
     settings.get("spo", {})["spo_samples"] = "dataset (the batch's chosen responses: no generation in a timed step)"
     results = dict(mode=mode, size=dataclasses.asdict(size), meta=meta, seed=seed, rows=rows, settings=settings,
-                   targets=evaluate_targets(rows), profiles=measured["profiles"])
+                   targets=evaluate_targets(rows), profiles=measured["profiles"],
+                   memory_note=None if peers.is_installed("memray") else runner.MEMORY_NOT_MEASURED)
     os.makedirs(out, exist_ok=True)
     paths = {ext: os.path.join(out, f"trainer_step.{ext}") for ext in ("json", "md", "png")}
     with open(paths["json"], "w") as f:
         json.dump(results, f, indent=1)
+    md = markdown(results)
     with open(paths["md"], "w") as f:
-        f.write(markdown(results))
+        f.write(md)
     plot = write_plot(results, paths["png"])
     if show:
-        print(markdown(results))
+        print(md)
         print(f"wrote {paths['json']}, {paths['md']}" + (f", {plot}" if plot else " (no plot: matplotlib missing)"))
     return results
 

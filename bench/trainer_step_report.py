@@ -58,8 +58,10 @@ def evaluate_targets(rows: List[dict]) -> List[dict]:
         out.append(dict(what=f"step time / {label} <= {limit} (median)", value=ratio,
                         met=None if why else ratio <= limit, note=why))
         below = _ratio(other["peak_mib"], ours["peak_mib"])
-        out.append(dict(what=f"peak memory below {label}", value=below, met=None if why else below > 1.0,
-                        note=why or f"{ours['peak_mib']} vs {other['peak_mib']} MiB"))
+        # without memray (or an empty peak) there is no ratio: not measured, never "missed"
+        unmeasured = None if below is not None else "peak memory not measured"
+        out.append(dict(what=f"peak memory below {label}", value=below, met=None if why or unmeasured else below > 1.0,
+                        note=why or unmeasured or f"{ours['peak_mib']} vs {other['peak_mib']} MiB"))
     return out
 
 
@@ -80,7 +82,8 @@ def markdown(results: dict) -> str:
              "(max - min) / median; `x peer`, `x TRL+Liger`: this median / the peer's (best in brackets). "
              "`tokens/s`: non-padding tokens of the scored rows per median step. `peak MiB`: memray peak of one "
              "step above what is alive before it (parameters, AdamW state, reference model: the same for every "
-             "trainer); `below peer`: the peer's peak / this. `step-1 loss`: the first step's loss (the policy "
+             f"trainer){'; ' + results['memory_note'] if results.get('memory_note') else ''}; `below peer`: the "
+             "peer's peak / this. `step-1 loss`: the first step's loss (the policy "
              "equals the reference there). " + settings_sentence(results.get("settings", {})), "",
              "| loss | trainer | peer | step ms | best ms | spread | x peer | x TRL+Liger | tokens/s | peak MiB | "
              "below peer | step-1 loss |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -34,8 +33,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from . import measure, report, runner  # noqa: E402
-from .trainer_step import optimizer_step  # noqa: E402
+from . import measure, peers, report, runner  # noqa: E402
+from .trainer_step import batches, optimizer_step, ready  # noqa: E402
 
 # form name -> (var_pairs, var_responses); "diagonal" trains on chosen and rejected rows like "cross/both"
 FORMS = {"diagonal": ("diagonal", "both"), "cross/chosen": ("cross", "chosen"), "cross/both": ("cross", "both")}
@@ -109,15 +108,13 @@ class Entry:
     def name(self) -> str:
         return f"B={self.b} {self.form}"
 
-    def step(self, i: int) -> float:
-        """One optimizer step on batch ``i``; records what the hooks counted during it; returns the wall time."""
+    def step(self) -> None:
+        """One optimizer step on the next batch (batch ``i`` at the ``i``-th step); records what the hooks
+        counted during it."""
         before = self.counts.snapshot()
-        start = time.perf_counter()
-        self.losses.append(optimizer_step(self.trainer, self.batches[i % len(self.batches)]))
-        wall = time.perf_counter() - start
+        self.losses.append(optimizer_step(self.trainer, self.batches[len(self.losses) % len(self.batches)]))
         after = self.counts.snapshot()
         self.step_counts.append({k: after[k] - before[k] for k in after})
-        return wall
 
 
 def build(form: str, b: int, steps: int, out_dir: str, seed: int) -> Entry:
@@ -138,44 +135,25 @@ def build(form: str, b: int, steps: int, out_dir: str, seed: int) -> Entry:
                                  fastpref_loss="var", fastpref_loss_kwargs=dict(beta=BETA), reward_model=reward,
                                  var_pairs=var_pairs, var_responses=responses,
                                  var_prompts_per_chunk=PROMPTS_PER_CHUNK)
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop; training_step divides by it
-    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
-    rows = len(trainer.train_dataset)
-    entry = Entry(form, b, trainer, Counts(trainer))
-    entry.batches = [trainer.data_collator([trainer.train_dataset[(i * b + j) % rows] for j in range(b)])
-                     for i in range(steps)]
-    return entry
+    ready(trainer, steps)
+    return Entry(form, b, trainer, Counts(trainer), batches=batches(trainer, b, steps))
 
 
-def measure_all(entries: List[Entry], size: Size) -> Dict[str, Optional[float]]:
+def measure_all(entries: List[Entry], size: Size) -> Dict[str, Optional[int]]:
     """Warm-up, interleaved timed rounds, then (``size.memory`` and memray present) one memray step each;
     returns the peaks in bytes by entry name (None: not measured)."""
-    for w in range(size.warmup):
+    for _ in range(size.warmup):
         for e in entries:
-            e.step(w)
-    with measure.frozen_gc():
-        for r in range(size.repeats):
-            for e in entries[r % len(entries):] + entries[: r % len(entries)]:
-                gc.collect()
-                e.times.append(e.step(size.warmup + r))
-    peaks: Dict[str, Optional[float]] = {e.name: None for e in entries}
-    if size.memory and memray_available():
-        overhead = measure.memray_overhead_bytes()
-        for e in entries:
-            peaks[e.name] = max(0, measure.peak_step_bytes(lambda e=e: e.step(size.warmup + size.repeats),
-                                                           torch.device("cpu")) - overhead)
-    return peaks
+            e.step()
+    timed = measure.time_interleaved({e.name: e.step for e in entries}, size.repeats, torch.device("cpu"))
+    for e in entries:
+        e.times = timed[e.name].times_s
+    if not size.memory:
+        return {e.name: None for e in entries}
+    return measure.cpu_step_peaks({e.name: e.step for e in entries})
 
 
-def memray_available() -> bool:
-    try:
-        import memray  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def rows_of(entries: List[Entry], peaks: Dict[str, Optional[float]]) -> List[dict]:
+def rows_of(entries: List[Entry], peaks: Dict[str, Optional[int]]) -> List[dict]:
     """One row per (B, form): the counts of every step (they must not vary), the formula, times, ratios to the
     diagonal form at the same B, memory."""
     diagonal = {e.b: e for e in entries if e.form == "diagonal"}
@@ -212,18 +190,19 @@ def run(size: Size, out: str, mode: str, seed: int = 0, threads: int = 1, show: 
         peaks = measure_all(entries, size)
     meta["load_avg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     meta["elapsed_s"] = round(time.perf_counter() - began, 1)
-    memory_note = None if size.memory and memray_available() else (
-        "not measured (memray missing)" if size.memory else "not measured (--quick / --no-memory)")
+    memory_note = None if size.memory and peers.is_installed("memray") else (
+        runner.MEMORY_NOT_MEASURED if size.memory else "not measured (--quick / --no-memory)")
     results = dict(mode=mode, size=dataclasses.asdict(size), meta=meta, seed=seed, beta=BETA,
                    prompts_per_chunk=PROMPTS_PER_CHUNK, memory_note=memory_note, rows=rows_of(entries, peaks))
     os.makedirs(out, exist_ok=True)
     paths = {ext: os.path.join(out, f"var_cross.{ext}") for ext in ("json", "md")}
     with open(paths["json"], "w") as f:
         json.dump(results, f, indent=1)
+    md = markdown(results)
     with open(paths["md"], "w") as f:
-        f.write(markdown(results))
+        f.write(md)
     if show:
-        print(markdown(results))
+        print(md)
         print(f"wrote {paths['json']}, {paths['md']}")
     return results
 

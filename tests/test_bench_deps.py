@@ -163,3 +163,31 @@ def test_gpu_rows_report_a_missing_peer_up_front(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert f"fastpref bench: liger_kernel is not installed (the liger peer): liger skipped; install with " \
            f"{peers.install_hint('liger_kernel')}" in err
+
+
+def test_trainer_step_without_memray_writes_its_reports(tmp_path, monkeypatch):
+    """bench/trainer_step.py without memray: the timed steps run, trainer_step.json / .md are written, every peak
+    is None and the report says memory was not measured (DPO's trainers only, profiler off: a few seconds)."""
+    pytest.importorskip("trl")
+    import torch
+    from test_bench_trainer_step import TINY
+
+    from fastpref.bench import trainer_step
+
+    hide(monkeypatch, "memray")
+    threads = torch.get_num_threads()
+    try:
+        results = trainer_step.run(TINY, str(tmp_path), "test", threads=1, show=False, profile=False, losses=("dpo",))
+    finally:
+        torch.set_num_threads(threads)
+    written = json.loads((tmp_path / "trainer_step.json").read_text())
+    assert written["rows"] == json.loads(json.dumps(results["rows"]))
+    assert {r["trainer"] for r in written["rows"]} == {impl for loss, impl, _ in trainer_step.TRAINERS if loss == "dpo"}
+    ok = [r for r in written["rows"] if r["status"] == "ok"]
+    assert {"fastpref", "trl"} <= {r["trainer"] for r in ok} and all(r["median_s"] > 0 for r in ok)
+    assert all(r["peak_mib"] is None and r["peak_below_peer"] is None for r in written["rows"])
+    assert written["memory_note"] == runner.MEMORY_NOT_MEASURED
+    memory_targets = [t for t in written["targets"] if t["what"].startswith("peak memory")]
+    assert memory_targets and all(t["met"] is None for t in memory_targets)
+    md = (tmp_path / "trainer_step.md").read_text()
+    assert f"; {runner.MEMORY_NOT_MEASURED};" in md and "(not measured" in md

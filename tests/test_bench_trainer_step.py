@@ -9,7 +9,7 @@ import torch
 
 from fastpref.bench import readme, trainer_step
 
-# Vocabulary 512, one layer, 2 prompts of 8 + 12 tokens: the whole grid (9 trainers) in a few seconds.
+# Vocabulary 512, one layer, 2 prompts of 8 + 12 tokens: the whole grid (10 trainers) in a few seconds.
 TINY = trainer_step.Size(vocab=512, hidden=32, intermediate=64, layers=1, heads=4, kv_heads=2, prompt_len=8,
                          completion_len=12, pairs=2, candidates=2, warmup=0, repeats=1)
 
